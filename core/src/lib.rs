@@ -1,0 +1,18 @@
+//! The FFI-free half of ngx-consul: everything `cargo test` can reach without nginx.
+//!
+//! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
+//! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
+//! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
+//! - [`view`]: a worker's peer view with passive health that survives set updates.
+//! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
+//! - [`state`]: the state file that carries the last good set across restarts.
+
+pub mod answer;
+pub mod peer;
+pub mod policy;
+pub mod select;
+pub mod settings;
+pub mod state;
+pub mod view;
+
+pub use peer::Peer;

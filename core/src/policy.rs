@@ -1,0 +1,351 @@
+//! What discovery does with each lookup outcome: publish, keep or drop the set,
+//! when to ask next, and which line to log — once per streak, never per attempt.
+
+use crate::peer::Peer;
+use crate::settings::{Policy, Settings};
+
+/// Backoff after resolver failures doubles from `interval` up to this (or `interval`,
+/// if larger): a Consul agent back from a restart is found within seconds, not 30 s.
+pub const MAX_BACKOFF_MS: u64 = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A non-empty peer set.
+    Peers(Vec<Peer>),
+    /// Consul's "no healthy instance": NXDOMAIN (`true`) or no records.
+    Empty { nxdomain: bool },
+    /// Timeout, refused, SERVFAIL, malformed answer, or a set that does not fit.
+    Failed(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write this set (the caller skips the write if it equals the current one).
+    Publish(Vec<Peer>),
+    Keep,
+    /// Remove every discovered peer (fallback servers, if any, take over).
+    Drop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Error,
+    Warn,
+    Notice,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub log: Option<(Level, String)>,
+    pub next_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Streak {
+    None,
+    Empty,
+    Failed(u32),
+}
+
+/// Per-upstream discovery state in the writing worker.
+#[derive(Clone, Debug)]
+pub struct Tracker {
+    upstream: String,
+    query: String,
+    interval_ms: u64,
+    on_empty: Policy,
+    on_error: Policy,
+    max_stale_ms: Option<u64>,
+    streak: Streak,
+    /// When the current set was last confirmed by a non-empty answer (or loaded).
+    last_good_ms: Option<u64>,
+    stale_dropped: bool,
+}
+
+/// ", keeping 2 peers"; nothing when there is no set to keep or drop.
+fn tail(verb: &str, current: usize) -> String {
+    if current == 0 {
+        String::new()
+    } else {
+        format!(", {verb} {current} peers")
+    }
+}
+
+impl Tracker {
+    pub fn new(upstream: &str, settings: &Settings) -> Tracker {
+        Tracker {
+            upstream: upstream.to_string(),
+            query: settings.query.clone(),
+            interval_ms: settings.interval_ms,
+            on_empty: settings.on_empty,
+            on_error: settings.on_error,
+            max_stale_ms: settings.max_stale_ms,
+            streak: Streak::None,
+            last_good_ms: None,
+            stale_dropped: false,
+        }
+    }
+
+    /// A set loaded from the state file counts as confirmed at load time.
+    pub fn loaded(&mut self, now_ms: u64) {
+        self.last_good_ms = Some(now_ms);
+    }
+
+    fn prefix(&self) -> String {
+        format!("consul upstream \"{}\": ", self.upstream)
+    }
+
+    /// The delay before the next query: `interval` normally, doubling while the
+    /// resolver fails, plus `jitter_ms` (0..interval/10, chosen by the caller).
+    fn next_ms(&self, jitter_ms: u64) -> u64 {
+        let base = match self.streak {
+            Streak::Failed(n) if n > 1 => {
+                let cap = MAX_BACKOFF_MS.max(self.interval_ms);
+                let shift = (n - 1).min(20);
+                self.interval_ms.saturating_mul(1 << shift).min(cap)
+            }
+            _ => self.interval_ms,
+        };
+        base + jitter_ms.min(self.interval_ms / 10)
+    }
+
+    /// `current` is how many discovered peers are published now.
+    pub fn on_outcome(
+        &mut self,
+        outcome: Outcome,
+        current: usize,
+        now_ms: u64,
+        jitter_ms: u64,
+    ) -> Decision {
+        let p = self.prefix();
+        let (action, log) = match outcome {
+            Outcome::Peers(peers) => {
+                let log = match self.streak {
+                    Streak::Failed(n) => Some((
+                        Level::Notice,
+                        format!("{p}resolver recovered after {n} failed attempts"),
+                    )),
+                    _ => None,
+                };
+                self.streak = Streak::None;
+                self.last_good_ms = Some(now_ms);
+                self.stale_dropped = false;
+                (Action::Publish(peers), log)
+            }
+            Outcome::Empty { nxdomain } => {
+                let first = self.streak != Streak::Empty;
+                self.streak = Streak::Empty;
+                let why = if nxdomain { "NXDOMAIN" } else { "no records" };
+                let (action, verb) = self.apply(self.on_empty, current);
+                let log = first.then(|| {
+                    (
+                        Level::Warn,
+                        format!(
+                            "{p}{} has no healthy instances ({why}){}",
+                            self.query,
+                            tail(verb, current)
+                        ),
+                    )
+                });
+                (action, log)
+            }
+            Outcome::Failed(reason) => {
+                let n = match self.streak {
+                    Streak::Failed(n) => n + 1,
+                    _ => 1,
+                };
+                self.streak = Streak::Failed(n);
+                let (action, verb) = self.apply(self.on_error, current);
+                let log = (n == 1).then(|| {
+                    (
+                        Level::Warn,
+                        format!(
+                            "{p}resolving {} failed: {reason}{}",
+                            self.query,
+                            tail(verb, current)
+                        ),
+                    )
+                });
+                (action, log)
+            }
+        };
+        let (action, log) = self.check_stale(action, log, current, now_ms);
+        Decision {
+            action,
+            log,
+            next_ms: self.next_ms(jitter_ms),
+        }
+    }
+
+    fn apply(&self, policy: Policy, current: usize) -> (Action, &'static str) {
+        match policy {
+            Policy::Keep => (Action::Keep, "keeping"),
+            Policy::Fail if current > 0 => (Action::Drop, "dropping"),
+            Policy::Fail => (Action::Keep, "dropping"),
+        }
+    }
+
+    fn check_stale(
+        &mut self,
+        action: Action,
+        log: Option<(Level, String)>,
+        current: usize,
+        now_ms: u64,
+    ) -> (Action, Option<(Level, String)>) {
+        let (Action::Keep, Some(max), Some(good)) = (&action, self.max_stale_ms, self.last_good_ms)
+        else {
+            return (action, log);
+        };
+        if current == 0 || now_ms.saturating_sub(good) < max || self.stale_dropped {
+            return (action, log);
+        }
+        self.stale_dropped = true;
+        let secs = now_ms.saturating_sub(good) / 1000;
+        let line = format!(
+            "{}no successful answer for {secs}s (max_stale), dropping {current} peers",
+            self.prefix()
+        );
+        (Action::Drop, Some((Level::Warn, line)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(extra: &str) -> Tracker {
+        let line = format!("redis.service.yunlu_office.consul {extra}");
+        let args: Vec<&str> = line.split_whitespace().collect();
+        Tracker::new("redis", &Settings::parse(&args).unwrap())
+    }
+
+    fn peers(n: usize) -> Vec<Peer> {
+        (0..n)
+            .map(|i| Peer::new(format!("127.0.0.1:{}", 6380 + i).parse().unwrap(), 1, 1))
+            .collect()
+    }
+
+    fn failed() -> Outcome {
+        Outcome::Failed("connection refused".into())
+    }
+
+    #[test]
+    fn resolver_failures_keep_the_set_and_warn_once_then_recover() {
+        let mut t = tracker("");
+        assert_eq!(
+            t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0).action,
+            Action::Publish(peers(2))
+        );
+        let d = t.on_outcome(failed(), 2, 1000, 0);
+        assert_eq!(d.action, Action::Keep);
+        assert_eq!(
+            d.log,
+            Some((
+                Level::Warn,
+                "consul upstream \"redis\": resolving redis.service.yunlu_office.consul failed: connection refused, keeping 2 peers".into()
+            ))
+        );
+        assert_eq!(t.on_outcome(failed(), 2, 2000, 0).log, None);
+        assert_eq!(t.on_outcome(failed(), 2, 3000, 0).log, None);
+        let d = t.on_outcome(Outcome::Peers(peers(2)), 2, 4000, 0);
+        assert_eq!(
+            d.log,
+            Some((
+                Level::Notice,
+                "consul upstream \"redis\": resolver recovered after 3 failed attempts".into()
+            ))
+        );
+        assert_eq!(d.next_ms, 1000);
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_jitter_is_bounded() {
+        let mut t = tracker("interval=1s");
+        let delays: Vec<u64> = (0..7)
+            .map(|i| t.on_outcome(failed(), 1, i, 0).next_ms)
+            .collect();
+        assert_eq!(delays, [1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]);
+        assert_eq!(
+            t.on_outcome(Outcome::Peers(peers(1)), 1, 9, 5000).next_ms,
+            1100
+        );
+        let mut slow = tracker("interval=1m");
+        assert_eq!(slow.on_outcome(failed(), 1, 0, 0).next_ms, 60_000);
+        assert_eq!(slow.on_outcome(failed(), 1, 0, 0).next_ms, 60_000);
+    }
+
+    #[test]
+    fn empty_answers_keep_by_default_and_warn_once() {
+        let mut t = tracker("");
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        let d = t.on_outcome(Outcome::Empty { nxdomain: true }, 2, 1, 0);
+        assert_eq!(d.action, Action::Keep);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": redis.service.yunlu_office.consul has no healthy instances (NXDOMAIN), keeping 2 peers"
+        );
+        assert_eq!(
+            t.on_outcome(Outcome::Empty { nxdomain: true }, 2, 2, 0).log,
+            None
+        );
+        assert_eq!(d.next_ms, 1000, "an empty answer is an answer: no backoff");
+    }
+
+    #[test]
+    fn fail_policies_drop() {
+        let mut t = tracker("on_empty=fail on_error=fail");
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        let d = t.on_outcome(Outcome::Empty { nxdomain: false }, 2, 1, 0);
+        assert_eq!(d.action, Action::Drop);
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .ends_with("has no healthy instances (no records), dropping 2 peers"));
+        t.on_outcome(Outcome::Peers(peers(1)), 0, 2, 0);
+        let d = t.on_outcome(failed(), 1, 3, 0);
+        assert_eq!(d.action, Action::Drop);
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .ends_with("failed: connection refused, dropping 1 peers"));
+        // Nothing left to drop: said without a count.
+        let d = t.on_outcome(Outcome::Empty { nxdomain: true }, 0, 4, 0);
+        assert_eq!(d.action, Action::Keep);
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .ends_with("has no healthy instances (NXDOMAIN)"));
+    }
+
+    #[test]
+    fn max_stale_drops_a_kept_set_once() {
+        let mut t = tracker("max_stale=3s");
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        assert_eq!(t.on_outcome(failed(), 2, 1000, 0).action, Action::Keep);
+        assert_eq!(t.on_outcome(failed(), 2, 2999, 0).action, Action::Keep);
+        let d = t.on_outcome(failed(), 2, 3000, 0);
+        assert_eq!(d.action, Action::Drop);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": no successful answer for 3s (max_stale), dropping 2 peers"
+        );
+        let d = t.on_outcome(failed(), 0, 4000, 0);
+        assert_eq!((d.action, d.log), (Action::Keep, None));
+        assert_eq!(
+            t.on_outcome(Outcome::Peers(peers(1)), 0, 5000, 0).action,
+            Action::Publish(peers(1))
+        );
+    }
+
+    #[test]
+    fn max_stale_counts_from_a_loaded_state() {
+        let mut t = tracker("max_stale=2s");
+        t.loaded(100);
+        assert_eq!(t.on_outcome(failed(), 3, 1000, 0).action, Action::Keep);
+        assert_eq!(t.on_outcome(failed(), 3, 2100, 0).action, Action::Drop);
+    }
+}

@@ -1,0 +1,470 @@
+//! `consul_upstream` parameters to typed settings, with nginx's error phrasing.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// Consul's DNS port: the port of a `resolver=` given without one.
+pub const CONSUL_DNS_PORT: u16 = 8600;
+/// Default shared memory per upstream: room for well over 1,000 peers.
+pub const DEFAULT_ZONE_SIZE: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// What to do with the last good set when discovery has nothing better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    Keep,
+    Fail,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The SRV name, lower case, without the root dot.
+    pub query: String,
+    pub resolvers: Vec<SocketAddr>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub transport: Transport,
+    pub on_empty: Policy,
+    pub on_error: Policy,
+    pub max_stale_ms: Option<u64>,
+    pub zone_size: usize,
+    pub state_path: Option<String>,
+    pub max_fails: u32,
+    pub fail_timeout_ms: u64,
+}
+
+/// A configuration error, worded as nginx words them (the caller adds file:line).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfError(pub String);
+
+impl fmt::Display for ConfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn invalid(arg: &str) -> ConfError {
+    ConfError(format!("invalid parameter \"{arg}\""))
+}
+
+/// nginx time syntax: `500ms`, `1s`, `1m30s`, `2h`, `1d`; a bare number is seconds.
+pub fn parse_time_ms(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<u64>().ok()?.checked_mul(1000);
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        let value: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(|b| !b.is_ascii_digit()).count();
+        let scale = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total = total.checked_add(value.checked_mul(scale)?)?;
+    }
+    Some(total)
+}
+
+/// nginx size syntax: `65536`, `64k`, `1m`.
+pub fn parse_size(s: &str) -> Option<usize> {
+    let (num, scale) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1024),
+        b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (s, 1),
+    };
+    if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    num.parse::<usize>().ok()?.checked_mul(scale)
+}
+
+/// `ADDR`, `ADDR:PORT`, `[V6]`, `[V6]:PORT` or a bare IPv6 address; port 8600 by default.
+pub fn parse_resolver(s: &str) -> Option<SocketAddr> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return (sa.port() != 0).then_some(sa);
+    }
+    let host = s
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(s);
+    host.parse::<IpAddr>()
+        .ok()
+        .map(|ip| SocketAddr::new(ip, CONSUL_DNS_PORT))
+}
+
+/// Checks an SRV name: LDH labels plus `_` (Consul's RFC 2782 form and dc names use it).
+pub fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn valid_label(l: &str) -> bool {
+    !l.contains('.') && valid_dns_name(l)
+}
+
+#[derive(Default)]
+struct Structured<'a> {
+    service: Option<&'a str>,
+    tag: Option<&'a str>,
+    datacenter: Option<&'a str>,
+    domain: Option<&'a str>,
+}
+
+impl Settings {
+    /// Parses the directive's arguments (without the directive name).
+    pub fn parse<'a>(args: &[&'a str]) -> Result<Settings, ConfError> {
+        let mut query: Option<&str> = None;
+        let mut st = Structured::default();
+        let mut resolvers = Vec::new();
+        let mut s = Settings {
+            query: String::new(),
+            resolvers: Vec::new(),
+            interval_ms: 1_000,
+            timeout_ms: 1_000,
+            transport: Transport::Tcp,
+            on_empty: Policy::Keep,
+            on_error: Policy::Keep,
+            max_stale_ms: None,
+            zone_size: DEFAULT_ZONE_SIZE,
+            state_path: None,
+            max_fails: 1,
+            fail_timeout_ms: 10_000,
+        };
+        let mut seen: Vec<&str> = Vec::new();
+
+        for &arg in args {
+            let (key, value) = match arg.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (arg, None),
+            };
+            if key != "resolver" && value.is_some() {
+                if seen.contains(&key) {
+                    return Err(ConfError(format!("duplicate parameter \"{key}=\"")));
+                }
+                seen.push(key);
+            }
+            let time = |v: Option<&str>| v.and_then(parse_time_ms).ok_or_else(|| invalid(arg));
+            let label =
+                |v: Option<&'a str>| v.filter(|v| valid_label(v)).ok_or_else(|| invalid(arg));
+            let policy = |v: Option<&str>| match v {
+                Some("keep") => Ok(Policy::Keep),
+                Some("fail") => Ok(Policy::Fail),
+                _ => Err(invalid(arg)),
+            };
+            match (key, value) {
+                ("tcp", None) => s.transport = Transport::Tcp,
+                ("udp", None) => s.transport = Transport::Udp,
+                ("resolver", Some(v)) => {
+                    let addr = parse_resolver(v)
+                        .ok_or_else(|| ConfError(format!("invalid resolver address \"{v}\"")))?;
+                    resolvers.push(addr);
+                }
+                ("interval", v) => s.interval_ms = time(v).and_then(|t| nonzero(t, arg))?,
+                ("timeout", v) => s.timeout_ms = time(v).and_then(|t| nonzero(t, arg))?,
+                ("fail_timeout", v) => s.fail_timeout_ms = time(v)?,
+                ("max_stale", Some("off")) => s.max_stale_ms = None,
+                ("max_stale", v) => s.max_stale_ms = Some(time(v).and_then(|t| nonzero(t, arg))?),
+                ("on_empty", v) => s.on_empty = policy(v)?,
+                ("on_error", v) => s.on_error = policy(v)?,
+                ("max_fails", Some(v)) => s.max_fails = v.parse().map_err(|_| invalid(arg))?,
+                ("zone", Some(v)) => {
+                    s.zone_size = parse_size(v)
+                        .filter(|&n| n >= 8 * 4096)
+                        .ok_or_else(|| {
+                            ConfError(format!(
+                                "invalid parameter \"{arg}\": at least 32k is needed"
+                            ))
+                        })?
+                        .min(1 << 30);
+                }
+                ("state", Some(v)) if !v.is_empty() => s.state_path = Some(v.to_string()),
+                ("service", v) => st.service = Some(label(v)?),
+                ("tag", v) => st.tag = Some(label(v)?),
+                ("datacenter", v) => st.datacenter = Some(label(v)?),
+                ("domain", v) => {
+                    st.domain = Some(
+                        v.filter(|v| valid_dns_name(v))
+                            .ok_or_else(|| invalid(arg))?,
+                    )
+                }
+                (_, None) if query.is_none() && !arg.is_empty() && looks_like_name(arg) => {
+                    if !valid_dns_name(arg) {
+                        return Err(ConfError(format!("invalid query \"{arg}\"")));
+                    }
+                    query = Some(arg);
+                }
+                _ => return Err(invalid(arg)),
+            }
+        }
+
+        s.query = match (query, st.service) {
+            (Some(_), Some(_)) => {
+                return Err(ConfError(
+                    "a query name and \"service=\" cannot both be given".into(),
+                ))
+            }
+            (Some(q), None) => {
+                if st.tag.is_some() || st.datacenter.is_some() || st.domain.is_some() {
+                    return Err(ConfError(
+                        "\"tag=\", \"datacenter=\" and \"domain=\" need \"service=\"".into(),
+                    ));
+                }
+                q.trim_end_matches('.').to_ascii_lowercase()
+            }
+            (None, Some(service)) => consul_name(service, st.tag, st.datacenter, st.domain),
+            (None, None) => return Err(ConfError("a query name or \"service=\" is needed".into())),
+        };
+        if !valid_dns_name(&s.query) {
+            return Err(ConfError(format!("invalid query \"{}\"", s.query)));
+        }
+        s.resolvers = if resolvers.is_empty() {
+            vec![SocketAddr::from(([127, 0, 0, 1], CONSUL_DNS_PORT))]
+        } else {
+            resolvers
+        };
+        Ok(s)
+    }
+}
+
+fn nonzero(t: u64, arg: &str) -> Result<u64, ConfError> {
+    if t == 0 {
+        Err(invalid(arg))
+    } else {
+        Ok(t)
+    }
+}
+
+/// A bare word with a dot is a query; other bare words are unknown flags.
+fn looks_like_name(arg: &str) -> bool {
+    arg.contains('.')
+}
+
+/// Consul's name for a service: `[tag.]service.service[.dc].domain`.
+pub fn consul_name(
+    service: &str,
+    tag: Option<&str>,
+    dc: Option<&str>,
+    domain: Option<&str>,
+) -> String {
+    let mut name = String::new();
+    if let Some(tag) = tag {
+        name.push_str(tag);
+        name.push('.');
+    }
+    name.push_str(service);
+    name.push_str(".service.");
+    if let Some(dc) = dc {
+        name.push_str(dc);
+        name.push('.');
+    }
+    name.push_str(domain.unwrap_or("consul").trim_end_matches('.'));
+    name.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Settings, ConfError> {
+        let args: Vec<&str> = line.split_whitespace().collect();
+        Settings::parse(&args)
+    }
+
+    fn err(line: &str) -> String {
+        parse(line).unwrap_err().0
+    }
+
+    #[test]
+    fn defaults() {
+        let s = parse("redis.service.yunlu_office.consul").unwrap();
+        assert_eq!(s.query, "redis.service.yunlu_office.consul");
+        assert_eq!(s.resolvers, ["127.0.0.1:8600".parse().unwrap()]);
+        assert_eq!((s.interval_ms, s.timeout_ms), (1000, 1000));
+        assert_eq!(s.transport, Transport::Tcp);
+        assert_eq!(
+            (s.on_empty, s.on_error, s.max_stale_ms),
+            (Policy::Keep, Policy::Keep, None)
+        );
+        assert_eq!(s.zone_size, DEFAULT_ZONE_SIZE);
+        assert_eq!((s.max_fails, s.fail_timeout_ms), (1, 10_000));
+    }
+
+    #[test]
+    fn query_forms() {
+        assert_eq!(
+            parse("primary.redis.service.consul.").unwrap().query,
+            "primary.redis.service.consul"
+        );
+        assert_eq!(
+            parse("_redis._primary.service.consul").unwrap().query,
+            "_redis._primary.service.consul"
+        );
+        assert_eq!(
+            parse("Redis.Service.Consul").unwrap().query,
+            "redis.service.consul"
+        );
+        assert_eq!(
+            err("redis..service.consul"),
+            "invalid query \"redis..service.consul\""
+        );
+        assert_eq!(
+            err("re$dis.service.consul"),
+            "invalid query \"re$dis.service.consul\""
+        );
+    }
+
+    #[test]
+    fn structured_form() {
+        let s = parse("service=redis tag=primary datacenter=yunlu_office").unwrap();
+        assert_eq!(s.query, "primary.redis.service.yunlu_office.consul");
+        assert_eq!(
+            parse("service=redis").unwrap().query,
+            "redis.service.consul"
+        );
+        assert_eq!(
+            parse("service=redis domain=example.org.").unwrap().query,
+            "redis.service.example.org"
+        );
+        assert_eq!(
+            err("redis.service.consul service=redis"),
+            "a query name and \"service=\" cannot both be given"
+        );
+        assert_eq!(
+            err("redis.service.consul tag=x"),
+            "\"tag=\", \"datacenter=\" and \"domain=\" need \"service=\""
+        );
+        assert_eq!(err("tag=x"), "a query name or \"service=\" is needed");
+        assert_eq!(err("service=a.b"), "invalid parameter \"service=a.b\"");
+        assert_eq!(err("service="), "invalid parameter \"service=\"");
+    }
+
+    #[test]
+    fn resolvers_in_order_with_default_port() {
+        let s = parse("r.service.consul resolver=10.0.0.1 resolver=10.0.0.2:53 resolver=[::1]:8601 resolver=::2").unwrap();
+        let want: Vec<SocketAddr> = ["10.0.0.1:8600", "10.0.0.2:53", "[::1]:8601", "[::2]:8600"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(s.resolvers, want);
+        assert_eq!(
+            err("r.service.consul resolver=consul.local"),
+            "invalid resolver address \"consul.local\""
+        );
+        assert_eq!(
+            err("r.service.consul resolver=1.2.3.4:0"),
+            "invalid resolver address \"1.2.3.4:0\""
+        );
+        assert_eq!(
+            err("r.service.consul resolver=1.2.3.4:99999"),
+            "invalid resolver address \"1.2.3.4:99999\""
+        );
+    }
+
+    #[test]
+    fn times_sizes_policies() {
+        let s = parse("r.service.consul interval=500ms timeout=2s max_stale=1m30s udp on_empty=fail on_error=fail zone=1m max_fails=3 fail_timeout=0 state=/tmp/x").unwrap();
+        assert_eq!(
+            (s.interval_ms, s.timeout_ms, s.max_stale_ms),
+            (500, 2000, Some(90_000))
+        );
+        assert_eq!(s.transport, Transport::Udp);
+        assert_eq!((s.on_empty, s.on_error), (Policy::Fail, Policy::Fail));
+        assert_eq!(
+            (s.zone_size, s.max_fails, s.fail_timeout_ms),
+            (1 << 20, 3, 0)
+        );
+        assert_eq!(s.state_path.as_deref(), Some("/tmp/x"));
+        assert_eq!(
+            parse("r.service.consul max_stale=off")
+                .unwrap()
+                .max_stale_ms,
+            None
+        );
+    }
+
+    #[test]
+    fn bad_parameters() {
+        assert_eq!(
+            err("r.service.consul interval=abc"),
+            "invalid parameter \"interval=abc\""
+        );
+        assert_eq!(
+            err("r.service.consul interval=0"),
+            "invalid parameter \"interval=0\""
+        );
+        assert_eq!(
+            err("r.service.consul interval"),
+            "invalid parameter \"interval\""
+        );
+        assert_eq!(
+            err("r.service.consul timeout=1x"),
+            "invalid parameter \"timeout=1x\""
+        );
+        assert_eq!(
+            err("r.service.consul on_empty=maybe"),
+            "invalid parameter \"on_empty=maybe\""
+        );
+        assert_eq!(
+            err("r.service.consul foo=bar"),
+            "invalid parameter \"foo=bar\""
+        );
+        assert_eq!(err("r.service.consul weird"), "invalid parameter \"weird\"");
+        assert_eq!(
+            err("r.service.consul zone=1k"),
+            "invalid parameter \"zone=1k\": at least 32k is needed"
+        );
+        assert_eq!(
+            err("r.service.consul max_fails=-1"),
+            "invalid parameter \"max_fails=-1\""
+        );
+        assert_eq!(
+            err("r.service.consul state="),
+            "invalid parameter \"state=\""
+        );
+        assert_eq!(
+            err("r.service.consul interval=1s interval=2s"),
+            "duplicate parameter \"interval=\""
+        );
+        assert_eq!(err("a.consul b.consul"), "invalid parameter \"b.consul\"");
+    }
+
+    #[test]
+    fn time_and_size_syntax() {
+        assert_eq!(parse_time_ms("30"), Some(30_000));
+        assert_eq!(parse_time_ms("1h2m3s4ms"), Some(3_723_004));
+        assert_eq!(parse_time_ms("1d"), Some(86_400_000));
+        assert_eq!(parse_time_ms("s"), None);
+        assert_eq!(parse_time_ms("1y"), None);
+        assert_eq!(parse_time_ms("99999999999999999999"), None);
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("k"), None);
+        assert_eq!(parse_size("1g"), None);
+    }
+}

@@ -1,0 +1,89 @@
+//! Stream-module equivalents of nginx's C macros, which ngx 0.5 does not provide.
+//! Every raw access to nginx's stream configuration structures lives here.
+
+use std::ffi::c_void;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_cycle_t, ngx_module_t, ngx_stream_conf_ctx_t, ngx_stream_module,
+    ngx_stream_upstream_srv_conf_t,
+};
+
+/// `ngx_stream_conf_get_module_srv_conf(cf, module)`.
+///
+/// # Safety
+/// `cf` must be a configuration being parsed inside `stream {}`.
+pub unsafe fn conf_srv_conf(cf: &ngx_conf_t, module: &ngx_module_t) -> *mut c_void {
+    let ctx = cf.ctx as *const ngx_stream_conf_ctx_t;
+    *(*ctx).srv_conf.add(module.ctx_index)
+}
+
+/// `ngx_stream_conf_get_module_main_conf(cf, module)`.
+///
+/// # Safety
+/// As for [`conf_srv_conf`].
+pub unsafe fn conf_main_conf(cf: &ngx_conf_t, module: &ngx_module_t) -> *mut c_void {
+    let ctx = cf.ctx as *const ngx_stream_conf_ctx_t;
+    *(*ctx).main_conf.add(module.ctx_index)
+}
+
+/// `ngx_stream_conf_upstream_srv_conf(uscf, module)`.
+///
+/// # Safety
+/// `uscf` must be an upstream block's configuration of a stream module list that
+/// includes `module`.
+pub unsafe fn upstream_srv_conf(
+    uscf: &ngx_stream_upstream_srv_conf_t,
+    module: &ngx_module_t,
+) -> *mut c_void {
+    if uscf.srv_conf.is_null() {
+        return std::ptr::null_mut();
+    }
+    *uscf.srv_conf.add(module.ctx_index)
+}
+
+/// `ngx_stream_cycle_get_module_main_conf(cycle, module)`; null without `stream {}`.
+///
+/// # Safety
+/// `cycle` must be a fully initialized cycle.
+pub unsafe fn cycle_main_conf(cycle: &ngx_cycle_t, module: &ngx_module_t) -> *mut c_void {
+    let ctx = *cycle.conf_ctx.add(ngx_stream_module.index) as *const ngx_stream_conf_ctx_t;
+    if ctx.is_null() {
+        return std::ptr::null_mut();
+    }
+    *(*ctx).main_conf.add(module.ctx_index)
+}
+
+/// `(ngx_process == SINGLE) || (ngx_process == WORKER && ngx_worker == 0)`:
+/// the one process that resolves and writes the zones. Cache manager and loader
+/// processes also see `ngx_worker == 0`, hence the process type check.
+pub fn is_discovery_process() -> bool {
+    // SAFETY: plain reads of nginx's process globals, set before init_process runs.
+    let (process, worker) = unsafe { (ngx::ffi::ngx_process, ngx::ffi::ngx_worker) };
+    process == ngx::ffi::NGX_PROCESS_SINGLE as usize
+        || (process == ngx::ffi::NGX_PROCESS_WORKER as usize && worker == 0)
+}
+
+pub fn worker_index() -> usize {
+    // SAFETY: plain read of a process global.
+    unsafe { ngx::ffi::ngx_worker }
+}
+
+pub fn current_msec() -> u64 {
+    // SAFETY: plain read of the event loop's cached clock.
+    unsafe { ngx::ffi::ngx_current_msec as u64 }
+}
+
+pub fn exiting() -> bool {
+    // SAFETY: plain reads of process globals set by signal handling.
+    unsafe { ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 }
+}
+
+pub fn pid() -> i64 {
+    // SAFETY: plain read of a process global.
+    unsafe { ngx::ffi::ngx_pid as i64 }
+}
+
+/// The cycle's log, for lines not tied to a connection.
+pub fn cycle_log() -> *mut ngx::ffi::ngx_log_t {
+    ngx::log::ngx_cycle_log().as_ptr()
+}

@@ -1,0 +1,59 @@
+//! ngx_stream_consul_upstream_module: TCP load balancing across backends
+//! discovered from Consul's DNS interface.
+//!
+//! - [`conf`]: the `consul_upstream` directive and the module's confs;
+//! - [`zone`]: the shared-memory peer set of each upstream;
+//! - [`discovery`] and [`resolve`]: worker 0's timers and resolver thread;
+//! - [`balancer`]: the per-connection peer callbacks;
+//! - [`ffi`]: nginx's stream C macros, written out.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use ngx::ffi::{
+    ngx_command_t, ngx_module_t, ngx_stream_module_t, ngx_uint_t, NGX_CONF_1MORE,
+    NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPS_CONF,
+};
+
+mod balancer;
+mod conf;
+mod discovery;
+mod ffi;
+mod log;
+mod resolve;
+mod zone;
+
+static mut CTX: ngx_stream_module_t = ngx_stream_module_t {
+    preconfiguration: None,
+    postconfiguration: Some(conf::postconfiguration),
+    create_main_conf: Some(conf::create_main_conf),
+    init_main_conf: None,
+    create_srv_conf: Some(conf::create_srv_conf),
+    merge_srv_conf: None,
+};
+
+static mut COMMANDS: [ngx_command_t; 2] = [
+    ngx_command_t {
+        name: ngx::ngx_string!("consul_upstream"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(conf::consul_upstream),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_stream_consul_upstream_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of_mut!(CTX) as *mut c_void,
+    commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
+    type_: NGX_STREAM_MODULE as ngx_uint_t,
+    init_process: Some(discovery::init_process),
+    exit_process: Some(discovery::exit_process),
+    ..ngx_module_t::default()
+};
+
+#[cfg(feature = "export-modules")]
+ngx::ngx_modules!(ngx_stream_consul_upstream_module);
