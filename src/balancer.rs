@@ -17,7 +17,7 @@ use ngx::ffi::{
 
 use consul_core::view::PeerView;
 
-use crate::conf::{upstream_of, Upstream};
+use crate::conf::{upstream_of, Upstream, PLACEHOLDER};
 use crate::ffi;
 use crate::zone::Zone;
 
@@ -176,7 +176,7 @@ pub unsafe extern "C" fn init_upstream(
     let list = servers.as_slice_mut::<ngx_stream_upstream_server_t>();
     let mut kept = 0;
     for i in 0..list.len() {
-        if list[i].name.len != 0 {
+        if !ptr::eq(list[i].name.data, PLACEHOLDER.as_ptr()) {
             list.swap(kept, i);
             kept += 1;
         }

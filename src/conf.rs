@@ -7,7 +7,7 @@ use std::ptr;
 
 use ngx::core::Pool;
 use ngx::ffi::{
-    ngx_array_push, ngx_command_t, ngx_conf_t, ngx_int_t, ngx_log_error_core,
+    ngx_addr_t, ngx_array_push, ngx_command_t, ngx_conf_t, ngx_int_t, ngx_log_error_core,
     ngx_shared_memory_add, ngx_str_t, ngx_stream_upstream_module, ngx_stream_upstream_server_t,
     ngx_stream_upstream_srv_conf_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
 };
@@ -116,13 +116,7 @@ unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String
     }
     uscf.peer.init_upstream = Some(crate::balancer::init_upstream);
 
-    // nginx refuses an upstream block without servers: a placeholder (no name, no
-    // addresses) satisfies that check and is removed again in init_upstream.
-    let placeholder = ngx_array_push(uscf.servers) as *mut ngx_stream_upstream_server_t;
-    if placeholder.is_null() {
-        return Err("out of memory".into());
-    }
-    ptr::write_bytes(placeholder, 0, 1);
+    add_placeholder(cf, uscf)?;
 
     let name = str_of(&uscf.host);
     let shm_zone = add_zone(cf, &name, settings.zone_size)?;
@@ -155,6 +149,40 @@ unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String
         as *mut MainConf);
     main.upstreams.push(&*upstream as *const Upstream);
     srv.upstream = Some(upstream);
+    Ok(())
+}
+
+/// Marks the placeholder server: its name points at this text.
+pub static PLACEHOLDER: &str = "consul_upstream";
+
+/// nginx refuses an upstream block without servers. A placeholder server passes
+/// that check and is removed again by our init_upstream. It carries an address
+/// (0.0.0.0:0) only so that a balancer that replaced ours (`least_conn` after
+/// `consul_upstream`) gets as far as our postconfiguration check, which names
+/// the conflict, instead of failing with "no servers in upstream".
+unsafe fn add_placeholder(
+    cf: &mut ngx_conf_t,
+    uscf: &mut ngx_stream_upstream_srv_conf_t,
+) -> Result<(), String> {
+    let pool = Pool::from_ngx_pool(cf.pool);
+    let sin = pool.calloc(std::mem::size_of::<libc::sockaddr_in>()) as *mut libc::sockaddr_in;
+    let addr = pool.calloc(std::mem::size_of::<ngx_addr_t>()) as *mut ngx_addr_t;
+    let server = ngx_array_push(uscf.servers) as *mut ngx_stream_upstream_server_t;
+    if sin.is_null() || addr.is_null() || server.is_null() {
+        return Err("out of memory".into());
+    }
+    (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+    (*addr).sockaddr = sin as *mut ngx::ffi::sockaddr;
+    (*addr).socklen = std::mem::size_of::<libc::sockaddr_in>() as ngx::ffi::socklen_t;
+    (*addr).name = ngx_str_t {
+        len: PLACEHOLDER.len(),
+        data: PLACEHOLDER.as_ptr() as *mut u8,
+    };
+    ptr::write_bytes(server, 0, 1);
+    (*server).name = (*addr).name;
+    (*server).addrs = addr;
+    (*server).naddrs = 1;
+    (*server).weight = 1;
     Ok(())
 }
 

@@ -37,6 +37,8 @@ struct Entry {
     stopped: bool,
     last_ignored: Ignored,
     oversize_logged: usize,
+    /// The state file holds `published` (saved by this process, or loaded from it).
+    state_current: bool,
 }
 
 struct Discovery {
@@ -138,10 +140,12 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
         zone.claim(pid);
         let mut tracker = Tracker::new(&up_ref.name, &up_ref.settings);
         let mut published = zone.read().map(|(_, p)| p).unwrap_or_default();
+        let mut state_current = false;
         if zone.generation() == 0 {
             if let Some(path) = &up_ref.settings.state_path {
                 if let Some(peers) = load_state(up_ref, zone, pid, path) {
                     published = peers;
+                    state_current = true;
                 }
             }
         }
@@ -167,6 +171,7 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
             stopped: false,
             last_ignored: Ignored::default(),
             oversize_logged: 0,
+            state_current,
         });
     }
     for e in &mut entries {
@@ -356,10 +361,13 @@ impl Discovery {
             Action::Publish(peers) => {
                 e.zone.set_confirmed_at(unix_now());
                 if peers != e.published {
-                    publish(e, up, pid, peers, thread, id);
+                    publish(e, up, pid, peers);
+                }
+                if !e.state_current {
+                    save_state(e, up, thread, id);
                 }
             }
-            Action::Drop => publish(e, up, pid, Vec::new(), None, id),
+            Action::Drop => publish(e, up, pid, Vec::new()),
             Action::Keep => {}
         }
         if !e.stopped {
@@ -379,14 +387,28 @@ fn zone_size_for(peers: usize) -> usize {
     bytes.div_ceil(4096) * 4096
 }
 
-fn publish(
-    e: &mut Entry,
-    up: &Upstream,
-    pid: i64,
-    peers: Vec<Peer>,
-    saver: Option<&Thread>,
-    id: usize,
-) {
+/// Hands the published set to the resolver thread, which writes the state file.
+fn save_state(e: &mut Entry, up: &Upstream, thread: Option<&Thread>, id: usize) {
+    let (Some(t), Some(path)) = (thread, &up.settings.state_path) else {
+        return;
+    };
+    let saved = Saved {
+        upstream: up.name.clone(),
+        query: up.settings.query.clone(),
+        saved_at: unix_now(),
+        peers: e.published.clone(),
+    };
+    let job = Job::Save {
+        id,
+        path: PathBuf::from(path),
+        saved,
+    };
+    e.state_current = t.jobs.send(job).is_ok();
+}
+
+/// Writes `peers` into the zone as a new generation. A dropped (empty) set is not
+/// saved: the state file keeps the last good one.
+fn publish(e: &mut Entry, up: &Upstream, pid: i64, peers: Vec<Peer>) {
     let p = prefix(up);
     match e.zone.write(pid, &peers) {
         Ok(generation) => {
@@ -396,20 +418,7 @@ fn publish(
                     peers.len(),
                     up.settings.query
                 ));
-            }
-            if let (Some(t), Some(path), false) = (saver, &up.settings.state_path, peers.is_empty())
-            {
-                let saved = Saved {
-                    upstream: up.name.clone(),
-                    query: up.settings.query.clone(),
-                    saved_at: unix_now(),
-                    peers: peers.clone(),
-                };
-                let _ = t.jobs.send(Job::Save {
-                    id,
-                    path: PathBuf::from(path),
-                    saved,
-                });
+                e.state_current = false;
             }
             e.published = peers;
         }
