@@ -17,6 +17,7 @@ use ngx::ffi::{
 
 use consul_core::answer::Ignored;
 use consul_core::policy::{Action, Outcome, Tracker};
+use consul_core::settings::Transport;
 use consul_core::state::{self, Saved};
 use consul_core::Peer;
 
@@ -138,6 +139,22 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
             continue;
         };
         zone.claim(pid);
+        let s = &up_ref.settings;
+        let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
+        log::info(&format!(
+            "{}resolving {} every {}ms via {} ({}), zone={}k holds {} peers",
+            prefix(up_ref),
+            s.query,
+            s.interval_ms,
+            resolvers.join(", "),
+            if s.transport == Transport::Tcp {
+                "tcp"
+            } else {
+                "udp"
+            },
+            s.zone_size / 1024,
+            zone.capacity()
+        ));
         let mut tracker = Tracker::new(&up_ref.name, &up_ref.settings);
         let mut published = zone.read().map(|(_, p)| p).unwrap_or_default();
         let mut state_current = false;
