@@ -16,7 +16,7 @@ use ngx::ffi::{
 };
 
 use consul_core::answer::Ignored;
-use consul_core::policy::{Action, Outcome, Tracker};
+use consul_core::policy::{peers as count, Action, Outcome, Tracker};
 use consul_core::settings::Transport;
 use consul_core::state::{self, Saved};
 use consul_core::Peer;
@@ -227,8 +227,8 @@ fn load_state(up: &Upstream, zone: Zone, pid: i64, path: &str) -> Option<Vec<Pee
         Ok(generation) => {
             zone.set_confirmed_at(saved.saved_at);
             log::notice(&format!(
-                "{p}{} peers from state file \"{path}\" (generation {generation})",
-                saved.peers.len()
+                "{p}{} from state file \"{path}\" (generation {generation})",
+                count(saved.peers.len())
             ));
             Some(saved.peers)
         }
@@ -347,12 +347,12 @@ impl Discovery {
                     if e.oversize_logged != peers.len() {
                         e.oversize_logged = peers.len();
                         log::error(&format!(
-                            "{p}{} peers do not fit in zone={}k (max {} peers), zone={}k needed, keeping {} peers",
-                            peers.len(),
+                            "{p}{} do not fit in zone={}k (max {}), zone={}k needed, keeping {}",
+                            count(peers.len()),
                             up.settings.zone_size / 1024,
-                            e.zone.capacity(),
+                            count(e.zone.capacity()),
                             zone_size_for(peers.len()) / 1024,
-                            e.published.len()
+                            count(e.published.len())
                         ));
                     }
                     arm(e, up.settings.interval_ms);
@@ -431,8 +431,8 @@ fn publish(e: &mut Entry, up: &Upstream, pid: i64, peers: Vec<Peer>) {
         Ok(generation) => {
             if !peers.is_empty() {
                 log::notice(&format!(
-                    "{p}{} peers from {} (generation {generation})",
-                    peers.len(),
+                    "{p}{} from {} (generation {generation})",
+                    count(peers.len()),
                     up.settings.query
                 ));
                 e.state_current = false;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use tokio::sync::mpsc as tmpsc;
@@ -222,13 +223,23 @@ async fn discover(query: &str, resolvers: &[(SocketAddr, Arc<TokioResolver>)]) -
             }
             Err(e) if e.is_nx_domain() => return Resolved::Empty { nxdomain: true },
             Err(e) if e.is_no_records_found() => return Resolved::Empty { nxdomain: false },
-            Err(e) => errors.push(format!("{e} from {addr}")),
+            Err(e) => errors.push(describe(&e, addr)),
         }
     }
     if errors.is_empty() {
         errors.push("no usable resolver".into());
     }
     Resolved::Failed(errors.join(", "))
+}
+
+/// hickory's words for a failed exchange, as a user reads them in error.log.
+fn describe(e: &NetError, addr: &SocketAddr) -> String {
+    match e {
+        NetError::NoConnections => format!("cannot connect to {addr}"),
+        NetError::Timeout => format!("{addr} timed out"),
+        NetError::Dns(DnsError::ResponseCode(code)) => format!("{addr} answered {code}"),
+        other => format!("{other} from {addr}"),
+    }
 }
 
 async fn from_answer(

@@ -63,12 +63,21 @@ pub struct Tracker {
     stale_dropped: bool,
 }
 
+/// "1 peer", "2 peers".
+pub fn peers(n: usize) -> String {
+    if n == 1 {
+        "1 peer".into()
+    } else {
+        format!("{n} peers")
+    }
+}
+
 /// ", keeping 2 peers"; nothing when there is no set to keep or drop.
 fn tail(verb: &str, current: usize) -> String {
     if current == 0 {
         String::new()
     } else {
-        format!(", {verb} {current} peers")
+        format!(", {verb} {}", peers(current))
     }
 }
 
@@ -203,8 +212,9 @@ impl Tracker {
         self.stale_dropped = true;
         let secs = now_ms.saturating_sub(good) / 1000;
         let line = format!(
-            "{}no successful answer for {secs}s (max_stale), dropping {current} peers",
-            self.prefix()
+            "{}no successful answer for {secs}s (max_stale), dropping {}",
+            self.prefix(),
+            peers(current)
         );
         (Action::Drop, Some((Level::Warn, line)))
     }
@@ -310,7 +320,7 @@ mod tests {
             .log
             .unwrap()
             .1
-            .ends_with("failed: connection refused, dropping 1 peers"));
+            .ends_with("failed: connection refused, dropping 1 peer"));
         // Nothing left to drop: said without a count.
         let d = t.on_outcome(Outcome::Empty { nxdomain: true }, 0, 4, 0);
         assert_eq!(d.action, Action::Keep);

@@ -1,0 +1,385 @@
+#!/usr/bin/env bash
+# The ngx-consul demo, on one machine, without Consul:
+#   - BIND 9 on 127.0.0.1:8600 stands in for the Consul agent's DNS interface
+#     (zone "consul", answers shaped like Consul's: TTL 0, SRV + A in ADDITIONAL);
+#   - two redis-server instances (ports 6380, 6381) are the service "redis" in
+#     datacenter "yunlu_office"; registering/deregistering = nsupdate on the zone;
+#   - nginx (the one built with the module) listens on 127.0.0.1:6379 with
+#     nginx-conf/demo.conf and balances connections across what DNS reports.
+# Each step shows which backend answered N connections (`CONFIG GET port`).
+#
+# Usage: scripts/demo.sh
+#   DEMO_CONNS=N   connections per measurement (default 40)
+#   DEMO_KEEP=1    keep the temporary directory (configs, logs) after a successful run
+#   SKIP_SETUP=1   do not run scripts/setup.sh
+# Every process the demo starts is stopped on exit, also on failure or Ctrl-C.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+
+CONNS=${DEMO_CONNS:-40}
+QUERY=redis.service.yunlu_office.consul
+TARGET=7f000001.addr.yunlu_office.consul      # Consul's name for node address 127.0.0.1
+
+if [ -t 1 ]; then bold=$'\033[1m'; dim=$'\033[2m'; off=$'\033[0m'; else bold='' dim='' off=''; fi
+heading() { printf '\n%s== %s ==%s\n' "$bold" "$*" "$off"; }
+info()    { printf '   %s\n' "$*"; }
+warn()    { printf '   %sWARNING: %s%s\n' "$bold" "$*" "$off" >&2; }
+die()     { printf 'demo: %s\n' "$*" >&2; exit 1; }
+now_ms()  { date +%s%3N; }
+
+# ---------------------------------------------------------------- cleanup
+tmp=
+named_pid=
+nginx_pid=
+redis_pids=()
+
+alive() {       # PID: running (a zombie child waiting to be reaped does not count)
+    local state
+    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+stop_pid() {    # PID [child]: TERM, wait up to 5 s, then KILL; reap it if it is our child
+    local pid=$1 child=${2:-} i
+    if alive "$pid"; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for i in $(seq 50); do
+            alive "$pid" || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    if [ -n "$child" ]; then wait "$pid" 2>/dev/null || true; fi
+}
+
+stop_nginx() {
+    [ -n "$nginx_pid" ] || return 0
+    local workers
+    workers=$(pgrep -P "$nginx_pid" 2>/dev/null || true)
+    stop_pid "$nginx_pid" child
+    for w in $workers; do stop_pid "$w"; done
+    nginx_pid=
+}
+
+stop_named() {
+    [ -n "$named_pid" ] || return 0
+    stop_pid "$named_pid" child
+    named_pid=
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    trap - EXIT INT TERM
+    stop_nginx
+    for pid in "${redis_pids[@]}"; do stop_pid "$pid"; done
+    stop_named
+    if [ -n "$tmp" ] && [ -d "$tmp" ]; then
+        if [ "$rc" -ne 0 ]; then
+            for f in "$tmp"/nginx/logs/error.log "$tmp"/bind/named.log; do
+                [ -s "$f" ] || continue
+                printf '\n--- last lines of %s\n' "$f" >&2
+                tail -n 15 "$f" >&2
+            done
+            case $rc in
+                130 | 143) printf '\ndemo: interrupted; files kept in %s\n' "$tmp" >&2 ;;
+                *) printf '\ndemo: FAILED (exit %s); files kept in %s\n' "$rc" "$tmp" >&2 ;;
+            esac
+        elif [ -n "${DEMO_KEEP:-}" ]; then
+            printf '\nFiles kept in %s\n' "$tmp"
+        else
+            rm -rf "$tmp"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- ports
+taken=" "
+port_busy() {
+    case "$taken" in *" $1 "*) return 0 ;; esac
+    if command -v ss >/dev/null; then
+        [ -n "$(ss -Hlntu "sport = :$1" 2>/dev/null)" ]
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    fi
+}
+pick_port() {   # VAR START: set VAR to the first free port from START on, remembered as taken
+    local p=$2
+    while port_busy "$p"; do p=$((p + 1)); done
+    taken="$taken$p "
+    printf -v "$1" '%s' "$p"
+}
+
+# ---------------------------------------------------------------- 1. setup and build
+heading "1. Installing what the demo needs (scripts/setup.sh)"
+if [ -n "${SKIP_SETUP:-}" ]; then
+    info "skipped (SKIP_SETUP is set)"
+elif [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
+    sudo "$root/scripts/setup.sh"
+else
+    "$root/scripts/setup.sh"
+fi
+for cmd in cargo named nsupdate dig redis-server redis-cli; do
+    command -v "$cmd" >/dev/null || die "$cmd not found (Rust comes from rustup; the rest from scripts/setup.sh)"
+done
+
+heading "2. Building the module and nginx 1.28.3 (cargo build --release)"
+cargo build --release
+target=${CARGO_TARGET_DIR:-$root/target}
+module=$target/release/libngx_stream_consul_upstream_module.so
+[ -f "$module" ] || die "$module was not built"
+# shellcheck disable=SC2012  # newest of at most a few build directories
+nginx_bin=$(ls -1t "$target"/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n 1 || true)
+[ -x "$nginx_bin" ] || die "no nginx binary under $target/release/build/nginx-sys-*/out/objs/"
+info "module: ${module#"$root"/}"
+info "nginx:  ${nginx_bin#"$root"/}"
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/ngx-consul-demo.XXXXXX")
+chmod 755 "$tmp"
+dns_port='' r1='' r2='' ngx_port=''
+pick_port dns_port 8600
+pick_port r1 6380
+pick_port r2 $((r1 + 1))
+pick_port ngx_port 6379
+
+# ---------------------------------------------------------------- 3. the Consul stand-in
+heading "3. Starting BIND 9 on 127.0.0.1:$dns_port as the Consul agent's DNS interface"
+mkdir -p "$tmp/bind"
+cat >"$tmp/bind/named.conf" <<EOF
+options {
+    directory "$tmp/bind";
+    pid-file "$tmp/bind/named.pid";
+    session-keyfile "$tmp/bind/session.key";
+    managed-keys-directory "$tmp/bind";
+    listen-on port $dns_port { 127.0.0.1; };
+    listen-on-v6 { none; };
+    recursion no;
+    dnssec-validation no;
+    notify no;
+    check-names primary ignore;     // "yunlu_office" has an underscore
+    minimal-responses no-auth;      // ADDITIONAL section, no NS authority: like Consul
+};
+controls { };
+zone "consul" {
+    type primary;
+    file "$tmp/bind/consul.zone";
+    allow-update { 127.0.0.1; };
+};
+EOF
+# Consul-shaped: TTL 0, SRV priority 1 weight 1, target <hex-ip>.addr.<dc>.consul.
+cat >"$tmp/bind/consul.zone" <<EOF
+\$TTL 0
+@   IN SOA ns.consul. hostmaster.consul. 1 3600 600 86400 0
+@   IN NS  ns.consul.
+ns  IN A   127.0.0.1
+$QUERY.  IN SRV 1 1 $r1 $TARGET.
+$TARGET. IN A   127.0.0.1
+EOF
+
+named_cmd=$(command -v named)
+# Debian/Ubuntu's AppArmor profile for /usr/sbin/named forbids reading the temp dir;
+# a copy of the binary under another path is not confined by it.
+if grep -qs 'named (enforce)' /sys/kernel/security/apparmor/profiles 2>/dev/null; then
+    cp "$named_cmd" "$tmp/bind/named"
+    named_cmd=$tmp/bind/named
+    info "(AppArmor confines $(command -v named): running a copy from the temp dir)"
+fi
+
+start_named() {
+    "$named_cmd" -4 -g -n 1 -c "$tmp/bind/named.conf" >>"$tmp/bind/named.log" 2>&1 &
+    named_pid=$!
+    local i
+    for i in $(seq 50); do
+        if dig @127.0.0.1 -p "$dns_port" +tcp +time=1 +tries=1 +short SOA consul. 2>/dev/null | grep -q .; then
+            return 0
+        fi
+        kill -0 "$named_pid" 2>/dev/null || die "named exited; see $tmp/bind/named.log"
+        sleep 0.1
+    done
+    die "named did not answer on 127.0.0.1:$dns_port within 5 s"
+}
+start_named
+
+show_dns() {    # what "Consul" answers now
+    local out status
+    out=$(dig @127.0.0.1 -p "$dns_port" +tcp +time=1 +tries=1 SRV "$QUERY" 2>&1 || true)
+    status=$(printf '%s\n' "$out" | sed -n 's/.*status: \([A-Z]*\).*/\1/p' | head -n 1)
+    if [ "$status" = NOERROR ]; then
+        printf '%s\n' "$out" | awk '/^;; ANSWER SECTION/{a=1;next} /^$/{a=0} a{print}' \
+            | while read -r line; do info "${dim}dig: $line${off}"; done
+    else
+        info "${dim}dig: status $status (Consul's answer when no instance is healthy)${off}"
+    fi
+}
+
+dns_update() {  # nsupdate lines...; the equivalent of a Consul (de)registration
+    local l
+    for l in "$@"; do info "${dim}nsupdate: $l${off}"; done
+    { echo "server 127.0.0.1 $dns_port"; echo "zone consul."; echo "check-names off"
+      printf '%s\n' "$@"; echo "send"; } | nsupdate
+}
+srv() { echo "$QUERY. 0 SRV 1 $1 $2 $TARGET."; }   # WEIGHT PORT
+
+show_dns
+
+# ---------------------------------------------------------------- 4. backends
+heading "4. Starting redis-server on ports $r1 (redis1) and $r2 (redis2)"
+for p in "$r1" "$r2"; do
+    redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+        --dir "$tmp" --pidfile "$tmp/redis-$p.pid" --logfile "$tmp/redis-$p.log"
+    for i in $(seq 50); do
+        [ -s "$tmp/redis-$p.pid" ] && redis-cli -p "$p" ping 2>/dev/null | grep -q PONG && break
+        sleep 0.1
+    done
+    [ -s "$tmp/redis-$p.pid" ] || die "redis-server on port $p did not start; see $tmp/redis-$p.log"
+    redis_pids+=("$(cat "$tmp/redis-$p.pid")")
+    info "redis on 127.0.0.1:$p, pid $(cat "$tmp/redis-$p.pid")"
+done
+
+# ---------------------------------------------------------------- 5. nginx
+heading "5. Starting nginx with nginx-conf/demo.conf on 127.0.0.1:$ngx_port"
+mkdir -p "$tmp/nginx/conf" "$tmp/nginx/logs"
+conf=$tmp/nginx/conf/nginx.conf
+errlog=$tmp/nginx/logs/error.log
+sed -e "s|/usr/lib/nginx/modules/ngx_stream_consul_upstream_module.so|$module|" \
+    -e "s|127\.0\.0\.1:6379|127.0.0.1:$ngx_port|" \
+    -e "s|127\.0\.0\.1:8600|127.0.0.1:$dns_port|" \
+    nginx-conf/demo.conf >"$conf"
+{ grep -E '^\s*(load_module|listen|consul_upstream)' "$conf" || true; } | while read -r l; do info "${dim}$l${off}"; done
+"$nginx_bin" -p "$tmp/nginx" -c "$conf" -t -q || die "nginx -t rejected $conf"
+"$nginx_bin" -p "$tmp/nginx" -c "$conf" -g 'daemon off;' 2>>"$tmp/nginx/logs/stderr.log" &
+nginx_pid=$!
+
+log_count() { grep -cF -- "$1" "$errlog" 2>/dev/null || true; }
+CHANGED="peers from $QUERY"
+
+wait_log() {    # PATTERN COUNT_BEFORE TIMEOUT_MS: wait for a new matching line; prints elapsed ms
+    local pat=$1 before=$2 limit=$3 t0 t
+    t0=$(now_ms)
+    while :; do
+        t=$(now_ms)
+        if [ "$(log_count "$pat")" -gt "$before" ]; then echo $((t - t0)); return 0; fi
+        [ $((t - t0)) -le "$limit" ] || return 1
+        alive "$nginx_pid" || die "nginx exited"
+        sleep 0.05
+    done
+}
+
+ms=$(wait_log "$CHANGED" 0 5000) || die "no \"$CHANGED\" line in the error log within 5 s"
+for i in $(seq 50); do
+    redis-cli -h 127.0.0.1 -p "$ngx_port" ping 2>/dev/null | grep -q PONG && break
+    sleep 0.1
+done
+info "nginx master pid $nginx_pid; first peer set published ${ms} ms after start"
+
+# ---------------------------------------------------------------- measuring
+bar() { printf '%*s' "$1" '' | tr ' ' '#'; }
+count() {       # N: open N connections through nginx, count who answered
+    local n=$1 i port c1=0 c2=0 failed=0
+    for ((i = 0; i < n; i++)); do
+        port=$(redis-cli -h 127.0.0.1 -p "$ngx_port" --raw CONFIG GET port 2>/dev/null | tail -n 1 || true)
+        if [ "$port" = "$r1" ]; then c1=$((c1 + 1))
+        elif [ "$port" = "$r2" ]; then c2=$((c2 + 1))
+        else failed=$((failed + 1)); fi
+    done
+    printf '   %sredis1 (:%s) %3d  %s%s\n' "$bold" "$r1" "$c1" "$(bar "$c1")" "$off"
+    printf '   %sredis2 (:%s) %3d  %s%s\n' "$bold" "$r2" "$c2" "$(bar "$c2")" "$off"
+    [ "$failed" -eq 0 ] || printf '   %sfailed        %3d%s\n' "$bold" "$failed" "$off"
+    last_counts="$c1 $c2 $failed"
+}
+expect() {      # A B: the last count should be about A:B (each of the 2 workers
+                # interleaves on its own, so allow 10% of the connections either way)
+    local c1 c2 failed want
+    read -r c1 c2 failed <<<"$last_counts"
+    want=$(( (c1 + c2 + failed) * $1 / ($1 + $2) ))
+    if [ "$failed" -ne 0 ] || [ $(( (c1 - want) * 10 )) -gt "$CONNS" ] \
+        || [ $(( (want - c1) * 10 )) -gt "$CONNS" ] \
+        || { [ "$2" -eq 0 ] && [ "$c2" -ne 0 ]; } || { [ "$1" -eq 0 ] && [ "$c1" -ne 0 ]; }; then
+        warn "expected about $1:$2"
+        mismatches=$((mismatches + 1))
+    fi
+}
+mismatches=0
+await_change() {    # LABEL BEFORE: wait for the module to publish the new set
+    local ms
+    if ms=$(wait_log "$CHANGED" "$2" 5000); then
+        info "nginx published the new set ${ms} ms after the change ($1)"
+    else
+        warn "no new \"$CHANGED\" line within 5 s"
+    fi
+}
+
+# ---------------------------------------------------------------- 6. the scenario
+heading "6. One instance registered: redis1 (:$r1). $CONNS connections through nginx"
+count "$CONNS"; expect "$CONNS" 0
+
+heading "7. Register redis2 (:$r2, weight 1): traffic splits 1:1"
+before=$(log_count "$CHANGED")
+dns_update "update add $(srv 1 "$r2")"
+show_dns
+await_change "interval=1s" "$before"
+count "$CONNS"; expect 1 1
+
+heading "8. Re-register redis1 with weight 3 (Consul: \"Weights\": {\"Passing\": 3}): traffic 3:1"
+before=$(log_count "$CHANGED")
+dns_update "update delete $(srv 1 "$r1")" "update add $(srv 3 "$r1")"
+show_dns
+await_change "interval=1s" "$before"
+count "$CONNS"; expect 3 1
+
+heading "9. Consul agent unreachable (BIND stopped): the last set is kept (on_error=keep)"
+failed_pat="resolving $QUERY failed"
+before=$(log_count "$failed_pat")
+stop_named
+if ms=$(wait_log "$failed_pat" "$before" 5000); then
+    info "failure noticed after ${ms} ms"
+else
+    warn "no \"$failed_pat\" line within 5 s"
+fi
+count "$CONNS"; expect 3 1
+info "restarting BIND (it replays its journal: the registrations are kept);"
+info "meanwhile the module retries with backoff (interval, doubling up to 10 s)"
+before=$(log_count "resolver recovered")
+start_named
+if ms=$(wait_log "resolver recovered" "$before" 15000); then
+    info "\"resolver recovered\" logged ${ms} ms after BIND was back"
+else
+    warn "no \"resolver recovered\" line within 15 s"
+fi
+
+heading "10. Deregister redis1: all traffic to redis2 within about a second"
+before=$(log_count "$CHANGED")
+dns_update "update delete $(srv 3 "$r1")"
+show_dns
+await_change "interval=1s" "$before"
+count "$CONNS"; expect 0 1
+
+heading "11. Deregister redis2 too: Consul answers NXDOMAIN, the last set is kept (on_empty=keep)"
+empty_pat="$QUERY has no healthy instances"
+before=$(log_count "$empty_pat")
+dns_update "update delete $(srv 1 "$r2")"
+show_dns
+if ms=$(wait_log "$empty_pat" "$before" 5000); then
+    info "empty answer noticed after ${ms} ms"
+else
+    warn "no \"$empty_pat\" line within 5 s"
+fi
+count "$CONNS"; expect 0 1
+info "(nginx's own \"server ... service=... resolve;\" would have dropped every peer now)"
+
+heading "12. The module's lines in the error log (grep consul error.log)"
+grep consul "$errlog" | sed 's/^/   /' || warn "no line mentions consul"
+
+if [ "$mismatches" -eq 0 ]; then
+    heading "Done: every step behaved as expected; stopping nginx, redis and BIND"
+else
+    heading "Done, but $mismatches step(s) did not split traffic as expected"
+    exit 1
+fi
