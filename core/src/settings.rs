@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 pub const CONSUL_DNS_PORT: u16 = 8600;
 /// Default shared memory per upstream: room for well over 1,000 peers.
 pub const DEFAULT_ZONE_SIZE: usize = 64 * 1024;
+/// nginx's smallest shared zone: 8 pages.
+pub const MIN_ZONE_SIZE: usize = 8 * 4096;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -194,14 +196,13 @@ impl Settings {
                 ("on_error", v) => s.on_error = policy(v)?,
                 ("max_fails", Some(v)) => s.max_fails = v.parse().map_err(|_| invalid(arg))?,
                 ("zone", Some(v)) => {
-                    s.zone_size = parse_size(v)
-                        .filter(|&n| n >= 8 * 4096)
-                        .ok_or_else(|| {
-                            ConfError(format!(
-                                "invalid parameter \"{arg}\": at least 32k is needed"
-                            ))
-                        })?
-                        .min(1 << 30);
+                    let size = parse_size(v).ok_or_else(|| invalid(arg))?;
+                    if size < MIN_ZONE_SIZE {
+                        return Err(ConfError(format!(
+                            "invalid parameter \"{arg}\": at least 32k is needed"
+                        )));
+                    }
+                    s.zone_size = size.min(1 << 30);
                 }
                 ("state", Some(v)) if !v.is_empty() => s.state_path = Some(v.to_string()),
                 ("service", v) => st.service = Some(label(v)?),
@@ -438,6 +439,10 @@ mod tests {
         assert_eq!(
             err("r.service.consul zone=1k"),
             "invalid parameter \"zone=1k\": at least 32k is needed"
+        );
+        assert_eq!(
+            err("r.service.consul zone=big"),
+            "invalid parameter \"zone=big\""
         );
         assert_eq!(
             err("r.service.consul max_fails=-1"),

@@ -1,0 +1,321 @@
+# Configuration errors: nginx refuses to start (as `nginx -t` does) with the
+# exact message and the file:line of the offending directive.
+#
+# A line ending in "# emerg: MESSAGE" makes its block a must_die block that
+# expects "[emerg] MESSAGE in .../stream.conf:LINE" for that very line.
+use lib 't/lib';
+use Test::Nginx::Consul 'no_plan';
+
+# --- nginx -t itself, on complete files ------------------------------------
+{
+    my ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        consul_upstream redis.service.yunlu_office.consul foo;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+    isnt($rc, 0, 'nginx -t fails on an unknown parameter');
+    like($out, qr/^nginx: \[emerg\] invalid parameter "foo" in \Q$conf\E:5$/m,
+         'nginx -t names the message, the file and the line') or diag $out;
+    like($out, qr/test failed/, 'nginx -t says the test failed');
+
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        consul_upstream service=redis tag=primary datacenter=yunlu_office domain=consul
+                        resolver=127.0.0.1:8600 resolver=127.0.0.2 resolver=[::1]:8600
+                        interval=2s timeout=500ms udp on_empty=fail on_error=fail
+                        max_stale=30s zone=128k state=$TEST_NGINX_CONSUL_TMP/t.state
+                        max_fails=3 fail_timeout=5s;
+        server 127.0.0.1:6382;
+    }
+    upstream plain {
+        consul_upstream redis.service.yunlu_office.consul tcp;
+    }
+    upstream rfc2782 {
+        consul_upstream _redis._primary.service.consul;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+    is($rc, 0, 'nginx -t accepts every documented parameter') or diag $out;
+    like($out, qr/syntax is ok/, 'syntax is ok');
+}
+
+run_tests();
+
+__DATA__
+
+=== TEST 1: unknown parameter
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul foo;   # emerg: invalid parameter "foo"
+}
+
+
+
+=== TEST 2: unknown key=value parameter
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul weight=2;   # emerg: invalid parameter "weight=2"
+}
+
+
+
+=== TEST 3: bad time in interval=
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul interval=abc;   # emerg: invalid parameter "interval=abc"
+}
+
+
+
+=== TEST 4: bad time in timeout=
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul
+                    timeout=1x;   # emerg: invalid parameter "timeout=1x"
+}
+
+
+
+=== TEST 5: bad time in max_stale=
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul max_stale=soon;   # emerg: invalid parameter "max_stale=soon"
+}
+
+
+
+=== TEST 6: bad time in fail_timeout=
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul fail_timeout=ten;   # emerg: invalid parameter "fail_timeout=ten"
+}
+
+
+
+=== TEST 7: bad on_empty= value
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul on_empty=drop;   # emerg: invalid parameter "on_empty=drop"
+}
+
+
+
+=== TEST 8: bad on_error= value
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul on_error=retry;   # emerg: invalid parameter "on_error=retry"
+}
+
+
+
+=== TEST 9: bad max_fails= value
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul max_fails=many;   # emerg: invalid parameter "max_fails=many"
+}
+
+
+
+=== TEST 10: bad zone= size
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul zone=big;   # emerg: invalid parameter "zone=big"
+}
+
+
+
+=== TEST 11: resolver is a host name
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=consul.local;   # emerg: invalid resolver address "consul.local"
+}
+
+
+
+=== TEST 12: resolver port out of range
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:99999;   # emerg: invalid resolver address "127.0.0.1:99999"
+}
+
+
+
+=== TEST 13: resolver IPv6 without closing bracket
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=[::1:8600;   # emerg: invalid resolver address "[::1:8600"
+}
+
+
+
+=== TEST 14: second resolver bad, first fine
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul
+                    resolver=127.0.0.1:8600
+                    resolver=300.1.1.1;   # emerg: invalid resolver address "300.1.1.1"
+}
+
+
+
+=== TEST 15: duplicate directive
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is duplicate
+}
+
+
+
+=== TEST 16: directive in stream {}
+--- stream_config
+consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is not allowed here
+upstream redis { server 127.0.0.1:6380; }
+
+
+
+=== TEST 17: directive in server {}
+--- stream_config
+upstream redis { server 127.0.0.1:6380; }
+--- stream_server_config
+    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is not allowed here
+    proxy_pass redis;
+
+
+
+=== TEST 18: directive in an http upstream
+--- http_config
+upstream web {
+    consul_upstream web.service.yunlu_office.consul;
+}
+--- stream_config
+upstream redis { server 127.0.0.1:6380; }
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is not allowed here in \S+nginx\.conf:\d+/
+
+
+
+=== TEST 19: hash before consul_upstream
+--- stream_config
+upstream redis {
+    hash $remote_addr;
+    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+}
+
+
+
+=== TEST 20: hash after consul_upstream
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    hash $remote_addr consistent;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
+
+
+
+=== TEST 21: least_conn before consul_upstream
+--- stream_config
+upstream redis {
+    least_conn;
+    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+}
+
+
+
+=== TEST 22: least_conn after consul_upstream
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    least_conn;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
+
+
+
+=== TEST 23: random before consul_upstream
+--- stream_config
+upstream redis {
+    random two;
+    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+}
+
+
+
+=== TEST 24: random after consul_upstream
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    random;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
+
+
+
+=== TEST 25: invalid query: empty label
+--- stream_config
+upstream redis {
+    consul_upstream redis..service.yunlu_office.consul;   # emerg: invalid query "redis..service.yunlu_office.consul"
+}
+
+
+
+=== TEST 26: invalid query: character outside a DNS name
+--- stream_config
+upstream redis {
+    consul_upstream "re dis.service.consul";   # emerg: invalid query "re dis.service.consul"
+}
+
+
+
+=== TEST 27: invalid query: label longer than 63
+--- stream_config
+upstream redis {
+    consul_upstream aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.service.consul;   # emerg: invalid query "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.service.consul"
+}
+
+
+
+=== TEST 28: service= with a dot
+--- stream_config
+upstream redis {
+    consul_upstream service=redis.primary;   # emerg: invalid parameter "service=redis.primary"
+}
+
+
+
+=== TEST 29: zone= too small (nginx needs 32k)
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul zone=1k;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: invalid parameter "zone=1k"(?::[^"]*)? in \S*\/stream\.conf:3\s*$/
+
+
+
+=== TEST 30: a valid upstream starts (and the error log names no emerg)
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- no_error_log
+[emerg]
+[error]
