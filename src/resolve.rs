@@ -237,7 +237,9 @@ fn describe(e: &NetError, addr: &SocketAddr) -> String {
     match e {
         NetError::NoConnections => format!("cannot connect to {addr}"),
         NetError::Timeout => format!("{addr} timed out"),
-        NetError::Truncated => format!("{addr} sent a truncated answer (too large for one DNS message)"),
+        NetError::Truncated => {
+            format!("{addr} sent a truncated answer (too large for one DNS message)")
+        }
         NetError::Dns(DnsError::ResponseCode(code)) => format!("{addr} answered {code}"),
         other => format!("{other} from {addr}"),
     }
