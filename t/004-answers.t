@@ -243,3 +243,28 @@ is_tally(tally(3), {fail => 3}, 'no peers: connections fail');
 ok(time - $t0 < 2, 'fast');
 --- error_log
 no live upstreams
+
+
+
+=== TEST 12: IPv6 instances: AAAA in ADDITIONAL, and Consul's 32-hex .addr. names decoded
+--- dns
+instance redis.service.yunlu_office.consul [::1]:6380 node=v6node
+instance redis.service.yunlu_office.consul [::1]:6381 addr_record=0
+instance redis.service.yunlu_office.consul 127.0.0.1:6382
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- check
+SKIP: {
+    skip 'no IPv6 loopback here', 4
+        unless IO::Socket::IP->new(Listen => 1, LocalHost => '::1', LocalPort => 0);
+    backend_start('[::1]:6380', '[::1]:6381', '6382');
+    ok(wait_for_backends([6380, 6381, 6382]), 'all three discovered');
+    is_tally(tally(30, by => 'addr'), {'::1:6380' => 10, '::1:6381' => 10, '127.0.0.1:6382' => 10},
+             'IPv6 and IPv4 peers share the traffic');
+    is(dns_queries(qr/ IN (?:A|AAAA) /), 0, 'no follow-up A/AAAA queries');
+    ok(wait_for_log(qr/consul upstream "redis": 3 peers from/, 1), 'the set is logged');
+}
+--- no_error_log
+[error]

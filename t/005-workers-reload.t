@@ -215,3 +215,35 @@ ok($q >= 1 && $q <= 4, "$q SRV queries in 3 s");
 --- no_error_log
 [error]
 [warn]
+
+
+
+=== TEST 9: quit while worker 0's lookup hangs on a black hole: nginx exits at once
+--- workers: 2
+--- dns
+instance redis.service.yunlu_office.consul 127.0.0.1:6380
+--- backends: 6380
+--- setup
+# A resolver that accepts TCP connections and never answers.
+$main::HOLE = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 64,
+                                    Proto => 'tcp', ReuseAddr => 1) or die "hole: $!";
+$ENV{TEST_NGINX_HOLE_PORT} = $main::HOLE->sockport;
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul
+                    resolver=127.0.0.1:$TEST_NGINX_HOLE_PORT
+                    resolver=127.0.0.1:$TEST_NGINX_DNS_PORT
+                    interval=1s timeout=10s;
+}
+--- check
+# The first lookup spends 10 s on the black hole before the second resolver.
+sleep 1;
+my $t0 = time;
+ok(nginx_stop(5), 'nginx quit');
+my $took = time - $t0;
+ok($took < 2, sprintf('quit took %.2f s with a lookup in flight (timeout=10s)', $took));
+close $main::HOLE;
+ok(nginx_restart(), 'started again for the harness');
+--- no_error_log
+[alert]
+[emerg]

@@ -70,6 +70,7 @@ use Test::Nginx::Socket -base;
 use Test::Nginx::Util ();
 use Test::More ();
 use IO::Socket::INET ();
+use IO::Socket::IP ();
 use IO::Select ();
 use POSIX qw(WNOHANG);
 use Time::HiRes qw(time sleep);
@@ -529,8 +530,8 @@ my %RedisProc;    # key => { pid_file, addrs => [...], port }
 
 sub _redis_ping {
     my ($addr, $port) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => $addr, PeerPort => $port,
-                                  Proto => 'tcp', Timeout => 1) or return 0;
+    my $s = IO::Socket::IP->new(PeerHost => $addr, PeerPort => $port,
+                                Proto => 'tcp', Timeout => 1) or return 0;
     syswrite $s, "PING\r\n";
     my $buf = '';
     my $sel = IO::Select->new($s);
@@ -557,9 +558,9 @@ sub backend_start {
     my %by_port;
     for my $spec (grep { length } @specs) {
         my ($addr, $port, $family) = _split_addr($spec);
-        die "backend $spec: only 127.0.0.0/8 addresses\n"
-            unless $family == 4 && $addr =~ /^127\./;
-        next if backend_running("$addr:$port");
+        die "backend $spec: only 127.0.0.0/8 and ::1 addresses\n"
+            unless ($family == 4 && $addr =~ /^127\./) || ($family == 6 && $addr eq '::1');
+        next if backend_running($family == 6 ? "[$addr]:$port" : "$addr:$port");
         if (my $holder = _port_holder($port)) {
             _fail("cannot start a backend on $addr:$port, the port is in use: $holder")
                 if $holder =~ /\Q$addr\E:$port\b|\*:$port\b|0\.0\.0\.0:$port\b/;
