@@ -43,6 +43,7 @@ struct Entry {
 }
 
 struct Discovery {
+    cycle: *const ngx_cycle_t,
     thread: Option<Thread>,
     conn: *mut ngx_connection_t,
     entries: Vec<Entry>,
@@ -66,28 +67,33 @@ fn prefix(up: &Upstream) -> String {
 /// `init_process`: starts discovery in the one process that resolves. A failure
 /// here is logged and leaves the worker serving whatever the zones hold.
 pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    if !ffi::is_discovery_process() {
-        return NGX_OK as ngx_int_t;
-    }
-    // SAFETY: nginx passes its initialized cycle.
-    let cycle = &*cycle;
-    let main = ffi::cycle_main_conf(cycle, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
-        as *const MainConf;
-    if main.is_null() || (*main).upstreams.is_empty() {
-        return NGX_OK as ngx_int_t;
-    }
-    match start(cycle, &*main) {
-        Ok(d) => DISCOVERY.with(|cell| *cell.borrow_mut() = Some(d)),
-        Err(msg) => log::alert(&format!("consul upstream: discovery not started: {msg}")),
+    if ffi::is_discovery_process() {
+        // SAFETY: nginx passes its initialized cycle.
+        begin(&*cycle);
     }
     NGX_OK as ngx_int_t
 }
 
 /// `exit_process`: stops the timers and the thread, closes the eventfd.
 pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
-    let Some(mut d) = DISCOVERY.with(|cell| cell.borrow_mut().take()) else {
+    if let Some(d) = DISCOVERY.with(|cell| cell.borrow_mut().take()) {
+        end(d);
+    }
+}
+
+unsafe fn begin(cycle: &ngx_cycle_t) {
+    let main = ffi::cycle_main_conf(cycle, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
+        as *const MainConf;
+    if main.is_null() || (*main).upstreams.is_empty() {
         return;
-    };
+    }
+    match start(cycle, &*main) {
+        Ok(d) => DISCOVERY.with(|cell| *cell.borrow_mut() = Some(d)),
+        Err(msg) => log::alert(&format!("consul upstream: discovery not started: {msg}")),
+    }
+}
+
+unsafe fn end(mut d: Discovery) {
     for e in &mut d.entries {
         // SAFETY: the timer is ours; ngx_del_timer checks nothing, so test timer_set.
         if e.timer.timer_set() != 0 {
@@ -99,6 +105,25 @@ pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     }
     // SAFETY: the connection wraps our eventfd; the thread that wrote it is gone.
     ngx_close_connection(d.conn);
+}
+
+/// With `master_process off`, a reload (HUP) builds a new cycle in the same
+/// process without calling init_process again: discovery follows the new cycle's
+/// upstreams from the next timer on, and lets the old cycle go.
+unsafe fn follow_reload() -> bool {
+    let current = ngx::ffi::ngx_cycle as *const ngx_cycle_t;
+    let old = DISCOVERY.with(|cell| {
+        let mut d = cell.borrow_mut();
+        if d.as_ref().is_some_and(|d| d.cycle != current) {
+            d.take()
+        } else {
+            None
+        }
+    });
+    let Some(old) = old else { return false };
+    end(old);
+    begin(&*current);
+    true
 }
 
 unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, String> {
@@ -195,6 +220,7 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
         ngx_add_timer(&mut *e.timer, 1);
     }
     Ok(Discovery {
+        cycle,
         thread: Some(thread),
         conn,
         entries,
@@ -242,7 +268,7 @@ fn load_state(up: &Upstream, zone: Zone, pid: i64, path: &str) -> Option<Vec<Pee
 unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     // SAFETY: nginx passes the timer event we armed; data is the entry's index.
     let id = (*ev).data as usize;
-    if ffi::exiting() {
+    if ffi::exiting() || follow_reload() {
         return;
     }
     DISCOVERY.with(|cell| {
