@@ -16,7 +16,7 @@ use ngx::ffi::{
 };
 
 use consul_core::answer::Ignored;
-use consul_core::policy::{peers as count, Action, Outcome, Tracker};
+use consul_core::policy::{peers as count, tail, Action, Outcome, Tracker};
 use consul_core::settings::Transport;
 use consul_core::state::{self, Saved};
 use consul_core::Peer;
@@ -373,12 +373,12 @@ impl Discovery {
                     if e.oversize_logged != peers.len() {
                         e.oversize_logged = peers.len();
                         log::error(&format!(
-                            "{p}{} do not fit in zone={}k (max {}), zone={}k needed, keeping {}",
+                            "{p}{} do not fit in zone={}k (max {}), zone={}k needed{}",
                             count(peers.len()),
                             up.settings.zone_size / 1024,
                             count(e.zone.capacity()),
                             zone_size_for(peers.len()) / 1024,
-                            count(e.published.len())
+                            tail("keeping", e.published.len())
                         ));
                     }
                     arm(e, up.settings.interval_ms);
@@ -392,7 +392,7 @@ impl Discovery {
         let jitter = if tenth == 0 {
             0
         } else {
-            ngx_random() as u64 % tenth
+            ngx_random() as u64 % (tenth + 1)
         };
         let decision = e
             .tracker

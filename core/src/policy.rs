@@ -73,7 +73,7 @@ pub fn peers(n: usize) -> String {
 }
 
 /// ", keeping 2 peers"; nothing when there is no set to keep or drop.
-fn tail(verb: &str, current: usize) -> String {
+pub fn tail(verb: &str, current: usize) -> String {
     if current == 0 {
         String::new()
     } else {
@@ -106,7 +106,9 @@ impl Tracker {
     }
 
     /// The delay before the next query: `interval` normally, doubling while the
-    /// resolver fails, plus `jitter_ms` (0..interval/10, chosen by the caller).
+    /// resolver fails, moved by up to ±interval/20 so that a fleet of nginx hosts
+    /// does not query in lock-step. `jitter_ms` is random in 0..=interval/10; its
+    /// mean keeps the mean delay at `interval`.
     fn next_ms(&self, jitter_ms: u64) -> u64 {
         let base = match self.streak {
             Streak::Failed(n) if n > 1 => {
@@ -116,7 +118,8 @@ impl Tracker {
             }
             _ => self.interval_ms,
         };
-        base + jitter_ms.min(self.interval_ms / 10)
+        let spread = self.interval_ms / 10;
+        base - spread / 2 + jitter_ms.min(spread)
     }
 
     /// `current` is how many discovered peers are published now.
@@ -266,23 +269,23 @@ mod tests {
                 "consul upstream \"redis\": resolver recovered after 3 failed attempts".into()
             ))
         );
-        assert_eq!(d.next_ms, 1000);
+        assert_eq!(d.next_ms, 1000 - 50);
     }
 
     #[test]
     fn backoff_doubles_to_a_cap_and_jitter_is_bounded() {
         let mut t = tracker("interval=1s");
         let delays: Vec<u64> = (0..7)
-            .map(|i| t.on_outcome(failed(), 1, i, 0).next_ms)
+            .map(|i| t.on_outcome(failed(), 1, i, 50).next_ms)
             .collect();
         assert_eq!(delays, [1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]);
         assert_eq!(
             t.on_outcome(Outcome::Peers(peers(1)), 1, 9, 5000).next_ms,
-            1100
+            1050
         );
         let mut slow = tracker("interval=1m");
-        assert_eq!(slow.on_outcome(failed(), 1, 0, 0).next_ms, 60_000);
-        assert_eq!(slow.on_outcome(failed(), 1, 0, 0).next_ms, 60_000);
+        assert_eq!(slow.on_outcome(failed(), 1, 0, 3000).next_ms, 60_000);
+        assert_eq!(slow.on_outcome(failed(), 1, 0, 3000).next_ms, 60_000);
     }
 
     #[test]
@@ -299,7 +302,7 @@ mod tests {
             t.on_outcome(Outcome::Empty { nxdomain: true }, 2, 2, 0).log,
             None
         );
-        assert_eq!(d.next_ms, 1000, "an empty answer is an answer: no backoff");
+        assert_eq!(d.next_ms, 950, "an empty answer is an answer: no backoff");
     }
 
     #[test]
