@@ -20,13 +20,19 @@ use crate::ffi;
 use crate::ngx_stream_consul_upstream_module;
 use crate::zone::{self, LAYOUT};
 
-/// One upstream block with `consul_upstream`: settings, where it was written, and
-/// this process's view of its peers.
-pub struct Upstream {
-    pub name: String,
+/// One `consul_upstream` line: a query with its resolvers and policies.
+pub struct Source {
     pub settings: Settings,
     pub file: String,
     pub line: usize,
+}
+
+/// One upstream block with `consul_upstream` lines (their peer sets are merged),
+/// and this process's view of its peers.
+pub struct Upstream {
+    pub name: String,
+    /// Never empty. The first line also holds the upstream-wide parameters.
+    pub sources: Vec<Source>,
     pub uscf: *mut ngx_stream_upstream_srv_conf_t,
     pub shm_zone: *mut ngx::ffi::ngx_shm_zone_t,
     /// The block also has `server` lines: nginx's round robin serves them while
@@ -34,6 +40,16 @@ pub struct Upstream {
     pub fallback: std::cell::Cell<bool>,
     pub local: RefCell<Local>,
 }
+
+impl Upstream {
+    /// The first `consul_upstream` line: zone, state file, passive health.
+    pub fn first(&self) -> &Source {
+        &self.sources[0]
+    }
+}
+
+/// Parameters of the whole upstream: only the first `consul_upstream` line sets them.
+const UPSTREAM_WIDE: [&str; 4] = ["zone=", "state=", "max_fails=", "fail_timeout="];
 
 /// The module's conf of a `server {}` or `upstream {}` block of `stream {}`.
 #[derive(Default)]
@@ -99,13 +115,41 @@ pub unsafe extern "C" fn consul_upstream(
 }
 
 unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
-    if srv.upstream.is_some() {
-        return Err("\"consul_upstream\" directive is duplicate".into());
-    }
     let args = (*cf.args).as_slice::<ngx_str_t>();
     let owned: Vec<String> = args.iter().skip(1).map(str_of).collect();
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     let settings = Settings::parse(&words).map_err(|e| e.0)?;
+    let (file, line) = if cf.conf_file.is_null() {
+        (String::new(), 0)
+    } else {
+        (str_of(&(*cf.conf_file).file.name), (*cf.conf_file).line)
+    };
+    let source = Source {
+        settings,
+        file,
+        line,
+    };
+
+    // A further line adds the instances of another query to the same upstream.
+    if let Some(up) = srv.upstream.as_mut() {
+        if up
+            .sources
+            .iter()
+            .any(|s| s.settings.query == source.settings.query)
+        {
+            return Err("\"consul_upstream\" directive is duplicate".into());
+        }
+        if let Some(w) = words
+            .iter()
+            .find(|w| UPSTREAM_WIDE.iter().any(|k| w.starts_with(k)))
+        {
+            return Err(format!(
+                "invalid parameter \"{w}\": it belongs on the first \"consul_upstream\" line of the upstream"
+            ));
+        }
+        up.sources.push(source);
+        return Ok(());
+    }
 
     let uscf = &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
         as *mut ngx_stream_upstream_srv_conf_t);
@@ -119,27 +163,15 @@ unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String
     add_placeholder(cf, uscf)?;
 
     let name = str_of(&uscf.host);
+    let settings = &source.settings;
     let shm_zone = add_zone(cf, &name, settings.zone_size)?;
-
-    let file = if cf.conf_file.is_null() {
-        String::new()
-    } else {
-        str_of(&(*cf.conf_file).file.name)
-    };
-    let line = if cf.conf_file.is_null() {
-        0
-    } else {
-        (*cf.conf_file).line
-    };
     let policy = HealthPolicy {
         max_fails: settings.max_fails,
         fail_timeout_ms: settings.fail_timeout_ms,
     };
     let upstream = Box::new(Upstream {
         name,
-        settings,
-        file,
-        line,
+        sources: vec![source],
         uscf,
         shm_zone,
         fallback: std::cell::Cell::new(false),
@@ -235,7 +267,7 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         if !kept {
             let msg = format!(
                 "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
-                up.file, up.line
+                up.first().file, up.first().line
             );
             ngx_log_error_core(
                 NGX_LOG_EMERG as usize,

@@ -16,9 +16,10 @@ use ngx::ffi::{
 };
 
 use consul_core::answer::Ignored;
+use consul_core::peer::{canonicalize_by, source_tag};
 use consul_core::policy::{peers as count, tail, Action, Outcome, Tracker};
 use consul_core::settings::Transport;
-use consul_core::state::{self, Saved};
+use consul_core::state::{self, Saved, SavedSource};
 use consul_core::Peer;
 
 use crate::conf::{MainConf, Upstream};
@@ -27,19 +28,30 @@ use crate::resolve::{Done, Job, Query, Resolved, Thread};
 use crate::zone::{WriteError, Zone, RECORD_SIZE};
 use crate::{ffi, log};
 
+/// One `consul_upstream` line being resolved.
 struct Entry {
     up: *const Upstream,
-    zone: Zone,
+    source: usize,
+    /// `source_tag` of the query, stored with its peers in the zone.
+    tag: u32,
+    group: usize,
     tracker: Tracker,
     /// Boxed: nginx's timer tree keeps its address.
     timer: Box<ngx_event_t>,
+    /// This query's part of the upstream's set.
     published: Vec<Peer>,
     /// Another process took over writing (a newer worker 0).
     stopped: bool,
     last_ignored: Ignored,
-    oversize_logged: usize,
-    /// The state file holds `published` (saved by this process, or loaded from it).
+}
+
+/// One upstream: its zone, written with the merged parts of its entries.
+struct Group {
+    up: *const Upstream,
+    zone: Zone,
+    /// The state file holds the published parts (saved by this process, or loaded).
     state_current: bool,
+    oversize_logged: usize,
 }
 
 struct Discovery {
@@ -47,6 +59,7 @@ struct Discovery {
     thread: Option<Thread>,
     conn: *mut ngx_connection_t,
     entries: Vec<Entry>,
+    groups: Vec<Group>,
     pid: i64,
 }
 
@@ -155,81 +168,147 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
         }
     };
     let pid = ffi::pid();
-    let now = ffi::current_msec();
-    let mut entries = Vec::new();
-    for &up in &main.upstreams {
-        let up_ref = &*up;
-        let Some(zone) = Zone::from_shm_zone(up_ref.shm_zone) else {
-            log::alert(&format!("{}shared zone missing", prefix(up_ref)));
-            continue;
-        };
-        zone.claim(pid);
-        let s = &up_ref.settings;
-        let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
-        log::info(&format!(
-            "{}resolving {} every {}ms via {} ({}), zone={}k holds {} peers",
-            prefix(up_ref),
-            s.query,
-            s.interval_ms,
-            resolvers.join(", "),
-            if s.transport == Transport::Tcp {
-                "tcp"
-            } else {
-                "udp"
-            },
-            s.zone_size / 1024,
-            zone.capacity()
-        ));
-        let mut tracker = Tracker::new(&up_ref.name, &up_ref.settings);
-        let mut published = zone.read().map(|(_, p)| p).unwrap_or_default();
-        let mut state_current = false;
-        if zone.generation() == 0 {
-            if let Some(path) = &up_ref.settings.state_path {
-                if let Some(peers) = load_state(up_ref, zone, pid, path) {
-                    published = peers;
-                    state_current = true;
-                }
-            }
-        }
-        if !published.is_empty() {
-            // A set kept across reload or restart is as old as its last confirmation.
-            let age_ms = unix_now()
-                .saturating_sub(zone.confirmed_at())
-                .saturating_mul(1000);
-            tracker.loaded(now.saturating_sub(age_ms));
-        }
-        let id = entries.len();
-        let mut timer: Box<ngx_event_t> = Box::new(std::mem::zeroed());
-        timer.handler = Some(on_timer);
-        timer.data = id as *mut c_void;
-        timer.log = cycle.log;
-        timer.set_cancelable(1);
-        entries.push(Entry {
-            up,
-            zone,
-            tracker,
-            timer,
-            published,
-            stopped: false,
-            last_ignored: Ignored::default(),
-            oversize_logged: 0,
-            state_current,
-        });
-    }
-    for e in &mut entries {
-        ngx_add_timer(&mut *e.timer, 1);
-    }
-    Ok(Discovery {
+    let mut d = Discovery {
         cycle,
         thread: Some(thread),
         conn,
-        entries,
+        entries: Vec::new(),
+        groups: Vec::new(),
         pid,
-    })
+    };
+    for &up in &main.upstreams {
+        d.add_group(&*up, cycle);
+    }
+    for e in &mut d.entries {
+        ngx_add_timer(&mut *e.timer, 1);
+    }
+    Ok(d)
 }
 
-/// Publishes the state file's set into an empty zone (a start, not a reload).
-fn load_state(up: &Upstream, zone: Zone, pid: i64, path: &str) -> Option<Vec<Peer>> {
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Tcp => "tcp",
+        Transport::Udp => "udp",
+    }
+}
+
+impl Discovery {
+    /// Claims the upstream's zone and sets up one entry per `consul_upstream` line.
+    /// Each entry starts from its part of the zone (a reload or respawn keeps the
+    /// set) or, in a fresh zone, of the state file.
+    unsafe fn add_group(&mut self, up_ref: &Upstream, cycle: &ngx_cycle_t) {
+        let Some(zone) = Zone::from_shm_zone(up_ref.shm_zone) else {
+            log::alert(&format!("{}shared zone missing", prefix(up_ref)));
+            return;
+        };
+        zone.claim(self.pid);
+        let now = ffi::current_msec();
+        let fresh = zone.generation() == 0;
+        let tagged = zone.read_tagged().map(|(_, t)| t).unwrap_or_default();
+        let path = up_ref.first().settings.state_path.as_deref();
+        let saved = match (fresh, path) {
+            (true, Some(path)) => load_state(up_ref, path),
+            _ => None,
+        };
+        let group = self.groups.len();
+        for (source, src) in up_ref.sources.iter().enumerate() {
+            let s = &src.settings;
+            let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
+            log::info(&format!(
+                "{}resolving {} every {}ms via {} ({}), zone={}k holds {} peers",
+                prefix(up_ref),
+                s.query,
+                s.interval_ms,
+                resolvers.join(", "),
+                transport_name(s.transport),
+                up_ref.first().settings.zone_size / 1024,
+                zone.capacity()
+            ));
+            let tag = source_tag(&s.query);
+            let published: Vec<Peer> = match &saved {
+                Some(saved) => saved.peers_of(&s.query).unwrap_or_default().to_vec(),
+                None => tagged
+                    .iter()
+                    .filter(|(_, t)| *t == tag)
+                    .map(|(p, _)| *p)
+                    .collect(),
+            };
+            let mut tracker = Tracker::new(&up_ref.name, s);
+            if !published.is_empty() {
+                // A set kept across reload or restart is as old as its last confirmation.
+                let confirmed = saved.as_ref().map_or(zone.confirmed_at(), |s| s.saved_at);
+                let age_ms = unix_now().saturating_sub(confirmed).saturating_mul(1000);
+                tracker.loaded(now.saturating_sub(age_ms));
+            }
+            let id = self.entries.len();
+            let mut timer: Box<ngx_event_t> = Box::new(std::mem::zeroed());
+            timer.handler = Some(on_timer);
+            timer.data = id as *mut c_void;
+            timer.log = cycle.log;
+            timer.set_cancelable(1);
+            self.entries.push(Entry {
+                up: up_ref,
+                source,
+                tag,
+                group,
+                tracker,
+                timer,
+                published,
+                stopped: false,
+                last_ignored: Ignored::default(),
+            });
+        }
+        self.groups.push(Group {
+            up: up_ref,
+            zone,
+            state_current: saved.is_some(),
+            oversize_logged: 0,
+        });
+        if let (Some(saved), Some(path)) = (saved, path) {
+            let merged = self.merged(group, None);
+            if merged.is_empty() {
+                return;
+            }
+            match zone.write(self.pid, &merged) {
+                Ok(generation) => {
+                    zone.set_confirmed_at(saved.saved_at);
+                    log::notice(&format!(
+                        "{}{} from state file \"{path}\" (generation {generation})",
+                        prefix(up_ref),
+                        count(merged.len())
+                    ));
+                }
+                Err(e) => log::error(&format!(
+                    "{}state file \"{path}\" ignored: {e:?}",
+                    prefix(up_ref)
+                )),
+            }
+        }
+    }
+
+    /// The upstream's set: every entry's part, canonical, each peer with its tag.
+    /// `replace` substitutes one entry's part (to test a candidate before taking it).
+    fn merged(&self, group: usize, replace: Option<(usize, &[Peer])>) -> Vec<(Peer, u32)> {
+        let mut all: Vec<(Peer, u32)> = Vec::new();
+        for (id, e) in self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.group == group)
+        {
+            let part = match replace {
+                Some((rid, peers)) if rid == id => peers,
+                _ => &e.published,
+            };
+            all.extend(part.iter().map(|p| (*p, e.tag)));
+        }
+        canonicalize_by(&mut all, |(p, _)| p);
+        all
+    }
+}
+
+/// The state file's sets for a fresh zone (a start, not a reload), if usable.
+fn load_state(up: &Upstream, path: &str) -> Option<Saved> {
     let p = prefix(up);
     let saved = match state::load(std::path::Path::new(path), &up.name) {
         Ok(Some(s)) => s,
@@ -239,30 +318,19 @@ fn load_state(up: &Upstream, zone: Zone, pid: i64, path: &str) -> Option<Vec<Pee
             return None;
         }
     };
-    if saved.query != up.settings.query {
+    let known = up
+        .sources
+        .iter()
+        .any(|s| saved.peers_of(&s.settings.query).is_some());
+    if !known {
+        let queries: Vec<&str> = saved.sources.iter().map(|s| s.query.as_str()).collect();
         log::error(&format!(
             "{p}state file \"{path}\" ignored: written for {}",
-            saved.query
+            queries.join(", ")
         ));
         return None;
     }
-    if saved.peers.is_empty() {
-        return None;
-    }
-    match zone.write(pid, &saved.peers) {
-        Ok(generation) => {
-            zone.set_confirmed_at(saved.saved_at);
-            log::notice(&format!(
-                "{p}{} from state file \"{path}\" (generation {generation})",
-                count(saved.peers.len())
-            ));
-            Some(saved.peers)
-        }
-        Err(e) => {
-            log::error(&format!("{p}state file \"{path}\" ignored: {e:?}"));
-            None
-        }
-    }
+    Some(saved)
 }
 
 unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
@@ -301,16 +369,17 @@ impl Discovery {
         };
         // SAFETY: upstream confs live as long as the cycle this process runs.
         let up = unsafe { &*e.up };
-        if e.zone.writer() != self.pid {
+        let zone = self.groups[e.group].zone;
+        if zone.writer() != self.pid {
             e.stopped = true;
             log::notice(&format!(
                 "{}process {} resolves from now on",
                 prefix(up),
-                e.zone.writer()
+                zone.writer()
             ));
             return;
         }
-        let s = &up.settings;
+        let s = &up.sources[e.source].settings;
         let job = Job::Resolve(Query {
             id,
             name: s.query.clone(),
@@ -343,19 +412,17 @@ impl Discovery {
     }
 
     fn apply(&mut self, id: usize, result: Resolved) {
-        let pid = self.pid;
-        let thread = self.thread.as_ref();
-        let Some(e) = self.entries.get_mut(id) else {
+        let Some(e) = self.entries.get(id) else {
             return;
         };
         // SAFETY: upstream confs live as long as the cycle this process runs.
         let up = unsafe { &*e.up };
+        let (g, interval_ms) = (e.group, up.sources[e.source].settings.interval_ms);
         let p = prefix(up);
-        let now = ffi::current_msec();
         let outcome = match result {
             Resolved::Saved(Ok(())) => return,
             Resolved::Saved(Err(err)) => {
-                let path = up.settings.state_path.as_deref().unwrap_or("");
+                let path = up.first().settings.state_path.as_deref().unwrap_or("");
                 log::error(&format!("{p}cannot save state file \"{path}\": {err}"));
                 return;
             }
@@ -368,54 +435,132 @@ impl Discovery {
                         ignored.describe()
                     ));
                 }
-                e.last_ignored = ignored;
-                if peers.len() > e.zone.capacity() {
-                    if e.oversize_logged != peers.len() {
-                        e.oversize_logged = peers.len();
+                self.entries[id].last_ignored = ignored;
+                let total = self.merged(g, Some((id, &peers))).len();
+                let capacity = self.groups[g].zone.capacity();
+                if total > capacity {
+                    if self.groups[g].oversize_logged != total {
+                        self.groups[g].oversize_logged = total;
+                        let kept = self.merged(g, None).len();
                         log::error(&format!(
                             "{p}{} do not fit in zone={}k (max {}), zone={}k needed{}",
-                            count(peers.len()),
-                            up.settings.zone_size / 1024,
-                            count(e.zone.capacity()),
-                            zone_size_for(peers.len()) / 1024,
-                            tail("keeping", e.published.len())
+                            count(total),
+                            up.first().settings.zone_size / 1024,
+                            count(capacity),
+                            zone_size_for(total) / 1024,
+                            tail("keeping", kept)
                         ));
                     }
-                    arm(e, up.settings.interval_ms);
+                    arm(&mut self.entries[id], interval_ms);
                     return;
                 }
-                e.oversize_logged = 0;
+                self.groups[g].oversize_logged = 0;
                 Outcome::Peers(peers)
             }
         };
-        let tenth = up.settings.interval_ms / 10;
+        let tenth = interval_ms / 10;
         let jitter = if tenth == 0 {
             0
         } else {
             ngx_random() as u64 % (tenth + 1)
         };
-        let decision = e
-            .tracker
-            .on_outcome(outcome, e.published.len(), now, jitter);
+        let e = &mut self.entries[id];
+        let decision =
+            e.tracker
+                .on_outcome(outcome, e.published.len(), ffi::current_msec(), jitter);
         if let Some((level, msg)) = &decision.log {
             log::log(log::level_of(*level), msg);
         }
         match decision.action {
             Action::Publish(peers) => {
-                e.zone.set_confirmed_at(unix_now());
-                if peers != e.published {
-                    publish(e, up, pid, peers);
+                self.groups[g].zone.set_confirmed_at(unix_now());
+                if peers != self.entries[id].published {
+                    self.publish(id, peers);
                 }
-                if !e.state_current {
-                    save_state(e, up, thread, id);
+                if !self.groups[g].state_current {
+                    self.save_state(g, id);
                 }
             }
-            Action::Drop => publish(e, up, pid, Vec::new()),
+            Action::Drop => self.publish(id, Vec::new()),
             Action::Keep => {}
         }
+        let e = &mut self.entries[id];
         if !e.stopped {
             arm(e, decision.next_ms);
         }
+    }
+
+    /// Makes `part` this entry's share of the upstream and writes the merged set
+    /// as a new generation. A dropped (empty) part is not saved: the state file
+    /// keeps the last good one.
+    fn publish(&mut self, id: usize, part: Vec<Peer>) {
+        let (g, source) = (self.entries[id].group, self.entries[id].source);
+        // SAFETY: upstream confs live as long as the cycle this process runs.
+        let up = unsafe { &*self.entries[id].up };
+        let p = prefix(up);
+        let merged = self.merged(g, Some((id, &part)));
+        let zone = self.groups[g].zone;
+        match zone.write(self.pid, &merged) {
+            Ok(generation) => {
+                if !part.is_empty() {
+                    let query = &up.sources[source].settings.query;
+                    let all = if up.sources.len() > 1 {
+                        format!(", {} in all", count(merged.len()))
+                    } else {
+                        String::new()
+                    };
+                    log::notice(&format!(
+                        "{p}{} from {query}{all} (generation {generation})",
+                        count(part.len())
+                    ));
+                    self.groups[g].state_current = false;
+                }
+                self.entries[id].published = part;
+            }
+            Err(WriteError::NotWriter) => {
+                self.entries[id].stopped = true;
+                log::notice(&format!(
+                    "{p}process {} resolves from now on",
+                    zone.writer()
+                ));
+            }
+            Err(WriteError::TooLarge { capacity }) => {
+                log::error(&format!(
+                    "{p}{} do not fit in the zone (max {capacity})",
+                    count(merged.len())
+                ));
+            }
+        }
+    }
+
+    /// Hands every part of the upstream to the resolver thread, which writes the
+    /// state file.
+    fn save_state(&mut self, g: usize, id: usize) {
+        // SAFETY: upstream confs live as long as the cycle this process runs.
+        let up = unsafe { &*self.groups[g].up };
+        let (Some(t), Some(path)) = (&self.thread, &up.first().settings.state_path) else {
+            return;
+        };
+        let sources = self
+            .entries
+            .iter()
+            .filter(|e| e.group == g)
+            .map(|e| SavedSource {
+                query: up.sources[e.source].settings.query.clone(),
+                peers: e.published.clone(),
+            })
+            .collect();
+        let saved = Saved {
+            upstream: up.name.clone(),
+            saved_at: unix_now(),
+            sources,
+        };
+        let job = Job::Save {
+            id,
+            path: PathBuf::from(path),
+            saved,
+        };
+        self.groups[g].state_current = t.jobs.send(job).is_ok();
     }
 }
 
@@ -428,55 +573,4 @@ fn arm(e: &mut Entry, ms: u64) {
 fn zone_size_for(peers: usize) -> usize {
     let bytes = peers * RECORD_SIZE * 102 / 100 + 16 * 1024;
     bytes.div_ceil(4096) * 4096
-}
-
-/// Hands the published set to the resolver thread, which writes the state file.
-fn save_state(e: &mut Entry, up: &Upstream, thread: Option<&Thread>, id: usize) {
-    let (Some(t), Some(path)) = (thread, &up.settings.state_path) else {
-        return;
-    };
-    let saved = Saved {
-        upstream: up.name.clone(),
-        query: up.settings.query.clone(),
-        saved_at: unix_now(),
-        peers: e.published.clone(),
-    };
-    let job = Job::Save {
-        id,
-        path: PathBuf::from(path),
-        saved,
-    };
-    e.state_current = t.jobs.send(job).is_ok();
-}
-
-/// Writes `peers` into the zone as a new generation. A dropped (empty) set is not
-/// saved: the state file keeps the last good one.
-fn publish(e: &mut Entry, up: &Upstream, pid: i64, peers: Vec<Peer>) {
-    let p = prefix(up);
-    match e.zone.write(pid, &peers) {
-        Ok(generation) => {
-            if !peers.is_empty() {
-                log::notice(&format!(
-                    "{p}{} from {} (generation {generation})",
-                    count(peers.len()),
-                    up.settings.query
-                ));
-                e.state_current = false;
-            }
-            e.published = peers;
-        }
-        Err(WriteError::NotWriter) => {
-            e.stopped = true;
-            log::notice(&format!(
-                "{p}process {} resolves from now on",
-                e.zone.writer()
-            ));
-        }
-        Err(WriteError::TooLarge { capacity }) => {
-            log::error(&format!(
-                "{p}{} peers do not fit in the zone (max {capacity})",
-                peers.len()
-            ));
-        }
-    }
 }

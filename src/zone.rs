@@ -16,7 +16,7 @@ use consul_core::Peer;
 const MAGIC: u64 = 0x6e67_785f_636f_6e73; // "ngx_cons"
 /// Bumped whenever the layout changes; it is also part of the zone's name, so a
 /// reload into a module with another layout gets a fresh zone instead of a misread.
-pub const LAYOUT: u32 = 1;
+pub const LAYOUT: u32 = 2;
 
 #[repr(C)]
 pub struct Header {
@@ -40,18 +40,21 @@ pub struct Header {
 pub struct Record {
     addr: [u8; 16],
     scope_id: u32,
+    /// `source_tag` of the query the peer came from.
+    source: u32,
     port: u16,
     weight: u16,
     priority: u16,
     family: u8,
-    _pad: [u8; 5],
+    _pad: u8,
 }
 
 const _: () = assert!(size_of::<Record>() == 32);
 
 impl Record {
-    fn from_peer(p: &Peer) -> Record {
+    fn from_peer(p: &Peer, source: u32) -> Record {
         let mut r = Record {
+            source,
             port: p.addr.port(),
             weight: p.weight,
             priority: p.priority,
@@ -156,8 +159,9 @@ impl Zone {
         self.header().writer.load(Ordering::SeqCst)
     }
 
-    /// Publishes `peers` (canonical order) as a new generation, if `pid` is the writer.
-    pub fn write(&self, pid: i64, peers: &[Peer]) -> Result<u64, WriteError> {
+    /// Publishes `peers` (canonical order, each with its source tag) as a new
+    /// generation, if `pid` is the writer.
+    pub fn write(&self, pid: i64, peers: &[(Peer, u32)]) -> Result<u64, WriteError> {
         let h = self.header();
         if peers.len() > self.capacity() {
             return Err(WriteError::TooLarge {
@@ -186,10 +190,10 @@ impl Zone {
         h.seq.fetch_add(1, Ordering::Relaxed);
         fence(Ordering::Release);
         let records = self.records();
-        for (i, p) in peers.iter().enumerate() {
+        for (i, (p, source)) in peers.iter().enumerate() {
             // SAFETY: i < capacity, checked above; volatile because readers race
             // with this write by design and discard what the sequence lock rejects.
-            unsafe { ptr::write_volatile(records.add(i), Record::from_peer(p)) };
+            unsafe { ptr::write_volatile(records.add(i), Record::from_peer(p, *source)) };
         }
         h.count.store(peers.len() as u32, Ordering::Relaxed);
         let generation = h.generation.load(Ordering::Relaxed) + 1;
@@ -202,6 +206,12 @@ impl Zone {
     /// A consistent copy of the set and its generation; `None` if a write kept
     /// the set changing for too long (the caller keeps its copy and asks again later).
     pub fn read(&self) -> Option<(u64, Vec<Peer>)> {
+        let (generation, tagged) = self.read_tagged()?;
+        Some((generation, tagged.into_iter().map(|(p, _)| p).collect()))
+    }
+
+    /// [`Zone::read`] with each peer's source tag.
+    pub fn read_tagged(&self) -> Option<(u64, Vec<(Peer, u32)>)> {
         let h = self.header();
         let mut out = Vec::new();
         for _ in 0..SPINS {
@@ -219,7 +229,7 @@ impl Zone {
                 // SAFETY: i < capacity; a torn record is discarded by the seq check.
                 let r = unsafe { ptr::read_volatile(records.add(i)) };
                 if let Some(p) = r.to_peer() {
-                    out.push(p);
+                    out.push((p, r.source));
                 }
             }
             fence(Ordering::Acquire);

@@ -176,6 +176,24 @@ upstream redis {
 
 
 
+=== TEST 15b: the same query twice, with other parameters, is a duplicate too
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    consul_upstream redis.service.yunlu_office.consul interval=5s;   # emerg: "consul_upstream" directive is duplicate
+}
+
+
+
+=== TEST 15c: upstream-wide parameters only on the first line
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.dc1.consul;
+    consul_upstream redis.service.dc2.consul zone=128k;   # emerg: invalid parameter "zone=128k": it belongs on the first "consul_upstream" line of the upstream
+}
+
+
+
 === TEST 16: directive in stream {}
 --- stream_config
 consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is not allowed here

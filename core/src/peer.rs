@@ -50,17 +50,32 @@ fn addr_order(a: &SocketAddr, b: &SocketAddr) -> Ordering {
 /// Sorts into the canonical order (priority, then address) and removes duplicate
 /// addresses, keeping the lowest priority and, within it, the highest weight.
 pub fn canonicalize(peers: &mut Vec<Peer>) {
-    peers.sort_by(|a, b| {
+    canonicalize_by(peers, |p| p);
+}
+
+/// [`canonicalize`] for items that carry a peer and more (which query it came from).
+pub fn canonicalize_by<T>(items: &mut Vec<T>, peer: impl Fn(&T) -> &Peer) {
+    items.sort_by(|a, b| {
+        let (a, b) = (peer(a), peer(b));
         addr_order(&a.addr, &b.addr)
             .then(a.priority.cmp(&b.priority))
             .then(b.weight.cmp(&a.weight))
     });
-    peers.dedup_by(|later, first| later.addr == first.addr);
-    peers.sort_by(|a, b| {
+    items.dedup_by(|later, first| peer(later).addr == peer(first).addr);
+    items.sort_by(|a, b| {
+        let (a, b) = (peer(a), peer(b));
         a.priority
             .cmp(&b.priority)
             .then(addr_order(&a.addr, &b.addr))
     });
+}
+
+/// A short, stable tag for the query a peer came from (FNV-1a), kept with the peer
+/// in the shared zone so that a new worker 0 knows which query holds which peers.
+pub fn source_tag(query: &str) -> u32 {
+    query.bytes().fold(0x811c_9dc5, |h: u32, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[cfg(test)]
@@ -97,6 +112,37 @@ mod tests {
                 "127.0.0.2:6380 weight=1 priority=2",
             ]
         );
+    }
+
+    #[test]
+    fn tagged_items_keep_the_tag_of_the_kept_peer() {
+        let mut v = vec![
+            (p("127.0.0.1:1", 1, 2), 7),
+            (p("127.0.0.1:1", 1, 1), 9),
+            (p("127.0.0.0:1", 1, 1), 7),
+        ];
+        canonicalize_by(&mut v, |(p, _)| p);
+        let got: Vec<(String, u32)> = v.iter().map(|(p, t)| (p.addr.to_string(), *t)).collect();
+        assert_eq!(
+            got,
+            [
+                ("127.0.0.0:1".to_string(), 7),
+                ("127.0.0.1:1".to_string(), 9)
+            ]
+        );
+    }
+
+    #[test]
+    fn source_tags_differ_and_are_stable() {
+        assert_eq!(
+            source_tag("redis.service.dc1.consul"),
+            source_tag("redis.service.dc1.consul")
+        );
+        assert_ne!(
+            source_tag("redis.service.dc1.consul"),
+            source_tag("redis.service.dc2.consul")
+        );
+        assert_eq!(source_tag(""), 0x811c_9dc5);
     }
 
     #[test]

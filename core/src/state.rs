@@ -1,5 +1,6 @@
-//! The state file: the last good set of one upstream, so that nginx restarted
-//! while Consul is unreachable still serves the last known backends.
+//! The state file: the last good set of one upstream, per query (an upstream may
+//! follow several), so that nginx restarted while Consul is unreachable still
+//! serves the last known backends.
 //!
 //! JSON, written to a temporary file and renamed into place. A truncated, corrupt
 //! or foreign file fails to decode with a reason; it is reported and ignored.
@@ -15,30 +16,52 @@ use crate::answer::MAX_SRV_RECORDS;
 use crate::peer::{canonicalize, Peer};
 
 const FORMAT: &str = "ngx-consul-state";
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Saved {
     pub upstream: String,
-    pub query: String,
     /// Unix time in seconds.
     pub saved_at: u64,
+    pub sources: Vec<SavedSource>,
+}
+
+/// The last good answer to one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedSource {
+    pub query: String,
     pub peers: Vec<Peer>,
 }
 
+impl Saved {
+    /// The peers saved for `query`, if the file has that query.
+    pub fn peers_of(&self, query: &str) -> Option<&[Peer]> {
+        self.sources
+            .iter()
+            .find(|s| s.query == query)
+            .map(|s| s.peers.as_slice())
+    }
+}
+
 pub fn encode(saved: &Saved) -> String {
-    let peers: Vec<Value> = saved
-        .peers
+    let sources: Vec<Value> = saved
+        .sources
         .iter()
-        .map(|p| json!({"addr": p.addr.to_string(), "weight": p.weight, "priority": p.priority}))
+        .map(|s| {
+            let peers: Vec<Value> = s
+                .peers
+                .iter()
+                .map(|p| json!({"addr": p.addr.to_string(), "weight": p.weight, "priority": p.priority}))
+                .collect();
+            json!({"query": s.query, "peers": peers})
+        })
         .collect();
     let doc = json!({
         "format": FORMAT,
         "version": VERSION,
         "upstream": saved.upstream,
-        "query": saved.query,
         "saved_at": saved.saved_at,
-        "peers": peers,
+        "sources": sources,
     });
     let mut text = doc.to_string();
     text.push('\n');
@@ -64,18 +87,42 @@ pub fn decode(text: &str, upstream: &str) -> Result<Saved, String> {
     if saved_upstream != upstream {
         return Err(format!("written for upstream \"{saved_upstream}\""));
     }
-    let query = field("query").ok_or("no query")?;
     let saved_at = doc
         .get("saved_at")
         .and_then(Value::as_u64)
         .ok_or("no saved_at")?;
     let list = doc
-        .get("peers")
+        .get("sources")
         .and_then(Value::as_array)
-        .ok_or("no peer list")?;
-    if list.len() > MAX_SRV_RECORDS {
-        return Err(format!("{} peers, more than {MAX_SRV_RECORDS}", list.len()));
+        .ok_or("no source list")?;
+    let mut sources = Vec::with_capacity(list.len());
+    let mut total = 0;
+    for (i, src) in list.iter().enumerate() {
+        let query = src
+            .get("query")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("source {} has no query", i + 1))?;
+        let peers = src
+            .get("peers")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("source {} has no peer list", i + 1))?;
+        total += peers.len();
+        if total > MAX_SRV_RECORDS {
+            return Err(format!("more than {MAX_SRV_RECORDS} peers"));
+        }
+        sources.push(SavedSource {
+            query: query.to_string(),
+            peers: decode_peers(peers)?,
+        });
     }
+    Ok(Saved {
+        upstream: saved_upstream,
+        saved_at,
+        sources,
+    })
+}
+
+fn decode_peers(list: &[Value]) -> Result<Vec<Peer>, String> {
     let mut peers = Vec::with_capacity(list.len());
     for (i, p) in list.iter().enumerate() {
         let bad = || format!("peer {} is malformed", i + 1);
@@ -96,12 +143,7 @@ pub fn decode(text: &str, upstream: &str) -> Result<Saved, String> {
         peers.push(Peer::new(addr, num("weight")?, num("priority")?));
     }
     canonicalize(&mut peers);
-    Ok(Saved {
-        upstream: saved_upstream,
-        query,
-        saved_at,
-        peers,
-    })
+    Ok(peers)
 }
 
 /// Writes atomically: a reader sees the old file or the new one, never a mix.
@@ -140,11 +182,19 @@ mod tests {
     fn sample() -> Saved {
         Saved {
             upstream: "redis".into(),
-            query: "redis.service.yunlu_office.consul".into(),
             saved_at: 1_764_000_000,
-            peers: vec![
-                Peer::new("127.0.0.1:6380".parse().unwrap(), 3, 1),
-                Peer::new("[::1]:6381".parse().unwrap(), 1, 2),
+            sources: vec![
+                SavedSource {
+                    query: "redis.service.yunlu_office.consul".into(),
+                    peers: vec![
+                        Peer::new("127.0.0.1:6380".parse().unwrap(), 3, 1),
+                        Peer::new("[::1]:6381".parse().unwrap(), 1, 2),
+                    ],
+                },
+                SavedSource {
+                    query: "redis.service.dc2.consul".into(),
+                    peers: vec![Peer::new("127.0.0.2:6380".parse().unwrap(), 1, 1)],
+                },
             ],
         }
     }
@@ -152,7 +202,13 @@ mod tests {
     #[test]
     fn round_trip() {
         let text = encode(&sample());
-        assert_eq!(decode(&text, "redis").unwrap(), sample());
+        let back = decode(&text, "redis").unwrap();
+        assert_eq!(back, sample());
+        assert_eq!(
+            back.peers_of("redis.service.dc2.consul").map(<[Peer]>::len),
+            Some(1)
+        );
+        assert_eq!(back.peers_of("other.service.consul"), None);
     }
 
     #[test]
@@ -173,7 +229,7 @@ mod tests {
         assert_eq!(decode(&bad, "redis").unwrap_err(), "peer 1 is malformed");
         let bad = text.replace("\"weight\":3", "\"weight\":70000");
         assert_eq!(decode(&bad, "redis").unwrap_err(), "peer 1 is malformed");
-        let bad = text.replace("\"version\":1", "\"version\":9");
+        let bad = text.replace("\"version\":2", "\"version\":9");
         assert_eq!(decode(&bad, "redis").unwrap_err(), "unsupported version 9");
     }
 
