@@ -12,7 +12,7 @@ use ngx::ffi::{
     ngx_stream_upstream_srv_conf_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
 };
 
-use consul_core::settings::Settings;
+use consul_core::settings::{upstream_wide_param, Settings};
 use consul_core::view::{HealthPolicy, PeerView};
 
 use crate::balancer::Local;
@@ -47,9 +47,6 @@ impl Upstream {
         &self.sources[0]
     }
 }
-
-/// Parameters of the whole upstream: only the first `consul_upstream` line sets them.
-const UPSTREAM_WIDE: [&str; 4] = ["zone=", "state=", "max_fails=", "fail_timeout="];
 
 /// The module's conf of a `server {}` or `upstream {}` block of `stream {}`.
 #[derive(Default)]
@@ -139,10 +136,7 @@ unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String
         {
             return Err("\"consul_upstream\" directive is duplicate".into());
         }
-        if let Some(w) = words
-            .iter()
-            .find(|w| UPSTREAM_WIDE.iter().any(|k| w.starts_with(k)))
-        {
+        if let Some(w) = upstream_wide_param(&words) {
             return Err(format!(
                 "invalid parameter \"{w}\": it belongs on the first \"consul_upstream\" line of the upstream"
             ));

@@ -17,7 +17,7 @@ use ngx::ffi::{
 
 use consul_core::answer::Ignored;
 use consul_core::peer::{canonicalize_by, source_tag};
-use consul_core::policy::{peers as count, tail, Action, Outcome, Tracker};
+use consul_core::policy::{log_prefix, peers as count, tail, Action, Outcome, Tracker};
 use consul_core::settings::Transport;
 use consul_core::state::{self, Saved, SavedSource};
 use consul_core::Peer;
@@ -74,7 +74,7 @@ fn unix_now() -> u64 {
 }
 
 fn prefix(up: &Upstream) -> String {
-    format!("consul upstream \"{}\": ", up.name)
+    log_prefix(&up.name)
 }
 
 /// `init_process`: starts discovery in the one process that resolves. A failure
@@ -369,14 +369,8 @@ impl Discovery {
         };
         // SAFETY: upstream confs live as long as the cycle this process runs.
         let up = unsafe { &*e.up };
-        let zone = self.groups[e.group].zone;
-        if zone.writer() != self.pid {
-            e.stopped = true;
-            log::notice(&format!(
-                "{}process {} resolves from now on",
-                prefix(up),
-                zone.writer()
-            ));
+        if self.groups[e.group].zone.writer() != self.pid {
+            self.hand_over(id);
             return;
         }
         let s = &up.sources[e.source].settings;
@@ -436,8 +430,22 @@ impl Discovery {
                     ));
                 }
                 self.entries[id].last_ignored = ignored;
-                let total = self.merged(g, Some((id, &peers))).len();
                 let capacity = self.groups[g].zone.capacity();
+                // Merging only removes duplicates: when the parts fit side by side
+                // (the usual case), the merged set fits too and need not be built here.
+                let bound: usize = self
+                    .entries
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, e)| e.group == g && *i != id)
+                    .map(|(_, e)| e.published.len())
+                    .sum::<usize>()
+                    + peers.len();
+                let total = if bound > capacity {
+                    self.merged(g, Some((id, &peers))).len()
+                } else {
+                    bound
+                };
                 if total > capacity {
                     if self.groups[g].oversize_logged != total {
                         self.groups[g].oversize_logged = total;
@@ -517,13 +525,7 @@ impl Discovery {
                 }
                 self.entries[id].published = part;
             }
-            Err(WriteError::NotWriter) => {
-                self.entries[id].stopped = true;
-                log::notice(&format!(
-                    "{p}process {} resolves from now on",
-                    zone.writer()
-                ));
-            }
+            Err(WriteError::NotWriter) => self.hand_over(id),
             Err(WriteError::TooLarge { capacity }) => {
                 log::error(&format!(
                     "{p}{} do not fit in the zone (max {capacity})",
@@ -531,6 +533,20 @@ impl Discovery {
                 ));
             }
         }
+    }
+
+    /// A newer discovery process (worker 0 after a reload or respawn) writes the
+    /// zone now: this entry stops, and says so once.
+    fn hand_over(&mut self, id: usize) {
+        let e = &mut self.entries[id];
+        e.stopped = true;
+        // SAFETY: upstream confs live as long as the cycle this process runs.
+        let up = unsafe { &*e.up };
+        log::notice(&format!(
+            "{}process {} resolves from now on",
+            prefix(up),
+            self.groups[e.group].zone.writer()
+        ));
     }
 
     /// Hands every part of the upstream to the resolver thread, which writes the

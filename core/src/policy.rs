@@ -63,6 +63,11 @@ pub struct Tracker {
     stale_dropped: bool,
 }
 
+/// `consul upstream "redis": `, the start of every runtime log line.
+pub fn log_prefix(upstream: &str) -> String {
+    format!("consul upstream \"{upstream}\": ")
+}
+
 /// "1 peer", "2 peers".
 pub fn peers(n: usize) -> String {
     if n == 1 {
@@ -102,7 +107,7 @@ impl Tracker {
     }
 
     fn prefix(&self) -> String {
-        format!("consul upstream \"{}\": ", self.upstream)
+        log_prefix(&self.upstream)
     }
 
     /// The delay before the next query: `interval` normally, doubling while the

@@ -261,6 +261,16 @@ fn nonzero(t: u64, arg: &str) -> Result<u64, ConfError> {
     }
 }
 
+/// Parameters that concern the whole upstream (its zone, state file and passive
+/// health) rather than one query: with several `consul_upstream` lines in one
+/// upstream, only the first may set them. Returns the first such argument.
+pub fn upstream_wide_param<'a>(args: &[&'a str]) -> Option<&'a str> {
+    const KEYS: [&str; 4] = ["zone", "state", "max_fails", "fail_timeout"];
+    args.iter()
+        .copied()
+        .find(|a| a.split_once('=').is_some_and(|(k, _)| KEYS.contains(&k)))
+}
+
 /// A bare word with a dot is a query; other bare words are unknown flags.
 fn looks_like_name(arg: &str) -> bool {
     arg.contains('.')
@@ -457,6 +467,24 @@ mod tests {
             "duplicate parameter \"interval=\""
         );
         assert_eq!(err("a.consul b.consul"), "invalid parameter \"b.consul\"");
+    }
+
+    #[test]
+    fn upstream_wide_parameters_are_found() {
+        let args = ["r.service.consul", "interval=2s", "zone=128k", "state=/x"];
+        assert_eq!(upstream_wide_param(&args), Some("zone=128k"));
+        assert_eq!(
+            upstream_wide_param(&["r.service.consul", "max_fails=3"]),
+            Some("max_fails=3")
+        );
+        assert_eq!(
+            upstream_wide_param(&["r.service.consul", "fail_timeout=1s"]),
+            Some("fail_timeout=1s")
+        );
+        assert_eq!(
+            upstream_wide_param(&["r.service.consul", "interval=1s", "udp", "zone"]),
+            None
+        );
     }
 
     #[test]
