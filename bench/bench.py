@@ -530,10 +530,11 @@ def summarize(slices, lat=None):
     return out
 
 
-def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a"):
+def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a", profile_conns=0):
     """`base` and `other` run side by side as two nginx instances and are measured in
     alternating slices (a o o a a o o a ...; only one has load at a time), so that the
-    drifts of a shared 2-core VM fall on both alike."""
+    drifts of a shared 2-core VM fall on both alike. With profile_conns, each is then also
+    profiled with perf over that many connections."""
     A, O = insts[base], insts[other]
     out = {"base": base, "other": other, "peers": n}
     try:
@@ -559,12 +560,54 @@ def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a"):
         rate = lambda x: x["conns"] / x["elapsed_s"] if x["elapsed_s"] else 0.0  # noqa: E731
         out["pair_ratios"] = [rate(o) / rate(a) for a, o in zip(tg[base]["slices"], tg[other]["slices"])
                               if rate(a) > 0]
+        if profile_conns:
+            out["profile"] = {s: profile(inst, s, profile_conns) for inst, s in ((A, base), (O, other))}
     except RuntimeError as e:
         out["error"] = str(e)[:700]
     finally:
         O.stop()
         A.stop()
     return out
+
+
+PERF = shutil.which("perf")
+
+
+def profile(inst, setup, conns):
+    """perf samples (cpu-clock) of the single worker while it serves `conns` connections:
+    CPU ns per connection in total and the share of each binary (kernel, nginx, libc, the
+    module). Unlike conn/s, shares within one profile do not drift with the box. None without
+    perf or when perf cannot sample."""
+    workers = inst.workers()
+    if not PERF or len(workers) != 1:
+        return None
+    data = OUT / f"perf-{setup}.data"
+    rec = spawn([PERF, "record", "-q", "-o", str(data), "-p", str(workers[0])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # perf attached; the idle worker adds no cpu-clock samples
+    try:
+        d = bench_load([(setup, inst)], 1, 60000, max_conns=conns)
+    finally:
+        stop_proc(rec, signal.SIGINT, wait=30)
+    done = d["targets"][setup]["slices"][0]["conns"]
+    try:
+        r = subprocess.run([PERF, "report", "-i", str(data), "--stdio", "--sort", "dso", "-g", "none",
+                            "--percent-limit", "0"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    total = re.search(r"Event count \(approx\.\): (\d+)", r.stdout)
+    if r.returncode != 0 or not total or not done:
+        return None
+    module = Path(inst.module).name if inst.module else None
+    parts = {"kernel": 0.0, "nginx": 0.0, "libc": 0.0, "module": 0.0, "other": 0.0}
+    for m in re.finditer(r"^\s+([\d.]+)%\s+(\S+)", r.stdout, re.M):
+        dso = m.group(2)
+        key = ("kernel" if dso.startswith("[kernel") else "nginx" if dso == "nginx" else
+               "libc" if dso.startswith("libc.") else "module" if dso == module else "other")
+        parts[key] += float(m.group(1))
+    ns = int(total.group(1)) / done  # cpu-clock counts nanoseconds
+    return {"conns": done, "ns_per_conn": ns, "pct": parts,
+            "ns": {k: ns * v / 100 for k, v in parts.items()}}
 
 
 class Prober(threading.Thread):
@@ -829,7 +872,12 @@ def main():
                 e2e[n] = {}
                 others = (["c"] if c_ok else []) + ["b"] + (["a2"] if n == sizes[0] else [])
                 for other in others:
-                    res = pairing(insts, other, n, shards, bind, resp, secs, pairs)
+                    # The tightest target (0.98 at the smallest size) gets more pairs, and a
+                    # perf profile of (a) and (c) says where any difference goes.
+                    first = n == sizes[0] and other in ("c", "a2")
+                    res = pairing(insts, other, n, shards, bind, resp, secs,
+                                  pairs * 5 // 2 if first else pairs,
+                                  profile_conns=(20000 if quick else 60000) if first and other == "c" else 0)
                     e2e[n][other] = res
                     if "error" in res:
                         log(f"  n={n:>5} (a) vs ({other}): ERROR {res['error']}")
@@ -840,6 +888,10 @@ def main():
                             f"p99 {m['p99_ms']:.2f} ms  worker {m['cpu_us']:6.1f} us/conn (user {m['user_us']:5.1f}; "
                             f"schedstat {m['sched_us']:5.1f}; busy {m['worker_busy_pct']:.0f}%)  "
                             f"peers used {res['peers_used'][s]}  errors {m['errors']}")
+                    for s, pf in (res.get("profile") or {}).items():
+                        if pf:
+                            log(f"  n={n:>5} ({s}) perf: {pf['ns_per_conn'] / 1000:.1f} us/conn; "
+                                + ", ".join(f"{k} {v:.2f}%" for k, v in pf["pct"].items()))
                     pr = res["pair_ratios"]
                     log(f"  n={n:>5} ({other})/(a) conn/s {res['sum'][other]['rps'] / res['sum']['a']['rps']:.3f} "
                         f"(median pair {statistics.median(pr):.3f}); (a)/({other}) CPU per conn "
@@ -1021,7 +1073,7 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
         L.append(f"module: {so.name} (sha256 {digest}…, built "
                  f"{datetime.datetime.fromtimestamp(so.stat().st_mtime):%Y-%m-%d %H:%M})")
     L.append("```\n")
-    L.append("The box is a 2-vCPU VM shared with other work (builds and test suites ran during the run). "
+    L.append("The box is a 2-vCPU VM that may share its cores with other work. "
              "Throughput drifts by ±15 % within seconds and single 250 ms slices by up to ±50 %, so every "
              "comparison is made from interleaved slices, ratios come with 95 % intervals, and an A/A "
              "comparison — (a) against a second, identical (a) — checks them.\n")
@@ -1050,7 +1102,8 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
              f"flight, a new connection per request (connect, `PING`, `+PONG`, close — what "
              f"`redis-benchmark -k 0` does), spread over 4 listen ports of the same upstream. For each peer "
              f"count, (a) and the other setup run as two nginx instances side by side and are measured in "
-             f"alternating slices of {secs * 1000:.0f} ms (a o o a a o o a …, {pairs} pairs; in-flight "
+             f"alternating slices of {secs * 1000:.0f} ms (a o o a a o o a …, {pairs} pairs, {pairs * 5 // 2} for (c) and the "
+             f"A/A check at {sizes[0]} peers; in-flight "
              f"connections are drained at every switch; only one instance has load at a time), after a "
              f"warm-up that uses every peer at least twice. conn/s = connections / wall time of that "
              f"setup's slices; p50/p99 over all its connections, from connect() to the reply; worker CPU = "
@@ -1101,6 +1154,30 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
         f3 = lambda r, k: f"{r[k]:.3f} {ci(r[k + '_ci'])}" if r else "–"  # noqa: E731
         L.append(f"| {n} | {f3(rc, 'rps')} | {f3(rc, 'cpu')} | {f3(rb, 'rps')} | {f3(rb, 'cpu')} |")
     L.append("\n(a CPU ratio above 1: the setup costs the worker less per connection than static round robin)\n")
+
+    prof = (comparison(e2e, sizes[0], "c") or {}).get("profile") or {}
+    if prof.get("a") and prof.get("c"):
+        pa, pc = prof["a"], prof["c"]
+        L.append(f"### Where the worker's time goes at {sizes[0]} peers (perf)\n")
+        L.append(f"`perf record` (cpu-clock) of the single worker of (a) and of (c), each serving "
+                 f"{pc['conns']} connections alone right after the interleaved run. Totals drift with the "
+                 f"box (compare conn/s above, measured interleaved); the shares within one profile do not, "
+                 f"so they say what the module adds.\n")
+        parts = ("kernel", "nginx", "libc", "module", "other")
+        L.append("| setup | worker µs/conn under perf | kernel | nginx | libc | consul module | other |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for s_, p_ in (("a", pa), ("c", pc)):
+            cells = " | ".join(f"{p_['pct'][k]:.2f} % ({p_['ns'][k] / 1000:.2f} µs)" for k in parts)
+            L.append(f"| ({s_}) | {p_['ns_per_conn'] / 1000:.1f} | {cells} |")
+        L.append("")
+        L.append(f"- The module's own code — balancer callbacks, selection, and the resolver thread's DNS "
+                 f"work — is {pc['pct']['module']:.2f} % of (c)'s worker CPU, {pc['ns']['module']:.0f} ns "
+                 f"per connection.")
+        L.append(f"- libc is {pa['pct']['libc']:.2f} % of (a)'s worker CPU and {pc['pct']['libc']:.2f} % of "
+                 f"(c)'s: the resolver thread makes glibc take its multi-thread paths in the whole worker "
+                 f"(locked malloc/free, cancellation bookkeeping around blocking system calls). Only the "
+                 f"worker that resolves (worker 0) has the thread; with `worker_processes 1` it is the only "
+                 f"worker.\n")
 
     L.append("## Selection micro-bench (`cargo bench -p ngx-consul-core --bench select`), ns per pick\n")
     L.append("| peers | Selector::pick | PeerView::select + release | nginx smooth WRR (re-implemented, O(n)) | Selector::new (once per set change) |")

@@ -3,12 +3,13 @@
 //! only when the zone's generation moved; a pick is O(1) and decodes nothing.
 
 use std::ffi::c_void;
+use std::io::Write;
 use std::mem::size_of;
 use std::net::SocketAddr;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_pcalloc, ngx_peer_connection_t, ngx_pnalloc, ngx_pool_t, ngx_str_t,
+    ngx_conf_t, ngx_int_t, ngx_palloc, ngx_pcalloc, ngx_peer_connection_t, ngx_pool_t, ngx_str_t,
     ngx_stream_session_t, ngx_stream_upstream_init_round_robin,
     ngx_stream_upstream_init_round_robin_peer, ngx_stream_upstream_server_t,
     ngx_stream_upstream_srv_conf_t, ngx_uint_t, sockaddr, socklen_t, NGX_BUSY, NGX_ERROR, NGX_OK,
@@ -21,11 +22,16 @@ use crate::conf::{upstream_of, Upstream, PLACEHOLDER};
 use crate::ffi;
 use crate::zone::Zone;
 
-/// A peer's socket address in the C form nginx connects with, and its text.
+/// Room for a socket address's text: "[v6%scope]:port" takes at most 58 bytes.
+const ADDR_TEXT_MAX: usize = 64;
+
+/// A peer's socket address in the C form nginx connects with, and its text, in
+/// one record: a pick reads no other memory to hand them to nginx.
 struct Endpoint {
     sockaddr: SockaddrBuf,
     socklen: socklen_t,
-    text: String,
+    text_len: usize,
+    text: [u8; ADDR_TEXT_MAX],
 }
 
 #[repr(C)]
@@ -64,11 +70,21 @@ impl Endpoint {
                 size_of::<libc::sockaddr_in6>()
             }
         };
+        let mut text = [0; ADDR_TEXT_MAX];
+        let mut rest = &mut text[..];
+        // Cannot fail (the text fits); a failure would only shorten the name.
+        let _ = write!(rest, "{addr}");
+        let text_len = ADDR_TEXT_MAX - rest.len();
         Endpoint {
             sockaddr: buf,
             socklen: socklen as socklen_t,
-            text: addr.to_string(),
+            text_len,
+            text,
         }
+    }
+
+    fn text(&self) -> &[u8] {
+        &self.text[..self.text_len]
     }
 }
 
@@ -287,21 +303,28 @@ fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> Result<(), ()> {
     let ep = local.endpoints.get(index).ok_or(())?;
 
     // The address and name must outlive a later set change ($upstream_addr is
-    // read when the session is logged): copy them into the session's pool.
-    let sa_len = ep.socklen as usize;
-    let text = ep.text.as_bytes();
-    // SAFETY: pool allocations of the sizes written below.
+    // read when the session is logged) and a retry (nginx keeps each try's name):
+    // copy them into the session's pool, in one allocation.
+    let text = ep.text();
+    let sa_at = size_of::<ngx_str_t>();
+    let text_at = sa_at + size_of::<SockaddrBuf>();
+    // SAFETY: one aligned pool block of text_at + text.len() bytes: the ngx_str_t
+    // at its start, the sockaddr at an 8-byte boundary after it, then the text.
     unsafe {
-        let sa = ngx_pnalloc(pd.pool, sa_len) as *mut u8;
-        let name = ngx_pcalloc(pd.pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
-        let bytes = ngx_pnalloc(pd.pool, text.len()) as *mut u8;
-        if sa.is_null() || name.is_null() || bytes.is_null() {
+        let mem = ngx_palloc(pd.pool, text_at + text.len()) as *mut u8;
+        if mem.is_null() {
             return Err(());
         }
-        ptr::copy_nonoverlapping(&ep.sockaddr as *const SockaddrBuf as *const u8, sa, sa_len);
+        let (name, sa, bytes) = (mem as *mut ngx_str_t, mem.add(sa_at), mem.add(text_at));
+        ptr::write(sa as *mut SockaddrBuf, ep.sockaddr);
         ptr::copy_nonoverlapping(text.as_ptr(), bytes, text.len());
-        (*name).len = text.len();
-        (*name).data = bytes;
+        ptr::write(
+            name,
+            ngx_str_t {
+                len: text.len(),
+                data: bytes,
+            },
+        );
         pc.sockaddr = sa as *mut sockaddr;
         pc.socklen = ep.socklen;
         pc.name = name;
