@@ -1170,14 +1170,13 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
             cells = " | ".join(f"{p_['pct'][k]:.2f} % ({p_['ns'][k] / 1000:.2f} µs)" for k in parts)
             L.append(f"| ({s_}) | {p_['ns_per_conn'] / 1000:.1f} | {cells} |")
         L.append("")
-        L.append(f"- The module's own code — balancer callbacks, selection, and the resolver thread's DNS "
-                 f"work — is {pc['pct']['module']:.2f} % of (c)'s worker CPU, {pc['ns']['module']:.0f} ns "
-                 f"per connection.")
+        L.append(f"- The module's own code — balancer callbacks, selection, and the DNS lookups, which run "
+                 f"on the worker's event loop — is {pc['pct']['module']:.2f} % of (c)'s worker CPU, "
+                 f"{pc['ns']['module']:.0f} ns per connection.")
         L.append(f"- libc is {pa['pct']['libc']:.2f} % of (a)'s worker CPU and {pc['pct']['libc']:.2f} % of "
-                 f"(c)'s: the resolver thread makes glibc take its multi-thread paths in the whole worker "
-                 f"(locked malloc/free, cancellation bookkeeping around blocking system calls). Only the "
-                 f"worker that resolves (worker 0) has the thread; with `worker_processes 1` it is the only "
-                 f"worker.\n")
+                 f"(c)'s. (An earlier build ran the lookups on a thread in worker 0: libc then took ~0.8 "
+                 f"points more in (c), glibc's multi-thread paths — locked malloc/free, cancellation "
+                 f"bookkeeping around system calls — and (c)/(a) was ~0.97–0.99 at 2 peers.)\n")
 
     L.append("## Selection micro-bench (`cargo bench -p ngx-consul-core --bench select`), ns per pick\n")
     L.append("| peers | Selector::pick | PeerView::select + release | nginx smooth WRR (re-implemented, O(n)) | Selector::new (once per set change) |")

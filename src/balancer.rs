@@ -20,6 +20,7 @@ use consul_core::view::PeerView;
 
 use crate::conf::{upstream_of, Upstream, PLACEHOLDER};
 use crate::ffi;
+use crate::sockaddr::SockaddrBuf;
 use crate::zone::Zone;
 
 /// Room for a socket address's text: "[v6%scope]:port" takes at most 58 bytes.
@@ -34,42 +35,9 @@ struct Endpoint {
     text: [u8; ADDR_TEXT_MAX],
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-union SockaddrBuf {
-    v4: libc::sockaddr_in,
-    v6: libc::sockaddr_in6,
-}
-
 impl Endpoint {
     fn new(addr: &SocketAddr) -> Endpoint {
-        // SAFETY: all-zero is a valid sockaddr_in/sockaddr_in6.
-        let mut buf: SockaddrBuf = unsafe { std::mem::zeroed() };
-        let socklen = match addr {
-            SocketAddr::V4(a) => {
-                buf.v4 = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(a) => {
-                buf.v6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                size_of::<libc::sockaddr_in6>()
-            }
-        };
+        let (buf, socklen) = SockaddrBuf::new(addr);
         let mut text = [0; ADDR_TEXT_MAX];
         let mut rest = &mut text[..];
         // Cannot fail (the text fits); a failure would only shorten the name.
@@ -77,7 +45,7 @@ impl Endpoint {
         let text_len = ADDR_TEXT_MAX - rest.len();
         Endpoint {
             sockaddr: buf,
-            socklen: socklen as socklen_t,
+            socklen,
             text_len,
             text,
         }

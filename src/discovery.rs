@@ -1,18 +1,17 @@
 //! Discovery in the one process that resolves (worker 0, or the single process):
-//! a timer per upstream sends a job to the resolver thread; results come back
-//! through an eventfd on the event loop, which applies the policy and writes the
-//! zone. Other workers only read the zone.
+//! a timer per `consul_upstream` line starts a lookup on the event loop; its
+//! result applies the line's policy and writes the upstream's zone. Other workers
+//! only read the zone.
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::ptr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ngx::ffi::{
-    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_cycle_t, ngx_del_timer, ngx_event_t,
-    ngx_get_connection, ngx_handle_read_event, ngx_int_t, ngx_msec_t, ngx_random, NGX_OK,
+    ngx_add_timer, ngx_cycle_t, ngx_del_timer, ngx_event_t, ngx_int_t, ngx_msec_t, ngx_random,
+    NGX_OK,
 };
 
 use consul_core::answer::Ignored;
@@ -24,7 +23,7 @@ use consul_core::Peer;
 
 use crate::conf::{MainConf, Upstream};
 use crate::ngx_stream_consul_upstream_module;
-use crate::resolve::{Done, Job, Query, Resolved, Thread};
+use crate::resolve::{Job, Lookups, Query, Resolved};
 use crate::zone::{WriteError, Zone, RECORD_SIZE};
 use crate::{ffi, log};
 
@@ -56,8 +55,7 @@ struct Group {
 
 struct Discovery {
     cycle: *const ngx_cycle_t,
-    thread: Option<Thread>,
-    conn: *mut ngx_connection_t,
+    lookups: Lookups,
     entries: Vec<Entry>,
     groups: Vec<Group>,
     pid: i64,
@@ -87,11 +85,12 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// `exit_process`: stops the timers and the thread, closes the eventfd.
+/// `exit_process`: stops the timers and cancels the lookups in flight.
 pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
     if let Some(d) = DISCOVERY.with(|cell| cell.borrow_mut().take()) {
         end(d);
     }
+    crate::runtime::stop_tasks();
 }
 
 unsafe fn begin(cycle: &ngx_cycle_t) {
@@ -113,11 +112,7 @@ unsafe fn end(mut d: Discovery) {
             ngx_del_timer(&mut *e.timer);
         }
     }
-    if let Some(t) = d.thread.take() {
-        t.stop();
-    }
-    // SAFETY: the connection wraps our eventfd; the thread that wrote it is gone.
-    ngx_close_connection(d.conn);
+    drop(d);
 }
 
 /// With `master_process off`, a reload (HUP) builds a new cycle in the same
@@ -140,38 +135,10 @@ unsafe fn follow_reload() -> bool {
 }
 
 unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, String> {
-    let efd: RawFd = libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
-    if efd < 0 {
-        return Err(format!(
-            "eventfd() failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let conn = ngx_get_connection(efd, cycle.log);
-    if conn.is_null() {
-        libc::close(efd);
-        return Err("no free connection for the resolver's eventfd".into());
-    }
-    (*conn).log = cycle.log;
-    (*(*conn).read).log = cycle.log;
-    (*(*conn).write).log = cycle.log;
-    (*(*conn).read).handler = Some(on_wakeup);
-    if ngx_handle_read_event((*conn).read, 0) != NGX_OK as ngx_int_t {
-        ngx_close_connection(conn);
-        return Err("cannot watch the resolver's eventfd".into());
-    }
-    let thread = match Thread::start(efd) {
-        Ok(t) => t,
-        Err(e) => {
-            ngx_close_connection(conn);
-            return Err(e);
-        }
-    };
     let pid = ffi::pid();
     let mut d = Discovery {
         cycle,
-        thread: Some(thread),
-        conn,
+        lookups: Lookups::new(Some(on_done)),
         entries: Vec::new(),
         groups: Vec::new(),
         pid,
@@ -348,11 +315,7 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     });
 }
 
-unsafe extern "C" fn on_wakeup(ev: *mut ngx_event_t) {
-    // SAFETY: the read event of our eventfd connection.
-    let conn = (*ev).data as *mut ngx_connection_t;
-    let mut counter = 0u64;
-    while libc::read((*conn).fd, &mut counter as *mut u64 as *mut c_void, 8) == 8 {}
+unsafe extern "C" fn on_done(_ev: *mut ngx_event_t) {
     DISCOVERY.with(|cell| {
         if let Ok(mut d) = cell.try_borrow_mut() {
             if let Some(d) = d.as_mut() {
@@ -381,22 +344,11 @@ impl Discovery {
             timeout: Duration::from_millis(s.timeout_ms),
             transport: s.transport,
         });
-        let sent = self
-            .thread
-            .as_ref()
-            .is_some_and(|t| t.jobs.send(job).is_ok());
-        if !sent {
-            self.apply(id, Resolved::Failed("the resolver thread is gone".into()));
-        }
+        self.lookups.submit(job);
     }
 
     fn drain(&mut self) {
-        let mut done: Vec<Done> = Vec::new();
-        if let Some(t) = &self.thread {
-            while let Ok(d) = t.results.try_recv() {
-                done.push(d);
-            }
-        }
+        let done = self.lookups.take_done();
         if ffi::exiting() {
             return;
         }
@@ -549,12 +501,11 @@ impl Discovery {
         ));
     }
 
-    /// Hands every part of the upstream to the resolver thread, which writes the
-    /// state file.
+    /// Writes every part of the upstream to the state file.
     fn save_state(&mut self, g: usize, id: usize) {
         // SAFETY: upstream confs live as long as the cycle this process runs.
         let up = unsafe { &*self.groups[g].up };
-        let (Some(t), Some(path)) = (&self.thread, &up.first().settings.state_path) else {
+        let Some(path) = &up.first().settings.state_path else {
             return;
         };
         let sources = self
@@ -576,7 +527,8 @@ impl Discovery {
             path: PathBuf::from(path),
             saved,
         };
-        self.groups[g].state_current = t.jobs.send(job).is_ok();
+        self.lookups.submit(job);
+        self.groups[g].state_current = true;
     }
 }
 

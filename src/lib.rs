@@ -3,7 +3,9 @@
 //!
 //! - [`conf`]: the `consul_upstream` directive and the module's confs;
 //! - [`zone`]: the shared-memory peer set of each upstream;
-//! - [`discovery`] and [`resolve`]: worker 0's timers and resolver thread;
+//! - [`discovery`] and [`resolve`]: worker 0's timers and lookups;
+//! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
+//! - [`sockaddr`]: socket addresses in their C form;
 //! - [`balancer`]: the per-connection peer callbacks;
 //! - [`ffi`]: nginx's stream C macros, written out.
 
@@ -21,6 +23,8 @@ mod discovery;
 mod ffi;
 mod log;
 mod resolve;
+mod runtime;
+mod sockaddr;
 mod zone;
 
 static mut CTX: ngx_stream_module_t = ngx_stream_module_t {

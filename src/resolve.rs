@@ -1,28 +1,35 @@
-//! The resolver thread of the discovery process: a tokio current-thread runtime
-//! and hickory resolvers, off nginx's event loop. It receives jobs over a channel
-//! and hands results back through another channel plus an eventfd that wakes the
-//! event loop. It never touches nginx's memory.
+//! Lookups for discovery, as tasks on nginx's event loop (see [`crate::runtime`]):
+//! hickory resolvers, one per resolver address, asked in order. Finished jobs
+//! wait in a queue and a posted event tells discovery to collect them, so that a
+//! result is never applied from inside a lookup.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::RawFd;
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::ptr;
+use std::rc::Rc;
 use std::time::Duration;
 
+use async_task::Task;
+use futures_util::future::join_all;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
-use hickory_resolver::{Resolver, TokioResolver};
-use tokio::sync::mpsc as tmpsc;
+use hickory_resolver::Resolver;
+use ngx::ffi::{
+    ngx_delete_posted_event, ngx_event_handler_pt, ngx_event_t, ngx_post_event, ngx_posted_events,
+};
 
 use consul_core::answer::{Ignored, Record, RecordData, SrvAnswer};
 use consul_core::settings::Transport;
 use consul_core::state::{self, Saved};
 use consul_core::Peer;
+
+use crate::ffi;
+use crate::runtime::{self, NgxRuntime};
+
+type DnsResolver = Resolver<NgxRuntime>;
 
 /// Follow-up A/AAAA queries in flight at once for targets missing from ADDITIONAL.
 const FOLLOW_UP_PARALLEL: usize = 32;
@@ -56,106 +63,103 @@ pub struct Done {
     pub result: Resolved,
 }
 
-pub struct Thread {
-    pub jobs: tmpsc::UnboundedSender<Job>,
-    pub results: mpsc::Receiver<Done>,
-    handle: Option<JoinHandle<()>>,
+/// Finished jobs and the event that announces them.
+struct Outbox {
+    done: RefCell<VecDeque<Done>>,
+    /// Boxed: nginx's posted queue links it by address.
+    event: RefCell<Box<ngx_event_t>>,
 }
 
-impl Thread {
-    /// Starts the thread with every asynchronous signal blocked, so that nginx's
-    /// signals (reload, quit) are always delivered to the event loop's thread.
-    pub fn start(efd: RawFd) -> Result<Thread, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("cannot start the resolver runtime: {e}"))?;
-        let (jobs, job_rx) = tmpsc::unbounded_channel();
-        let (tx, results) = mpsc::channel();
-        let handle = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("consul-resolver".into())
-                .spawn(move || runtime.block_on(serve(job_rx, tx, efd)))
-        })
-        .map_err(|e| format!("cannot start the resolver thread: {e}"))?;
-        Ok(Thread {
-            jobs,
-            results,
-            handle: Some(handle),
-        })
+impl Outbox {
+    fn push(&self, done: Done) {
+        self.done.borrow_mut().push_back(done);
+        let mut ev = self.event.borrow_mut();
+        // SAFETY: the event lives as long as the outbox, which outlives every
+        // task (they hold it) and deletes the event from the queue on drop.
+        unsafe { ngx_post_event(&mut **ev, ptr::addr_of_mut!(ngx_posted_events)) };
     }
+}
 
-    /// Ends the thread: lookups in flight are abandoned, not waited for.
-    pub fn stop(mut self) {
-        drop(self.jobs);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        let ev = self.event.get_mut();
+        if ev.posted() != 0 {
+            // SAFETY: posted by push, still in nginx's posted queue.
+            unsafe { ngx_delete_posted_event(&mut **ev) };
         }
     }
 }
 
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    // SAFETY: sigset manipulation on local values; pthread_sigmask on this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        for sig in [libc::SIGILL, libc::SIGFPE, libc::SIGSEGV, libc::SIGBUS] {
-            libc::sigdelset(&mut set, sig);
+/// The lookups of the discovery process.
+pub struct Lookups {
+    resolvers: HashMap<(SocketAddr, Transport, Duration), Rc<DnsResolver>>,
+    /// The task of each job id; replacing or dropping one cancels it.
+    tasks: HashMap<usize, Task<()>>,
+    outbox: Rc<Outbox>,
+}
+
+impl Lookups {
+    /// `on_done` runs from nginx's posted events when finished jobs wait in
+    /// [`Lookups::take_done`].
+    pub fn new(on_done: ngx_event_handler_pt) -> Lookups {
+        // SAFETY: an all-zero event is nginx's initial state for an event.
+        let mut event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
+        event.handler = on_done;
+        event.log = ffi::cycle_log();
+        Lookups {
+            resolvers: HashMap::new(),
+            tasks: HashMap::new(),
+            outbox: Rc::new(Outbox {
+                done: RefCell::new(VecDeque::new()),
+                event: RefCell::new(event),
+            }),
         }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-        let out = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        out
     }
-}
 
-fn notify(efd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writing 8 bytes from a local to an eventfd we own for the thread's life.
-    unsafe { libc::write(efd, &one as *const u64 as *const libc::c_void, 8) };
-}
-
-async fn serve(mut jobs: tmpsc::UnboundedReceiver<Job>, tx: mpsc::Sender<Done>, efd: RawFd) {
-    let mut cache: HashMap<(SocketAddr, Transport, Duration), Arc<TokioResolver>> = HashMap::new();
-    while let Some(job) = jobs.recv().await {
+    pub fn submit(&mut self, job: Job) {
         match job {
             Job::Resolve(q) => {
-                let resolvers: Vec<(SocketAddr, Arc<TokioResolver>)> = q
+                let resolvers: Vec<(SocketAddr, Rc<DnsResolver>)> = q
                     .resolvers
                     .iter()
                     .filter_map(|&addr| {
                         let key = (addr, q.transport, q.timeout);
-                        if let Some(r) = cache.get(&key) {
+                        if let Some(r) = self.resolvers.get(&key) {
                             return Some((addr, r.clone()));
                         }
-                        let r = Arc::new(build_resolver(addr, q.transport, q.timeout).ok()?);
-                        cache.insert(key, r.clone());
+                        let r = Rc::new(build_resolver(addr, q.transport, q.timeout).ok()?);
+                        self.resolvers.insert(key, r.clone());
                         Some((addr, r))
                     })
                     .collect();
-                let tx = tx.clone();
-                tokio::spawn(async move {
+                let outbox = self.outbox.clone();
+                let id = q.id;
+                let task = runtime::spawn(async move {
                     let result = discover(&q.name, &resolvers).await;
-                    if tx.send(Done { id: q.id, result }).is_ok() {
-                        notify(efd);
-                    }
+                    outbox.push(Done { id, result });
                 });
+                self.tasks.insert(id, task);
             }
+            // Small, and written only when a set changed: on the event loop.
             Job::Save { id, path, saved } => {
                 let result = state::save(&path, &saved).map_err(|e| e.to_string());
-                if tx
-                    .send(Done {
-                        id,
-                        result: Resolved::Saved(result),
-                    })
-                    .is_ok()
-                {
-                    notify(efd);
-                }
+                self.outbox.push(Done {
+                    id,
+                    result: Resolved::Saved(result),
+                });
             }
         }
+    }
+
+    pub fn take_done(&self) -> Vec<Done> {
+        self.outbox.done.borrow_mut().drain(..).collect()
+    }
+}
+
+impl Drop for Lookups {
+    fn drop(&mut self) {
+        // Cancel lookups in flight before their resolvers and the outbox go.
+        self.tasks.clear();
     }
 }
 
@@ -163,7 +167,7 @@ fn build_resolver(
     addr: SocketAddr,
     transport: Transport,
     timeout: Duration,
-) -> Result<TokioResolver, String> {
+) -> Result<DnsResolver, String> {
     let mut ns = match transport {
         // Consul trims UDP answers to 3 records without setting TC: TCP by default.
         Transport::Tcp => NameServerConfig::tcp(addr.ip()),
@@ -181,13 +185,10 @@ fn build_resolver(
     opts.preserve_intermediates = true;
     opts.positive_max_ttl = Some(Duration::ZERO);
     opts.negative_max_ttl = Some(Duration::ZERO);
-    Resolver::builder_with_config(
-        ResolverConfig::from_name_servers(vec![ns]),
-        TokioRuntimeProvider::default(),
-    )
-    .with_options(opts)
-    .build()
-    .map_err(|e| e.to_string())
+    Resolver::builder_with_config(ResolverConfig::from_name_servers(vec![ns]), NgxRuntime)
+        .with_options(opts)
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 fn convert(r: &DnsRecord) -> Record {
@@ -208,7 +209,7 @@ fn convert(r: &DnsRecord) -> Record {
 
 /// Asks each resolver in order until one answers; an answer (even NXDOMAIN) ends
 /// the search, a failure (timeout, refused, SERVFAIL) moves on to the next.
-async fn discover(query: &str, resolvers: &[(SocketAddr, Arc<TokioResolver>)]) -> Resolved {
+async fn discover(query: &str, resolvers: &[(SocketAddr, Rc<DnsResolver>)]) -> Resolved {
     let name = match Name::from_ascii(format!("{query}.")) {
         Ok(n) => n,
         Err(e) => return Resolved::Failed(format!("invalid name: {e}")),
@@ -249,7 +250,7 @@ async fn from_answer(
     query: &str,
     answers: &[Record],
     additionals: &[Record],
-    resolver: &Arc<TokioResolver>,
+    resolver: &DnsResolver,
 ) -> Resolved {
     let mut answer = SrvAnswer::parse(query, answers, additionals);
     if answer.srvs.is_empty() && answer.ignored.is_empty() {
@@ -257,16 +258,9 @@ async fn from_answer(
     }
     let targets = answer.unresolved_targets();
     for chunk in targets.chunks(FOLLOW_UP_PARALLEL) {
-        let mut set = tokio::task::JoinSet::new();
-        for target in chunk {
-            let (target, resolver) = (target.clone(), resolver.clone());
-            set.spawn(async move {
-                let ips = addresses(&resolver, &target).await;
-                (target, ips)
-            });
-        }
-        while let Some(Ok((target, ips))) = set.join_next().await {
-            answer.add_addresses(&target, ips);
+        let found = join_all(chunk.iter().map(|t| addresses(resolver, t))).await;
+        for (target, ips) in chunk.iter().zip(found) {
+            answer.add_addresses(target, ips);
         }
     }
     let peers = answer.peers();
@@ -282,11 +276,11 @@ async fn from_answer(
     }
 }
 
-async fn addresses(resolver: &TokioResolver, target: &str) -> Vec<IpAddr> {
+async fn addresses(resolver: &DnsResolver, target: &str) -> Vec<IpAddr> {
     let Ok(name) = Name::from_ascii(format!("{}.", target.trim_end_matches('.'))) else {
         return Vec::new();
     };
-    let (v4, v6) = tokio::join!(
+    let (v4, v6) = futures_util::join!(
         resolver.lookup(name.clone(), RecordType::A),
         resolver.lookup(name, RecordType::AAAA)
     );

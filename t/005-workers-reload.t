@@ -38,6 +38,12 @@ sleep 5;
 my $q = dns_queries($SRVQ) - $q0;
 ok($q >= 3 && $q <= 7, "$q SRV queries in 5 s with interval=1s (one process: ~5, two: ~10)");
 is(log_count(qr/consul upstream "redis": 2 peers from/), 1, 'the set is logged once');
+# Lookups run on worker 0's event loop: no worker gets a second thread.
+for my $pid (nginx_worker_pids()) {
+    opendir(my $dh, "/proc/$pid/task") or die "/proc/$pid/task: $!";
+    my $threads = grep { /^\d+$/ } readdir $dh;
+    is($threads, 1, "worker $pid runs one thread");
+}
 --- no_error_log
 [error]
 [warn]

@@ -1,0 +1,487 @@
+//! hickory's runtime on nginx's event loop: tasks run from a posted event, timers
+//! are nginx timers, sockets are nginx connections. Discovery thus adds no thread to
+//! the worker: a second thread would switch glibc (malloc, system call wrappers)
+//! and the kernel (file table) to their multi-thread paths for every connection
+//! the worker proxies.
+//!
+//! Everything here runs on the worker's only thread. hickory's bounds ask for
+//! Send and Sync; the impls below satisfy them on that ground.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::ptr::NonNull;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use async_task::{Runnable, Task};
+use async_trait::async_trait;
+use futures_io::{AsyncRead, AsyncWrite};
+use hickory_resolver::net::runtime::{DnsTcpStream, DnsUdpSocket, RuntimeProvider, Spawn, Time};
+use ngx::ffi::{
+    ngx_close_connection, ngx_connection_t, ngx_delete_posted_event, ngx_event_t,
+    ngx_get_connection, ngx_handle_read_event, ngx_handle_write_event, ngx_int_t, ngx_post_event,
+    ngx_posted_events, NGX_OK,
+};
+
+use crate::ffi;
+use crate::sockaddr::SockaddrBuf;
+
+/// How long a TCP connect may take when hickory gives no limit.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Copy, Default)]
+pub struct NgxRuntime;
+
+#[derive(Clone, Copy, Default)]
+pub struct NgxHandle;
+
+#[derive(Clone, Copy, Default)]
+pub struct NgxTime;
+
+/// Tasks woken and waiting to run, and the posted event that runs them.
+struct RunQueue {
+    runnable: VecDeque<Runnable>,
+    /// Boxed: nginx's posted queue links it by address.
+    event: Box<ngx_event_t>,
+}
+
+thread_local! {
+    static RUN_QUEUE: RefCell<Option<RunQueue>> = const { RefCell::new(None) };
+}
+
+/// Starts `future` as a task on the event loop. A task never runs inside the
+/// call that spawned or woke it (hickory wakes and spawns while holding its
+/// locks): it runs from a posted event, in the same event loop iteration.
+pub fn spawn<F: Future + 'static>(future: F) -> Task<F::Output> {
+    let (runnable, task) = async_task::spawn_local(future, schedule);
+    runnable.schedule();
+    task
+}
+
+fn schedule(runnable: Runnable) {
+    RUN_QUEUE.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let q = guard.get_or_insert_with(|| {
+            // SAFETY: an all-zero event is nginx's initial state for an event.
+            let mut event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
+            event.handler = Some(run_tasks);
+            event.log = ffi::cycle_log();
+            RunQueue {
+                runnable: VecDeque::new(),
+                event,
+            }
+        });
+        q.runnable.push_back(runnable);
+        // SAFETY: the event lives in the thread-local run queue until stop_tasks.
+        unsafe { ngx_post_event(&mut *q.event, std::ptr::addr_of_mut!(ngx_posted_events)) };
+    });
+}
+
+unsafe extern "C" fn run_tasks(_ev: *mut ngx_event_t) {
+    // Tasks woken while these run are queued again and the event re-posted.
+    let batch = RUN_QUEUE.with(|cell| {
+        cell.borrow_mut()
+            .as_mut()
+            .map(|q| std::mem::take(&mut q.runnable))
+            .unwrap_or_default()
+    });
+    for runnable in batch {
+        runnable.run();
+    }
+}
+
+/// Drops every task waiting to run (when the process exits).
+pub fn stop_tasks() {
+    let queue = RUN_QUEUE.with(|cell| cell.borrow_mut().take());
+    if let Some(mut q) = queue {
+        if q.event.posted() != 0 {
+            // SAFETY: posted by schedule, still in nginx's posted queue.
+            unsafe { ngx_delete_posted_event(&mut *q.event) };
+        }
+        drop(q.runnable);
+    }
+}
+
+impl Spawn for NgxHandle {
+    fn spawn_bg(&mut self, future: impl Future<Output = ()> + Send + 'static) {
+        spawn(future).detach();
+    }
+}
+
+/// `future`, or a TimedOut error once `duration` has passed.
+async fn with_timeout<F: Future>(duration: Duration, future: F) -> io::Result<F::Output> {
+    let mut future = pin!(future);
+    let mut sleep = pin!(ngx::async_::sleep(duration));
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        if sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "future timed out",
+            )));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+#[async_trait]
+impl Time for NgxTime {
+    async fn delay_for(duration: Duration) {
+        ngx::async_::sleep(duration).await
+    }
+
+    async fn timeout<F: 'static + Future + Send>(
+        duration: Duration,
+        future: F,
+    ) -> Result<F::Output, io::Error> {
+        with_timeout(duration, future).await
+    }
+}
+
+impl RuntimeProvider for NgxRuntime {
+    type Handle = NgxHandle;
+    type Timer = NgxTime;
+    type Udp = Socket;
+    type Tcp = Socket;
+
+    fn create_handle(&self) -> NgxHandle {
+        NgxHandle
+    }
+
+    fn connect_tcp(
+        &self,
+        server_addr: SocketAddr,
+        bind_addr: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Socket>>>> {
+        Box::pin(async move {
+            let socket = Socket::open(&server_addr, libc::SOCK_STREAM)?;
+            if let Some(local) = bind_addr {
+                socket.bind(&local)?;
+            }
+            let wait = timeout.unwrap_or(CONNECT_TIMEOUT);
+            match with_timeout(wait, socket.connect(&server_addr)).await {
+                Ok(Ok(())) => Ok(socket),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TCP connect timed out",
+                )),
+            }
+        })
+    }
+
+    fn bind_udp(
+        &self,
+        local_addr: SocketAddr,
+        _server_addr: SocketAddr,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Socket>>>> {
+        Box::pin(async move {
+            let socket = Socket::open(&local_addr, libc::SOCK_DGRAM)?;
+            socket.bind(&local_addr)?;
+            Ok(socket)
+        })
+    }
+}
+
+/// The tasks waiting for a socket to become readable or writable.
+#[derive(Default)]
+struct Wakers {
+    read: Cell<Option<Waker>>,
+    write: Cell<Option<Waker>>,
+}
+
+/// A non-blocking socket registered with nginx's event loop as a connection.
+pub struct Socket {
+    c: NonNull<ngx_connection_t>,
+    /// Boxed: the connection's `data` points at it.
+    wakers: Box<Wakers>,
+}
+
+// SAFETY: a Socket is created, polled and dropped on the worker's event loop
+// thread only; no other thread exists in the process to move or share it.
+unsafe impl Send for Socket {}
+// SAFETY: as above.
+unsafe impl Sync for Socket {}
+
+#[derive(Clone, Copy)]
+enum Ready {
+    Read,
+    Write,
+}
+
+impl Socket {
+    fn open(addr: &SocketAddr, kind: libc::c_int) -> io::Result<Socket> {
+        let family = if addr.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: plain socket(2).
+        let fd =
+            unsafe { libc::socket(family, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let log = ffi::cycle_log();
+        // SAFETY: fd is ours; nginx takes it over (ngx_close_connection closes it).
+        let c = unsafe { ngx_get_connection(fd, log) };
+        let Some(c) = NonNull::new(c) else {
+            // SAFETY: fd was not handed over.
+            unsafe { libc::close(fd) };
+            return Err(io::Error::other("no free connection for a DNS socket"));
+        };
+        let wakers = Box::<Wakers>::default();
+        // SAFETY: a fresh connection with its read and write events.
+        unsafe {
+            let conn = &mut *c.as_ptr();
+            conn.data = &*wakers as *const Wakers as *mut c_void;
+            conn.log = log;
+            for (ev, handler) in [
+                (
+                    conn.read,
+                    on_readable as unsafe extern "C" fn(*mut ngx_event_t),
+                ),
+                (conn.write, on_writable),
+            ] {
+                (*ev).log = log;
+                (*ev).handler = Some(handler);
+                // Like nginx's own resolver sockets: a graceful exit does not
+                // report them as left open.
+                (*ev).set_resolver(1);
+            }
+        }
+        Ok(Socket { c, wakers })
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: the connection lives until drop.
+        unsafe { self.c.as_ref().fd }
+    }
+
+    fn bind(&self, addr: &SocketAddr) -> io::Result<()> {
+        let (sa, len) = SockaddrBuf::new(addr);
+        // SAFETY: a valid sockaddr of len bytes.
+        if unsafe { libc::bind(self.fd(), sa.as_ptr(), len) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    async fn connect(&self, addr: &SocketAddr) -> io::Result<()> {
+        let (sa, len) = SockaddrBuf::new(addr);
+        // SAFETY: a valid sockaddr of len bytes.
+        if unsafe { libc::connect(self.fd(), sa.as_ptr(), len) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(err);
+        }
+        poll_fn(|cx| self.poll_writable(cx)).await?;
+        let mut so_error: libc::c_int = 0;
+        let mut optlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt into a local int.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut so_error as *mut libc::c_int as *mut c_void,
+                &mut optlen,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if so_error != 0 {
+            return Err(io::Error::from_raw_os_error(so_error));
+        }
+        Ok(())
+    }
+
+    /// Ready once nginx reported the socket writable (a connect finished).
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: the connection and its write event live until drop.
+        if unsafe { (*self.c.as_ref().write).ready() } != 0 {
+            return Poll::Ready(Ok(()));
+        }
+        self.wait(Ready::Write, cx)
+    }
+
+    /// Runs a non-blocking system call until it does not ask to be retried.
+    fn poll_io(
+        &self,
+        ready: Ready,
+        cx: &mut Context<'_>,
+        mut call: impl FnMut(libc::c_int) -> isize,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let n = call(self.fd());
+            if n >= 0 {
+                return Poll::Ready(Ok(n as usize));
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return self.wait(ready, cx),
+                _ => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+
+    /// Parks the task until nginx reports the socket ready.
+    fn wait<T>(&self, ready: Ready, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        // SAFETY: the connection and its events live until drop.
+        let rc: ngx_int_t = unsafe {
+            let conn = self.c.as_ref();
+            match ready {
+                Ready::Read => {
+                    self.wakers.read.set(Some(cx.waker().clone()));
+                    (*conn.read).set_ready(0);
+                    ngx_handle_read_event(conn.read, 0)
+                }
+                Ready::Write => {
+                    self.wakers.write.set(Some(cx.waker().clone()));
+                    (*conn.write).set_ready(0);
+                    ngx_handle_write_event(conn.write, 0)
+                }
+            }
+        };
+        if rc != NGX_OK as ngx_int_t {
+            return Poll::Ready(Err(io::Error::other("cannot watch a DNS socket")));
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        // SAFETY: ours since open; closes the fd and removes its events.
+        unsafe { ngx_close_connection(self.c.as_ptr()) };
+    }
+}
+
+unsafe extern "C" fn on_readable(ev: *mut ngx_event_t) {
+    wake(ev, Ready::Read);
+}
+
+unsafe extern "C" fn on_writable(ev: *mut ngx_event_t) {
+    wake(ev, Ready::Write);
+}
+
+/// # Safety
+/// `ev` is an event of a connection opened by [`Socket::open`] and not closed.
+unsafe fn wake(ev: *mut ngx_event_t, ready: Ready) {
+    // SAFETY: per the contract, data is the connection whose data is the Wakers.
+    let c = (*ev).data as *const ngx_connection_t;
+    let wakers = &*((*c).data as *const Wakers);
+    let waker = match ready {
+        Ready::Read => wakers.read.take(),
+        Ready::Write => wakers.write.take(),
+    };
+    if let Some(w) = waker {
+        w.wake();
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        // SAFETY: recv into buf, at most its length.
+        self.poll_io(Ready::Read, cx, |fd| unsafe {
+            libc::recv(fd, buf.as_mut_ptr() as *mut c_void, buf.len(), 0)
+        })
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // SAFETY: send from buf, at most its length.
+        self.poll_io(Ready::Write, cx, |fd| unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr() as *const c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        })
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: shutdown(2) of our fd.
+        unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl DnsTcpStream for Socket {
+    type Time = NgxTime;
+}
+
+impl DnsUdpSocket for Socket {
+    type Time = NgxTime;
+
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let mut from = SockaddrBuf::empty();
+        let mut len = std::mem::size_of::<SockaddrBuf>() as libc::socklen_t;
+        // SAFETY: recvfrom into buf and a sockaddr buffer of len bytes.
+        let n = std::task::ready!(self.poll_io(Ready::Read, cx, |fd| unsafe {
+            libc::recvfrom(
+                fd,
+                buf.as_mut_ptr() as *mut c_void,
+                buf.len(),
+                0,
+                from.as_mut_ptr(),
+                &mut len,
+            )
+        }))?;
+        let from = from
+            .socket_addr()
+            .ok_or_else(|| io::Error::other("datagram from an unknown address family"))?;
+        Poll::Ready(Ok((n, from)))
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        let (sa, len) = SockaddrBuf::new(&target);
+        // SAFETY: sendto from buf to a valid sockaddr of len bytes.
+        self.poll_io(Ready::Write, cx, |fd| unsafe {
+            libc::sendto(
+                fd,
+                buf.as_ptr() as *const c_void,
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+                sa.as_ptr(),
+                len,
+            )
+        })
+    }
+}
