@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::ptr;
 use std::rc::Rc;
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use async_task::Task;
 use futures_util::future::join_all;
+use futures_util::FutureExt;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
@@ -135,7 +137,10 @@ impl Lookups {
                 let outbox = self.outbox.clone();
                 let id = q.id;
                 let task = runtime::spawn(async move {
-                    let result = discover(&q.name, &resolvers).await;
+                    let lookup = AssertUnwindSafe(discover(&q.name, &resolvers)).catch_unwind();
+                    let result = lookup.await.unwrap_or_else(|_| {
+                        Resolved::Failed("internal error in the DNS client (panic)".into())
+                    });
                     outbox.push(Done { id, result });
                 });
                 self.tasks.insert(id, task);

@@ -13,6 +13,7 @@ use std::ffi::c_void;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::ptr::NonNull;
 use std::task::{Context, Poll, Waker};
@@ -70,13 +71,14 @@ fn schedule(runnable: Runnable) {
             // SAFETY: an all-zero event is nginx's initial state for an event.
             let mut event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
             event.handler = Some(run_tasks);
-            event.log = ffi::cycle_log();
             RunQueue {
                 runnable: VecDeque::new(),
                 event,
             }
         });
         q.runnable.push_back(runnable);
+        // The cycle (and its log) changes on a reload under master_process off.
+        q.event.log = ffi::cycle_log();
         // SAFETY: the event lives in the thread-local run queue until stop_tasks.
         unsafe { ngx_post_event(&mut *q.event, std::ptr::addr_of_mut!(ngx_posted_events)) };
     });
@@ -91,7 +93,11 @@ unsafe extern "C" fn run_tasks(_ev: *mut ngx_event_t) {
             .unwrap_or_default()
     });
     for runnable in batch {
-        runnable.run();
+        // A panic must not cross into nginx (it would abort the worker): the
+        // task is dropped, the others go on.
+        if std::panic::catch_unwind(AssertUnwindSafe(|| runnable.run())).is_err() {
+            crate::log::alert("consul upstream: a DNS task failed (panic); it was dropped");
+        }
     }
 }
 
@@ -164,6 +170,9 @@ impl RuntimeProvider for NgxRuntime {
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Socket>>>> {
         Box::pin(async move {
             let socket = Socket::open(&server_addr, libc::SOCK_STREAM)?;
+            // hickory writes a message's length and its body separately: without
+            // this, Nagle holds the body until the server's delayed ACK (40 ms).
+            socket.set_nodelay()?;
             if let Some(local) = bind_addr {
                 socket.bind(&local)?;
             }
@@ -265,6 +274,24 @@ impl Socket {
     fn fd(&self) -> libc::c_int {
         // SAFETY: the connection lives until drop.
         unsafe { self.c.as_ref().fd }
+    }
+
+    fn set_nodelay(&self) -> io::Result<()> {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt from a local int.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &one as *const libc::c_int as *const c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     fn bind(&self, addr: &SocketAddr) -> io::Result<()> {
