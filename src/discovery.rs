@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 use std::ffi::c_void;
-use std::path::PathBuf;
+use std::path::Path;
 use std::ptr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +23,7 @@ use consul_core::Peer;
 
 use crate::conf::{MainConf, Upstream};
 use crate::ngx_stream_consul_upstream_module;
-use crate::resolve::{Job, Lookups, Query, Resolved};
+use crate::resolve::{Lookups, Query, Resolved};
 use crate::zone::{WriteError, Zone, RECORD_SIZE};
 use crate::{ffi, log};
 
@@ -99,10 +99,8 @@ unsafe fn begin(cycle: &ngx_cycle_t) {
     if main.is_null() || (*main).upstreams.is_empty() {
         return;
     }
-    match start(cycle, &*main) {
-        Ok(d) => DISCOVERY.with(|cell| *cell.borrow_mut() = Some(d)),
-        Err(msg) => log::alert(&format!("consul upstream: discovery not started: {msg}")),
-    }
+    let d = start(cycle, &*main);
+    DISCOVERY.with(|cell| *cell.borrow_mut() = Some(d));
 }
 
 unsafe fn end(mut d: Discovery) {
@@ -134,7 +132,7 @@ unsafe fn follow_reload() -> bool {
     true
 }
 
-unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, String> {
+unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Discovery {
     let pid = ffi::pid();
     let mut d = Discovery {
         cycle,
@@ -149,7 +147,7 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Result<Discovery, Strin
     for e in &mut d.entries {
         ngx_add_timer(&mut *e.timer, 1);
     }
-    Ok(d)
+    d
 }
 
 fn transport_name(t: Transport) -> &'static str {
@@ -337,14 +335,13 @@ impl Discovery {
             return;
         }
         let s = &up.sources[e.source].settings;
-        let job = Job::Resolve(Query {
+        self.lookups.resolve(Query {
             id,
             name: s.query.clone(),
             resolvers: s.resolvers.clone(),
             timeout: Duration::from_millis(s.timeout_ms),
             transport: s.transport,
         });
-        self.lookups.submit(job);
     }
 
     fn drain(&mut self) {
@@ -366,12 +363,6 @@ impl Discovery {
         let (g, interval_ms) = (e.group, up.sources[e.source].settings.interval_ms);
         let p = prefix(up);
         let outcome = match result {
-            Resolved::Saved(Ok(())) => return,
-            Resolved::Saved(Err(err)) => {
-                let path = up.first().settings.state_path.as_deref().unwrap_or("");
-                log::error(&format!("{p}cannot save state file \"{path}\": {err}"));
-                return;
-            }
             Resolved::Empty { nxdomain } => Outcome::Empty { nxdomain },
             Resolved::Failed(reason) => Outcome::Failed(reason),
             Resolved::Peers { peers, ignored } => {
@@ -438,7 +429,7 @@ impl Discovery {
                     self.publish(id, peers);
                 }
                 if !self.groups[g].state_current {
-                    self.save_state(g, id);
+                    self.save_state(g);
                 }
             }
             Action::Drop => self.publish(id, Vec::new()),
@@ -501,8 +492,9 @@ impl Discovery {
         ));
     }
 
-    /// Writes every part of the upstream to the state file.
-    fn save_state(&mut self, g: usize, id: usize) {
+    /// Writes every part of the upstream to the state file (small, and only when
+    /// a set changed: on the event loop).
+    fn save_state(&mut self, g: usize) {
         // SAFETY: upstream confs live as long as the cycle this process runs.
         let up = unsafe { &*self.groups[g].up };
         let Some(path) = &up.first().settings.state_path else {
@@ -522,12 +514,12 @@ impl Discovery {
             saved_at: unix_now(),
             sources,
         };
-        let job = Job::Save {
-            id,
-            path: PathBuf::from(path),
-            saved,
-        };
-        self.lookups.submit(job);
+        if let Err(err) = state::save(Path::new(path), &saved) {
+            log::error(&format!(
+                "{}cannot save state file \"{path}\": {err}",
+                prefix(up)
+            ));
+        }
         self.groups[g].state_current = true;
     }
 }

@@ -1,5 +1,5 @@
 //! Lookups for discovery, as tasks on nginx's event loop (see [`crate::runtime`]):
-//! hickory resolvers, one per resolver address, asked in order. Finished jobs
+//! hickory resolvers, one per resolver address, asked in order. Finished lookups
 //! wait in a queue and a posted event tells discovery to collect them, so that a
 //! result is never applied from inside a lookup.
 
@@ -7,7 +7,6 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::ptr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -25,7 +24,6 @@ use ngx::ffi::{
 
 use consul_core::answer::{Ignored, Record, RecordData, SrvAnswer};
 use consul_core::settings::Transport;
-use consul_core::state::{self, Saved};
 use consul_core::Peer;
 
 use crate::ffi;
@@ -44,20 +42,10 @@ pub struct Query {
     pub transport: Transport,
 }
 
-pub enum Job {
-    Resolve(Query),
-    Save {
-        id: usize,
-        path: PathBuf,
-        saved: Saved,
-    },
-}
-
 pub enum Resolved {
     Peers { peers: Vec<Peer>, ignored: Ignored },
     Empty { nxdomain: bool },
     Failed(String),
-    Saved(Result<(), String>),
 }
 
 pub struct Done {
@@ -65,7 +53,7 @@ pub struct Done {
     pub result: Resolved,
 }
 
-/// Finished jobs and the event that announces them.
+/// Finished lookups and the event that announces them.
 struct Outbox {
     done: RefCell<VecDeque<Done>>,
     /// Boxed: nginx's posted queue links it by address.
@@ -95,13 +83,13 @@ impl Drop for Outbox {
 /// The lookups of the discovery process.
 pub struct Lookups {
     resolvers: HashMap<(SocketAddr, Transport, Duration), Rc<DnsResolver>>,
-    /// The task of each job id; replacing or dropping one cancels it.
+    /// The task of each entry's lookup; replacing or dropping one cancels it.
     tasks: HashMap<usize, Task<()>>,
     outbox: Rc<Outbox>,
 }
 
 impl Lookups {
-    /// `on_done` runs from nginx's posted events when finished jobs wait in
+    /// `on_done` runs from nginx's posted events when finished lookups wait in
     /// [`Lookups::take_done`].
     pub fn new(on_done: ngx_event_handler_pt) -> Lookups {
         // SAFETY: an all-zero event is nginx's initial state for an event.
@@ -118,42 +106,30 @@ impl Lookups {
         }
     }
 
-    pub fn submit(&mut self, job: Job) {
-        match job {
-            Job::Resolve(q) => {
-                let resolvers: Vec<(SocketAddr, Rc<DnsResolver>)> = q
-                    .resolvers
-                    .iter()
-                    .filter_map(|&addr| {
-                        let key = (addr, q.transport, q.timeout);
-                        if let Some(r) = self.resolvers.get(&key) {
-                            return Some((addr, r.clone()));
-                        }
-                        let r = Rc::new(build_resolver(addr, q.transport, q.timeout).ok()?);
-                        self.resolvers.insert(key, r.clone());
-                        Some((addr, r))
-                    })
-                    .collect();
-                let outbox = self.outbox.clone();
-                let id = q.id;
-                let task = runtime::spawn(async move {
-                    let lookup = AssertUnwindSafe(discover(&q.name, &resolvers)).catch_unwind();
-                    let result = lookup.await.unwrap_or_else(|_| {
-                        Resolved::Failed("internal error in the DNS client (panic)".into())
-                    });
-                    outbox.push(Done { id, result });
-                });
-                self.tasks.insert(id, task);
-            }
-            // Small, and written only when a set changed: on the event loop.
-            Job::Save { id, path, saved } => {
-                let result = state::save(&path, &saved).map_err(|e| e.to_string());
-                self.outbox.push(Done {
-                    id,
-                    result: Resolved::Saved(result),
-                });
-            }
-        }
+    pub fn resolve(&mut self, q: Query) {
+        let resolvers: Vec<(SocketAddr, Rc<DnsResolver>)> = q
+            .resolvers
+            .iter()
+            .filter_map(|&addr| {
+                let key = (addr, q.transport, q.timeout);
+                if let Some(r) = self.resolvers.get(&key) {
+                    return Some((addr, r.clone()));
+                }
+                let r = Rc::new(build_resolver(addr, q.transport, q.timeout).ok()?);
+                self.resolvers.insert(key, r.clone());
+                Some((addr, r))
+            })
+            .collect();
+        let outbox = self.outbox.clone();
+        let id = q.id;
+        let task = runtime::spawn(async move {
+            let lookup = AssertUnwindSafe(discover(&q.name, &resolvers)).catch_unwind();
+            let result = lookup.await.unwrap_or_else(|_| {
+                Resolved::Failed("internal error in the DNS client (panic)".into())
+            });
+            outbox.push(Done { id, result });
+        });
+        self.tasks.insert(id, task);
     }
 
     pub fn take_done(&self) -> Vec<Done> {
