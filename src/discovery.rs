@@ -23,7 +23,7 @@ use consul_core::Peer;
 
 use crate::conf::{MainConf, Upstream};
 use crate::ngx_stream_consul_upstream_module;
-use crate::resolve::{Lookups, Query, Resolved};
+use crate::resolve::{Done, Lookups, Query, Resolved};
 use crate::zone::{WriteError, Zone, RECORD_SIZE};
 use crate::{ffi, log};
 
@@ -136,7 +136,7 @@ unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Discovery {
     let pid = ffi::pid();
     let mut d = Discovery {
         cycle,
-        lookups: Lookups::new(Some(on_done)),
+        lookups: Lookups::new(on_done),
         entries: Vec::new(),
         groups: Vec::new(),
         pid,
@@ -313,11 +313,16 @@ unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
     });
 }
 
-unsafe extern "C" fn on_done(_ev: *mut ngx_event_t) {
+/// A lookup finished. Lookups run from nginx's posted events (see
+/// [`crate::runtime::spawn`]), never inside discovery's own calls.
+fn on_done(done: Done) {
+    if ffi::exiting() {
+        return;
+    }
     DISCOVERY.with(|cell| {
         if let Ok(mut d) = cell.try_borrow_mut() {
             if let Some(d) = d.as_mut() {
-                d.drain();
+                d.apply(done.id, done.result);
             }
         }
     });
@@ -342,16 +347,6 @@ impl Discovery {
             timeout: Duration::from_millis(s.timeout_ms),
             transport: s.transport,
         });
-    }
-
-    fn drain(&mut self) {
-        let done = self.lookups.take_done();
-        if ffi::exiting() {
-            return;
-        }
-        for d in done {
-            self.apply(d.id, d.result);
-        }
     }
 
     fn apply(&mut self, id: usize, result: Resolved) {

@@ -1,13 +1,10 @@
 //! Lookups for discovery, as tasks on nginx's event loop (see [`crate::runtime`]):
-//! hickory resolvers, one per resolver address, asked in order. Finished lookups
-//! wait in a queue and a posted event tells discovery to collect them, so that a
-//! result is never applied from inside a lookup.
+//! hickory resolvers, one per resolver address, asked in order; each result goes
+//! to discovery's callback.
 
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::ptr;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -18,15 +15,11 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, R
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
 use hickory_resolver::Resolver;
-use ngx::ffi::{
-    ngx_delete_posted_event, ngx_event_handler_pt, ngx_event_t, ngx_post_event, ngx_posted_events,
-};
 
 use consul_core::answer::{Ignored, Record, RecordData, SrvAnswer};
 use consul_core::settings::Transport;
 use consul_core::Peer;
 
-use crate::ffi;
 use crate::runtime::{self, NgxRuntime};
 
 type DnsResolver = Resolver<NgxRuntime>;
@@ -53,56 +46,21 @@ pub struct Done {
     pub result: Resolved,
 }
 
-/// Finished lookups and the event that announces them.
-struct Outbox {
-    done: RefCell<VecDeque<Done>>,
-    /// Boxed: nginx's posted queue links it by address.
-    event: RefCell<Box<ngx_event_t>>,
-}
-
-impl Outbox {
-    fn push(&self, done: Done) {
-        self.done.borrow_mut().push_back(done);
-        let mut ev = self.event.borrow_mut();
-        // SAFETY: the event lives as long as the outbox, which outlives every
-        // task (they hold it) and deletes the event from the queue on drop.
-        unsafe { ngx_post_event(&mut **ev, ptr::addr_of_mut!(ngx_posted_events)) };
-    }
-}
-
-impl Drop for Outbox {
-    fn drop(&mut self) {
-        let ev = self.event.get_mut();
-        if ev.posted() != 0 {
-            // SAFETY: posted by push, still in nginx's posted queue.
-            unsafe { ngx_delete_posted_event(&mut **ev) };
-        }
-    }
-}
-
 /// The lookups of the discovery process.
 pub struct Lookups {
     resolvers: HashMap<(SocketAddr, Transport, Duration), Rc<DnsResolver>>,
     /// The task of each entry's lookup; replacing or dropping one cancels it.
     tasks: HashMap<usize, Task<()>>,
-    outbox: Rc<Outbox>,
+    on_done: fn(Done),
 }
 
 impl Lookups {
-    /// `on_done` runs from nginx's posted events when finished lookups wait in
-    /// [`Lookups::take_done`].
-    pub fn new(on_done: ngx_event_handler_pt) -> Lookups {
-        // SAFETY: an all-zero event is nginx's initial state for an event.
-        let mut event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
-        event.handler = on_done;
-        event.log = ffi::cycle_log();
+    /// `on_done` gets each result, from the task that looked it up.
+    pub fn new(on_done: fn(Done)) -> Lookups {
         Lookups {
             resolvers: HashMap::new(),
             tasks: HashMap::new(),
-            outbox: Rc::new(Outbox {
-                done: RefCell::new(VecDeque::new()),
-                event: RefCell::new(event),
-            }),
+            on_done,
         }
     }
 
@@ -120,27 +78,15 @@ impl Lookups {
                 Some((addr, r))
             })
             .collect();
-        let outbox = self.outbox.clone();
-        let id = q.id;
+        let (on_done, id) = (self.on_done, q.id);
         let task = runtime::spawn(async move {
             let lookup = AssertUnwindSafe(discover(&q.name, &resolvers)).catch_unwind();
             let result = lookup.await.unwrap_or_else(|_| {
                 Resolved::Failed("internal error in the DNS client (panic)".into())
             });
-            outbox.push(Done { id, result });
+            on_done(Done { id, result });
         });
         self.tasks.insert(id, task);
-    }
-
-    pub fn take_done(&self) -> Vec<Done> {
-        self.outbox.done.borrow_mut().drain(..).collect()
-    }
-}
-
-impl Drop for Lookups {
-    fn drop(&mut self) {
-        // Cancel lookups in flight before their resolvers and the outbox go.
-        self.tasks.clear();
     }
 }
 
