@@ -1,102 +1,76 @@
-//! The balancer: nginx's stream upstream `init_upstream` / `init_peer` / `get` /
-//! `free` callbacks. Each worker keeps a local view of the zone and refreshes it
-//! only when the zone's generation moved; a pick is O(1) and decodes nothing.
+//! The balancer: nginx's stream upstream callbacks, in nginx's order —
+//! `init_upstream`, `init_peer`, `get`, `free`, `notify` (and the TLS session
+//! hooks). Each worker keeps a local copy of the zone's set and refreshes it only
+//! when the zone's generation moved; a pick is O(1) and decodes nothing.
+//!
+//! Static `server` lines of the block are nginx round-robin peers: they serve
+//! when no discovered peer can take a connection (none discovered, or all down
+//! or tried), `backup` ones after the others, as nginx users expect.
 
 use std::ffi::c_void;
-use std::io::Write;
 use std::mem::size_of;
-use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::ptr;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_palloc, ngx_pcalloc, ngx_peer_connection_t, ngx_pool_t, ngx_str_t,
     ngx_stream_session_t, ngx_stream_upstream_init_round_robin,
-    ngx_stream_upstream_init_round_robin_peer, ngx_stream_upstream_server_t,
-    ngx_stream_upstream_srv_conf_t, ngx_uint_t, sockaddr, socklen_t, NGX_BUSY, NGX_ERROR, NGX_OK,
-    NGX_PEER_FAILED,
+    ngx_stream_upstream_init_round_robin_peer, ngx_stream_upstream_rr_peer_data_t,
+    ngx_stream_upstream_rr_peers_t, ngx_stream_upstream_server_t, ngx_stream_upstream_srv_conf_t,
+    ngx_uint_t, sockaddr, NGX_BUSY, NGX_ERROR, NGX_OK, NGX_PEER_FAILED,
 };
 
-use consul_core::view::PeerView;
+use consul_core::view::SlotRef;
 
-use crate::conf::{upstream_of, Upstream, PLACEHOLDER};
-use crate::ffi;
 use crate::sockaddr::SockaddrBuf;
-use crate::zone::Zone;
+use crate::upstream::{remove_placeholder, upstream_of, Fallback, Upstream};
+use crate::{ffi, log};
 
-/// Room for a socket address's text: "[v6%scope]:port" takes at most 58 bytes.
-const ADDR_TEXT_MAX: usize = 64;
+/// `NGX_STREAM_UPSTREAM_NOTIFY_CONNECT` (nginx 1.25+; older ones never notify).
+const NOTIFY_CONNECT: ngx_uint_t = 1;
 
-/// A peer's socket address in the C form nginx connects with, and its text, in
-/// one record: a pick reads no other memory to hand them to nginx.
-struct Endpoint {
-    sockaddr: SockaddrBuf,
-    socklen: socklen_t,
-    text_len: usize,
-    text: [u8; ADDR_TEXT_MAX],
+type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
+type FreePeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t);
+type NotifyPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t);
+#[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+type SetSession = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
+#[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+type SaveSession = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void);
+
+/// nginx's round-robin callbacks for the static servers of one connection.
+#[derive(Clone, Copy)]
+struct RoundRobin {
+    get: Option<GetPeer>,
+    free: Option<FreePeer>,
+    notify: Option<NotifyPeer>,
+    #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+    set_session: Option<SetSession>,
+    #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+    save_session: Option<SaveSession>,
 }
 
-impl Endpoint {
-    fn new(addr: &SocketAddr) -> Endpoint {
-        let (buf, socklen) = SockaddrBuf::new(addr);
-        let mut text = [0; ADDR_TEXT_MAX];
-        let mut rest = &mut text[..];
-        // Cannot fail (the text fits); a failure would only shorten the name.
-        let _ = write!(rest, "{addr}");
-        let text_len = ADDR_TEXT_MAX - rest.len();
-        Endpoint {
-            sockaddr: buf,
-            socklen,
-            text_len,
-            text,
-        }
-    }
-
-    fn text(&self) -> &[u8] {
-        &self.text[..self.text_len]
-    }
-}
-
-/// This worker's copy of one upstream's discovered set.
-pub struct Local {
-    pub view: PeerView,
-    pub generation: u64,
-    endpoints: Vec<Endpoint>,
-}
-
-impl Local {
-    pub fn new(view: PeerView) -> Local {
-        Local {
-            view,
-            generation: 0,
-            endpoints: Vec::new(),
-        }
-    }
-
-    /// Copies the zone's set if its generation moved: one atomic load otherwise.
-    fn refresh(&mut self, zone: Option<Zone>) {
-        let Some(zone) = zone else { return };
-        if zone.generation() == self.generation {
-            return;
-        }
-        let Some((generation, peers)) = zone.read() else {
-            return;
-        };
-        self.endpoints = peers.iter().map(|p| Endpoint::new(&p.addr)).collect();
-        self.view.replace(peers, ffi::worker_index());
-        self.generation = generation;
-    }
+/// Where the peer of the current try came from.
+#[derive(Clone, Copy)]
+enum Current {
+    None,
+    Discovered(SlotRef<'static>),
+    Static,
 }
 
 /// Per-connection balancer state, in the session's pool (plain data, no drop).
 #[repr(C)]
 struct PeerData {
+    /// Round robin's data for the static servers. First: its callbacks take
+    /// `peer.data` as theirs (as nginx's hash module arranges it too).
+    rr: ngx_stream_upstream_rr_peer_data_t,
+    /// Round robin's callbacks, when the block has static servers.
+    static_servers: Option<RoundRobin>,
     upstream: *const Upstream,
     pool: *mut ngx_pool_t,
     generation: u64,
-    current: usize,
-    current_addr: Option<SocketAddr>,
-    /// Peers tried by this connection: the first 64 inline, the rest in a bitmap
-    /// allocated from the pool on first need.
+    current: Current,
+    /// Discovered peers tried by this connection: the first 64 inline, the rest
+    /// in a bitmap allocated from the pool on first need.
     tried_inline: u64,
     tried_more: *mut u64,
     tried_words: usize,
@@ -143,37 +117,70 @@ impl PeerData {
             unsafe { ptr::write_bytes(self.tried_more, 0, self.tried_words) };
         }
     }
+
+    fn rr_data(&mut self) -> *mut c_void {
+        ptr::addr_of_mut!(self.rr) as *mut c_void
+    }
 }
 
-/// `peer.init_upstream`: removes the directive's placeholder server; static
-/// `server` lines left become nginx round-robin fallback peers.
+/// Runs a callback's body; a panic becomes `failed` instead of crossing into nginx.
+fn guarded<T>(failed: T, body: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
+        log::alert("consul upstream: balancer callback failed (panic)");
+        failed
+    })
+}
+
+/// `peer.init_upstream`: takes the directive's placeholder server out; static
+/// `server` lines left become nginx round-robin peers.
 pub unsafe extern "C" fn init_upstream(
     cf: *mut ngx_conf_t,
     us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
     // SAFETY: nginx passes the configuration and an upstream block's conf.
-    let us_ref = &mut *us;
-    let Some(up) = upstream_of(us_ref) else {
+    let (cf, us) = unsafe { (&mut *cf, &mut *us) };
+    guarded(NGX_ERROR as ngx_int_t, || init_static(cf, us))
+}
+
+fn init_static(cf: &mut ngx_conf_t, us: &mut ngx_stream_upstream_srv_conf_t) -> ngx_int_t {
+    ngx::ngx_log_debug!(mask: ngx::log::DebugMask::Stream, cf.log, "init consul upstream");
+    // SAFETY: us is an upstream block's conf.
+    let Some(up) = (unsafe { upstream_of(us) }) else {
         return NGX_ERROR as ngx_int_t;
     };
-    let servers = &mut *us_ref.servers;
-    let list = servers.as_slice_mut::<ngx_stream_upstream_server_t>();
-    let mut kept = 0;
-    for i in 0..list.len() {
-        if !ptr::eq(list[i].name.data, PLACEHOLDER.as_ptr()) {
-            list.swap(kept, i);
-            kept += 1;
+    let servers = remove_placeholder(us);
+    if servers > 0 {
+        // nginx's round robin needs a primary server. When every static server
+        // is `backup`, they become its primaries: they serve after the
+        // discovered peers either way.
+        // SAFETY: the block's server array (non-empty: servers > 0).
+        let list = unsafe { (*us.servers).as_slice_mut::<ngx_stream_upstream_server_t>() };
+        if list.iter().all(|s| s.backup() != 0) {
+            for s in list.iter_mut() {
+                s.set_backup(0);
+            }
         }
-    }
-    servers.nelts = kept;
-    if kept > 0 {
-        let rc = ngx_stream_upstream_init_round_robin(cf, us);
+        // SAFETY: a complete upstream block conf, as init_upstream receives it.
+        let rc = unsafe { ngx_stream_upstream_init_round_robin(cf, us) };
         if rc != NGX_OK as ngx_int_t {
             return rc;
         }
-        up.fallback.set(true);
+        up.fallback.set(Fallback { servers });
+    } else if !us.shm_zone.is_null() {
+        // `zone` in the block: nginx's zone module copies the block's round-robin
+        // peers into it. There are none: hand it an empty list (discovered peers
+        // live in the module's own zone).
+        // SAFETY: the configuration's pool lives as long as the cycle.
+        let peers = unsafe { ngx_pcalloc(cf.pool, size_of::<ngx_stream_upstream_rr_peers_t>()) }
+            as *mut ngx_stream_upstream_rr_peers_t;
+        if peers.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        // SAFETY: zeroed memory for one peers list; the name lives in the conf.
+        unsafe { (*peers).name = &mut us.host };
+        us.peer.data = peers as *mut c_void;
     }
-    us_ref.peer.init = Some(init_peer);
+    us.peer.init = Some(init_peer);
     NGX_OK as ngx_int_t
 }
 
@@ -183,121 +190,182 @@ unsafe extern "C" fn init_peer(
     us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
     // SAFETY: nginx passes a live session with an upstream, and the block's conf.
-    let (session, us_ref) = (&mut *s, &*us);
-    let Some(up) = upstream_of(us_ref) else {
-        return NGX_ERROR as ngx_int_t;
-    };
-    match init_session(session, up) {
-        Ok(true) => NGX_OK as ngx_int_t,
-        // Discovery has nothing: the static servers serve, as plain round robin.
-        Ok(false) => ngx_stream_upstream_init_round_robin_peer(s, us),
-        Err(()) => NGX_ERROR as ngx_int_t,
-    }
+    let (session, uscf) = unsafe { (&mut *s, &mut *us) };
+    guarded(NGX_ERROR as ngx_int_t, || {
+        // SAFETY: us is an upstream block's conf.
+        let Some(up) = (unsafe { upstream_of(uscf) }) else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        init_session(session, uscf, up)
+    })
 }
 
-/// Sets up the connection's balancer state; `Ok(false)` hands it to round robin.
-fn init_session(s: &mut ngx_stream_session_t, up: &Upstream) -> Result<bool, ()> {
-    let mut local = up.local.try_borrow_mut().map_err(|_| ())?;
-    // SAFETY: the zone pointer was set at configuration time and stays mapped.
-    local.refresh(unsafe { Zone::from_shm_zone(up.shm_zone) });
-    if local.view.is_empty() && up.fallback.get() {
-        return Ok(false);
-    }
-    // SAFETY: the session's connection and pool are live for the whole session.
-    let pool = unsafe { (*s.connection).pool };
-    let pd = unsafe { ngx_pcalloc(pool, size_of::<PeerData>()) } as *mut PeerData;
-    if pd.is_null() || s.upstream.is_null() {
-        return Err(());
-    }
-    // SAFETY: pd is fresh, aligned pool memory for one PeerData.
-    unsafe {
-        ptr::write(
-            pd,
-            PeerData {
-                upstream: up,
-                pool,
-                generation: local.generation,
-                current: usize::MAX,
-                current_addr: None,
-                tried_inline: 0,
-                tried_more: ptr::null_mut(),
-                tried_words: 0,
-            },
-        )
+fn init_session(
+    s: &mut ngx_stream_session_t,
+    us: &mut ngx_stream_upstream_srv_conf_t,
+    up: &Upstream,
+) -> ngx_int_t {
+    // SAFETY: the session's connection is live for the whole session.
+    let c = unsafe { &*s.connection };
+    ngx::ngx_log_debug!(mask: ngx::log::DebugMask::Stream, c.log, "init consul peer");
+    let Ok(mut local) = up.local.try_borrow_mut() else {
+        return NGX_ERROR as ngx_int_t;
     };
-    // SAFETY: s.upstream was checked above and is the session's upstream.
-    let peer = unsafe { &mut (*s.upstream).peer };
-    peer.data = pd as *mut c_void;
-    peer.get = Some(get_peer);
-    peer.free = Some(free_peer);
-    // Round robin's notify and SSL session hooks expect its own peer data.
-    peer.notify = None;
-    #[cfg(ngx_feature = "stream_ssl")]
-    {
-        peer.set_session = Some(set_session);
-        peer.save_session = Some(save_session);
+    local.refresh(up.zone());
+    let fallback = up.fallback.get();
+    let (discovered, generation) = (local.view.tries(), local.generation);
+    drop(local);
+    if discovered == 0 && fallback.servers > 0 {
+        ngx::ngx_log_debug!(
+            mask: ngx::log::DebugMask::Stream,
+            c.log,
+            "no discovered peers: round robin over the static servers"
+        );
+        // SAFETY: the session and its block's conf, as nginx passed them.
+        return unsafe { ngx_stream_upstream_init_round_robin_peer(s, us) };
     }
-    peer.tries = local.view.tries().max(1) as ngx_uint_t;
-    Ok(true)
+    // SAFETY: a session with an upstream (nginx creates it before init).
+    let Some(u) = (unsafe { s.upstream.as_mut() }) else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    let pool = c.pool;
+    // SAFETY: the connection's pool outlives the session's balancer state.
+    let pd = unsafe { ngx_pcalloc(pool, size_of::<PeerData>()) } as *mut PeerData;
+    if pd.is_null() {
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: pd is fresh, aligned, zeroed pool memory for one PeerData; `rr`
+    // stays zeroed until round robin fills it.
+    unsafe {
+        ptr::addr_of_mut!((*pd).static_servers).write(None);
+        ptr::addr_of_mut!((*pd).upstream).write(up);
+        ptr::addr_of_mut!((*pd).pool).write(pool);
+        ptr::addr_of_mut!((*pd).generation).write(generation);
+        ptr::addr_of_mut!((*pd).current).write(Current::None);
+    }
+    // SAFETY: initialized above (the remaining fields are zero: valid).
+    let pd = unsafe { &mut *pd };
+    u.peer.data = pd as *mut PeerData as *mut c_void;
+    let mut static_tries = 0;
+    if fallback.servers > 0 {
+        // Round robin fills `pd.rr` (u.peer.data points at it) and installs its
+        // callbacks; ours take their place and call them for the static servers.
+        // SAFETY: as above; peer.data is set to memory that starts with rr data.
+        let rc = unsafe { ngx_stream_upstream_init_round_robin_peer(s, us) };
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        // SAFETY: as above.
+        let u = unsafe { &mut *s.upstream };
+        pd.static_servers = Some(RoundRobin {
+            get: u.peer.get,
+            free: u.peer.free,
+            notify: u.peer.notify,
+            #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+            set_session: u.peer.set_session,
+            #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+            save_session: u.peer.save_session,
+        });
+        static_tries = u.peer.tries;
+    }
+    // SAFETY: as above.
+    let u = unsafe { &mut *s.upstream };
+    u.peer.get = Some(get_peer);
+    u.peer.free = Some(free_peer);
+    u.peer.notify = Some(notify_peer);
+    #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+    {
+        u.peer.set_session = Some(set_session);
+        u.peer.save_session = Some(save_session);
+    }
+    u.peer.tries = (discovered as ngx_uint_t + static_tries).max(1);
+    NGX_OK as ngx_int_t
 }
 
 /// `peer.get`: the next peer, or NGX_BUSY ("no live upstreams").
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: data is the PeerData set in init_session; pc is the session's peer.
-    let (pc, pd) = (&mut *pc, &mut *(data as *mut PeerData));
-    match pick(pc, pd) {
-        Ok(()) => NGX_OK as ngx_int_t,
-        Err(()) => NGX_BUSY as ngx_int_t,
-    }
+    let (pc, pd) = unsafe { (&mut *pc, &mut *(data as *mut PeerData)) };
+    ngx::ngx_log_debug!(
+        mask: ngx::log::DebugMask::Stream,
+        pc.log,
+        "get consul peer, try: {}",
+        pc.tries
+    );
+    guarded(NGX_ERROR as ngx_int_t, || pick(pc, pd))
 }
 
-fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> Result<(), ()> {
+fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
     // SAFETY: the upstream conf outlives every session of its cycle.
     let up = unsafe { &*pd.upstream };
-    let mut local = up.local.try_borrow_mut().map_err(|_| ())?;
+    let Ok(mut local) = up.local.try_borrow_mut() else {
+        return NGX_ERROR as ngx_int_t;
+    };
     if local.generation != pd.generation {
         // The set changed under a retrying connection: indices moved.
         pd.clear_tried();
         pd.generation = local.generation;
     }
     let peers = local.view.peers().len();
-    let index = local
-        .view
-        .select(|i| pd.is_tried(i), ffi::current_msec())
-        .ok_or(())?;
-    pd.set_tried(index, peers);
-    pd.current = index;
-    pd.current_addr = local.view.peers().get(index).map(|p| p.addr);
-    let ep = local.endpoints.get(index).ok_or(())?;
-
-    // The address and name must outlive a later set change ($upstream_addr is
-    // read when the session is logged) and a retry (nginx keeps each try's name):
-    // copy them into the session's pool, in one allocation.
-    let text = ep.text();
-    let sa_at = size_of::<ngx_str_t>();
-    let text_at = sa_at + size_of::<SockaddrBuf>();
-    // SAFETY: one aligned pool block of text_at + text.len() bytes: the ngx_str_t
-    // at its start, the sockaddr at an 8-byte boundary after it, then the text.
-    unsafe {
-        let mem = ngx_palloc(pd.pool, text_at + text.len()) as *mut u8;
-        if mem.is_null() {
-            return Err(());
-        }
-        let (name, sa, bytes) = (mem as *mut ngx_str_t, mem.add(sa_at), mem.add(text_at));
-        ptr::write(sa as *mut SockaddrBuf, ep.sockaddr);
-        ptr::copy_nonoverlapping(text.as_ptr(), bytes, text.len());
-        ptr::write(
-            name,
-            ngx_str_t {
-                len: text.len(),
-                data: bytes,
-            },
+    let picked = local.view.select(|i| pd.is_tried(i), ffi::current_msec());
+    if let Some(index) = picked {
+        pd.set_tried(index, peers);
+        pd.current = local
+            .view
+            .slot(index)
+            .map_or(Current::None, Current::Discovered);
+        let Some(ep) = local.endpoints.get(index) else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        ngx::ngx_log_debug!(
+            mask: ngx::log::DebugMask::Stream,
+            pc.log,
+            "get consul peer: {}",
+            String::from_utf8_lossy(ep.text())
         );
-        pc.sockaddr = sa as *mut sockaddr;
-        pc.socklen = ep.socklen;
-        pc.name = name;
+        // The address and name must outlive a later set change ($upstream_addr is
+        // read when the session is logged) and a retry (nginx keeps each try's
+        // name): copy them into the session's pool, in one allocation.
+        let text = ep.text();
+        let sa_at = size_of::<ngx_str_t>();
+        let text_at = sa_at + size_of::<SockaddrBuf>();
+        // SAFETY: one aligned pool block of text_at + text.len() bytes: the
+        // ngx_str_t at its start, the sockaddr at an 8-byte boundary after it,
+        // then the text.
+        unsafe {
+            let mem = ngx_palloc(pd.pool, text_at + text.len()) as *mut u8;
+            if mem.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            let (name, sa, bytes) = (mem as *mut ngx_str_t, mem.add(sa_at), mem.add(text_at));
+            ptr::write(sa as *mut SockaddrBuf, ep.sockaddr);
+            ptr::copy_nonoverlapping(text.as_ptr(), bytes, text.len());
+            ptr::write(
+                name,
+                ngx_str_t {
+                    len: text.len(),
+                    data: bytes,
+                },
+            );
+            pc.sockaddr = sa as *mut sockaddr;
+            pc.socklen = ep.socklen;
+            pc.name = name;
+        }
+        return NGX_OK as ngx_int_t;
     }
-    Ok(())
+    drop(local);
+    if let Some(get) = pd.static_servers.and_then(|rr| rr.get) {
+        ngx::ngx_log_debug!(
+            mask: ngx::log::DebugMask::Stream,
+            pc.log,
+            "no usable discovered peer: static servers"
+        );
+        pd.current = Current::Static;
+        // SAFETY: round robin's own callback with its own data.
+        return unsafe { get(pc, pd.rr_data()) };
+    }
+    pd.current = Current::None;
+    NGX_BUSY as ngx_int_t
 }
 
 /// `peer.free`: records success or failure of the peer just used.
@@ -307,32 +375,97 @@ unsafe extern "C" fn free_peer(
     state: ngx_uint_t,
 ) {
     // SAFETY: as in get_peer.
-    let (pc, pd) = (&mut *pc, &mut *(data as *mut PeerData));
-    release(pd, state & NGX_PEER_FAILED as ngx_uint_t != 0);
+    let (pc, pd) = unsafe { (&mut *pc, &mut *(data as *mut PeerData)) };
+    ngx::ngx_log_debug!(
+        mask: ngx::log::DebugMask::Stream,
+        pc.log,
+        "free consul peer, try: {}, state: {}",
+        pc.tries,
+        state
+    );
+    guarded((), || release(pc, pd, state));
+}
+
+fn release(pc: &mut ngx_peer_connection_t, pd: &mut PeerData, state: ngx_uint_t) {
+    let current = std::mem::replace(&mut pd.current, Current::None);
+    match current {
+        Current::Static => {
+            if let Some(free) = pd.static_servers.and_then(|rr| rr.free) {
+                // SAFETY: round robin's own callback with its own data; it counts
+                // the try down itself.
+                unsafe { free(pc, pd.rr_data(), state) };
+                return;
+            }
+        }
+        Current::Discovered(slot) => slot.release(
+            state & NGX_PEER_FAILED as ngx_uint_t != 0,
+            ffi::current_msec(),
+        ),
+        Current::None => {}
+    }
     if pc.tries > 0 {
         pc.tries -= 1;
     }
 }
 
-fn release(pd: &mut PeerData, failed: bool) {
-    let Some(addr) = pd.current_addr.take() else {
-        return;
-    };
-    // SAFETY: the upstream conf outlives every session of its cycle.
-    let up = unsafe { &*pd.upstream };
-    if let Ok(mut local) = up.local.try_borrow_mut() {
-        local
-            .view
-            .release(pd.current, &addr, failed, ffi::current_msec());
-    }
-    pd.current = usize::MAX;
+/// `peer.notify`: the connection to the peer is established.
+unsafe extern "C" fn notify_peer(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+    kind: ngx_uint_t,
+) {
+    // SAFETY: as in get_peer.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
+    guarded((), || match pd.current {
+        Current::Static => {
+            if let Some(notify) = pd.static_servers.and_then(|rr| rr.notify) {
+                // SAFETY: round robin's own callback with its own data.
+                unsafe { notify(pc, pd.rr_data(), kind) };
+            }
+        }
+        Current::Discovered(slot) if kind == NOTIFY_CONNECT => slot.connected(),
+        _ => {}
+    });
 }
 
-#[cfg(ngx_feature = "stream_ssl")]
-unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
-    // No TLS session cache for discovered peers: every handshake is full.
-    NGX_OK as ngx_int_t
+/// TLS sessions: round robin's cache for the static servers; none for discovered
+/// peers (every handshake is a full one).
+#[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: as in get_peer.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
+    guarded(NGX_OK as ngx_int_t, || {
+        match (pd.current, pd.static_servers) {
+            (
+                Current::Static,
+                Some(RoundRobin {
+                    set_session: Some(f),
+                    ..
+                }),
+            ) => {
+                // SAFETY: round robin's own callback with its own data.
+                unsafe { f(pc, pd.rr_data()) }
+            }
+            _ => NGX_OK as ngx_int_t,
+        }
+    })
 }
 
-#[cfg(ngx_feature = "stream_ssl")]
-unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) {}
+#[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
+unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
+    // SAFETY: as in get_peer.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
+    guarded((), || {
+        if let (
+            Current::Static,
+            Some(RoundRobin {
+                save_session: Some(f),
+                ..
+            }),
+        ) = (pd.current, pd.static_servers)
+        {
+            // SAFETY: round robin's own callback with its own data.
+            unsafe { f(pc, pd.rr_data()) }
+        }
+    });
+}

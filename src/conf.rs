@@ -1,5 +1,5 @@
-//! Configuration: the `consul_upstream` directive, the module's main and
-//! server confs, and the checks that need the whole `stream {}` block.
+//! Configuration: the `consul_upstream` directive, the module's confs, and the
+//! checks that need the whole `stream {}` block.
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
@@ -7,58 +7,17 @@ use std::ptr;
 
 use ngx::core::Pool;
 use ngx::ffi::{
-    ngx_addr_t, ngx_array_push, ngx_command_t, ngx_conf_t, ngx_int_t, ngx_log_error_core,
-    ngx_shared_memory_add, ngx_str_t, ngx_stream_upstream_module, ngx_stream_upstream_server_t,
-    ngx_stream_upstream_srv_conf_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+    ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_int_t, ngx_log_error_core, ngx_str_t,
+    ngx_stream_upstream_module, ngx_stream_upstream_srv_conf_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
 };
 
+use consul_core::peer::source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
-use consul_core::view::{HealthPolicy, PeerView};
+use consul_core::view::PeerView;
+use consul_core::zone::MAX_LINES;
 
-use crate::balancer::Local;
-use crate::ffi;
-use crate::ngx_stream_consul_upstream_module;
-use crate::zone::{self, LAYOUT};
-
-/// One `consul_upstream` line: a query with its resolvers and policies.
-pub struct Source {
-    pub settings: Settings,
-    pub file: String,
-    pub line: usize,
-}
-
-/// One upstream block with `consul_upstream` lines (their peer sets are merged),
-/// and this process's view of its peers.
-pub struct Upstream {
-    pub name: String,
-    /// Never empty. The first line also holds the upstream-wide parameters.
-    pub sources: Vec<Source>,
-    pub uscf: *mut ngx_stream_upstream_srv_conf_t,
-    pub shm_zone: *mut ngx::ffi::ngx_shm_zone_t,
-    /// The block also has `server` lines: nginx's round robin serves them while
-    /// discovery has no peers.
-    pub fallback: std::cell::Cell<bool>,
-    pub local: RefCell<Local>,
-}
-
-impl Upstream {
-    /// The first `consul_upstream` line: zone, state file, passive health.
-    pub fn first(&self) -> &Source {
-        &self.sources[0]
-    }
-}
-
-/// The module's conf of a `server {}` or `upstream {}` block of `stream {}`.
-#[derive(Default)]
-pub struct SrvConf {
-    pub upstream: Option<Box<Upstream>>,
-}
-
-/// Every upstream that uses `consul_upstream`, for the discovery process.
-#[derive(Default)]
-pub struct MainConf {
-    pub upstreams: Vec<*const Upstream>,
-}
+use crate::upstream::{add_placeholder, Fallback, Line, Local, MainConf, SrvConf, Upstream};
+use crate::{ffi, zone};
 
 const CONF_OK: *mut c_char = ptr::null_mut();
 
@@ -70,13 +29,13 @@ fn conf_error() -> *mut c_char {
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: nginx passes the configuration being parsed; its pool lives as long
     // as the cycle, and `allocate` registers a cleanup that drops the value.
-    let pool = Pool::from_ngx_pool((*cf).pool);
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
     pool.allocate(MainConf::default()) as *mut c_void
 }
 
 pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: as in create_main_conf.
-    let pool = Pool::from_ngx_pool((*cf).pool);
+    let pool = unsafe { Pool::from_ngx_pool((*cf).pool) };
     pool.allocate(SrvConf::default()) as *mut c_void
 }
 
@@ -101,8 +60,10 @@ pub unsafe extern "C" fn consul_upstream(
 ) -> *mut c_char {
     // SAFETY: nginx calls directive handlers with the configuration being parsed
     // and, for NGX_STREAM_SRV_CONF_OFFSET, this module's conf of the upstream block.
-    let (cf_ref, srv) = (&mut *cf, &mut *(conf as *mut SrvConf));
-    match directive(cf_ref, srv) {
+    let (cf_ref, srv) = unsafe { (&mut *cf, &mut *(conf as *mut SrvConf)) };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| directive(cf_ref, srv)))
+        .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
+    match result {
         Ok(()) => CONF_OK,
         Err(msg) => {
             conf_log(cf, &msg);
@@ -111,17 +72,19 @@ pub unsafe extern "C" fn consul_upstream(
     }
 }
 
-unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
-    let args = (*cf.args).as_slice::<ngx_str_t>();
+fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
+    // SAFETY: cf.args holds the directive's words as ngx_str_t.
+    let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
     let owned: Vec<String> = args.iter().skip(1).map(str_of).collect();
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     let settings = Settings::parse(&words).map_err(|e| e.0)?;
-    let (file, line) = if cf.conf_file.is_null() {
-        (String::new(), 0)
-    } else {
-        (str_of(&(*cf.conf_file).file.name), (*cf.conf_file).line)
+    // SAFETY: conf_file, when set, is the file being parsed.
+    let (file, line) = match unsafe { cf.conf_file.as_ref() } {
+        Some(f) => (str_of(&f.file.name), f.line),
+        None => (String::new(), 0),
     };
-    let source = Source {
+    let new = Line {
+        tag: source_tag(&settings.query),
         settings,
         file,
         line,
@@ -129,163 +92,132 @@ unsafe fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String
 
     // A further line adds the instances of another query to the same upstream.
     if let Some(up) = srv.upstream.as_mut() {
-        if up
-            .sources
-            .iter()
-            .any(|s| s.settings.query == source.settings.query)
-        {
-            return Err("\"consul_upstream\" directive is duplicate".into());
+        if let Some(same) = up.lines.iter().find(|l| l.tag == new.tag) {
+            if same.settings.query == new.settings.query {
+                return Err("\"consul_upstream\" directive is duplicate".into());
+            }
+            return Err(format!(
+                "queries \"{}\" and \"{}\" cannot be told apart in the zone: rename one",
+                same.settings.query, new.settings.query
+            ));
         }
         if let Some(w) = upstream_wide_param(&words) {
             return Err(format!(
                 "invalid parameter \"{w}\": it belongs on the first \"consul_upstream\" line of the upstream"
             ));
         }
-        up.sources.push(source);
+        if up.lines.len() >= MAX_LINES {
+            return Err(format!(
+                "too many \"consul_upstream\" lines in one upstream (at most {MAX_LINES})"
+            ));
+        }
+        up.lines.push(new);
         return Ok(());
     }
 
-    let uscf = &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
-        as *mut ngx_stream_upstream_srv_conf_t);
+    // SAFETY: inside `upstream {}` of `stream {}`: the upstream module's conf.
+    let uscf = unsafe {
+        &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
+            as *mut ngx_stream_upstream_srv_conf_t)
+    };
     if uscf.peer.init_upstream.is_some() {
         return Err(
             "\"consul_upstream\" cannot be combined with another load balancing method".into(),
         );
     }
     uscf.peer.init_upstream = Some(crate::balancer::init_upstream);
-
     add_placeholder(cf, uscf)?;
 
     let name = str_of(&uscf.host);
-    let settings = &source.settings;
-    let shm_zone = add_zone(cf, &name, settings.zone_size)?;
-    let policy = HealthPolicy {
-        max_fails: settings.max_fails,
-        fail_timeout_ms: settings.fail_timeout_ms,
+    // SAFETY: the stream block's context: this module's main conf.
+    let main = unsafe { &mut *(ffi::conf_main_conf(cf, ffi::module()) as *mut MainConf) };
+    let state_path = match &new.settings.state_path {
+        Some(path) => {
+            let full = full_name(cf, path)?;
+            if let Some((_, other)) = main.state_paths.iter().find(|(p, _)| *p == full) {
+                return Err(format!(
+                    "state file \"{full}\" is already used by upstream \"{other}\""
+                ));
+            }
+            main.state_paths.push((full.clone(), name.clone()));
+            Some(full)
+        }
+        None => None,
     };
+    let shm_zone = zone::register(cf, &name, new.settings.zone_size)?;
+    let health = new.settings.health;
     let upstream = Box::new(Upstream {
         name,
-        sources: vec![source],
+        lines: vec![new],
+        state_path,
         uscf,
         shm_zone,
-        fallback: std::cell::Cell::new(false),
-        local: RefCell::new(Local::new(PeerView::new(policy))),
+        fallback: std::cell::Cell::new(Fallback::default()),
+        local: RefCell::new(Local::new(PeerView::new(health))),
     });
-    let main = &mut *(ffi::conf_main_conf(cf, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
-        as *mut MainConf);
     main.upstreams.push(&*upstream as *const Upstream);
     srv.upstream = Some(upstream);
     Ok(())
 }
 
-/// Marks the placeholder server: its name points at this text.
-pub static PLACEHOLDER: &str = "consul_upstream";
-
-/// nginx refuses an upstream block without servers. A placeholder server passes
-/// that check and is removed again by our init_upstream. It carries an address
-/// (0.0.0.0:0) only so that a balancer that replaced ours (`least_conn` after
-/// `consul_upstream`) gets as far as our postconfiguration check, which names
-/// the conflict, instead of failing with "no servers in upstream".
-unsafe fn add_placeholder(
-    cf: &mut ngx_conf_t,
-    uscf: &mut ngx_stream_upstream_srv_conf_t,
-) -> Result<(), String> {
-    let pool = Pool::from_ngx_pool(cf.pool);
-    let sin = pool.calloc(std::mem::size_of::<libc::sockaddr_in>()) as *mut libc::sockaddr_in;
-    let addr = pool.calloc(std::mem::size_of::<ngx_addr_t>()) as *mut ngx_addr_t;
-    let server = ngx_array_push(uscf.servers) as *mut ngx_stream_upstream_server_t;
-    if sin.is_null() || addr.is_null() || server.is_null() {
-        return Err("out of memory".into());
-    }
-    (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
-    (*addr).sockaddr = sin as *mut ngx::ffi::sockaddr;
-    (*addr).socklen = std::mem::size_of::<libc::sockaddr_in>() as ngx::ffi::socklen_t;
-    (*addr).name = ngx_str_t {
-        len: PLACEHOLDER.len(),
-        data: PLACEHOLDER.as_ptr() as *mut u8,
-    };
-    ptr::write_bytes(server, 0, 1);
-    (*server).name = (*addr).name;
-    (*server).addrs = addr;
-    (*server).naddrs = 1;
-    (*server).weight = 1;
-    Ok(())
-}
-
-/// Registers `consul_upstream:v<LAYOUT>:<upstream>`. The tag is a symbol of the
-/// nginx binary, not of this module, so that the zone (and its peers) survives a
-/// reload even when the module's file moved.
-unsafe fn add_zone(
-    cf: &mut ngx_conf_t,
-    upstream: &str,
-    size: usize,
-) -> Result<*mut ngx::ffi::ngx_shm_zone_t, String> {
-    let text = format!("consul_upstream:v{LAYOUT}:{upstream}");
-    let pool = Pool::from_ngx_pool(cf.pool);
-    let data = pool.alloc(text.len()) as *mut u8;
+/// `path` under nginx's prefix when relative, as nginx resolves its own files.
+fn full_name(cf: &mut ngx_conf_t, path: &str) -> Result<String, String> {
+    // SAFETY: the configuration's pool lives as long as the cycle.
+    let pool = unsafe { Pool::from_ngx_pool(cf.pool) };
+    let data = pool.alloc(path.len()) as *mut u8;
     if data.is_null() {
         return Err("out of memory".into());
     }
-    ptr::copy_nonoverlapping(text.as_ptr(), data, text.len());
+    // SAFETY: data holds path.len() bytes.
+    unsafe { ptr::copy_nonoverlapping(path.as_ptr(), data, path.len()) };
     let mut name = ngx_str_t {
-        len: text.len(),
+        len: path.len(),
         data,
     };
-    let tag = ptr::addr_of_mut!(ngx_stream_upstream_module) as *mut c_void;
-    let shm_zone = ngx_shared_memory_add(cf, &mut name, size, tag);
-    if shm_zone.is_null() {
-        return Err(format!("could not add shared zone \"{text}\""));
+    // SAFETY: cf.cycle is the cycle being configured; nginx allocates the full
+    // name from its pool.
+    if unsafe { ngx_conf_full_name(cf.cycle, &mut name, 0) } != NGX_OK as ngx_int_t {
+        return Err("out of memory".into());
     }
-    (*shm_zone).init = Some(zone::init_zone);
-    (*shm_zone).data = ptr::null_mut();
-    Ok(shm_zone)
+    Ok(str_of(&name))
 }
 
 /// After `stream {}` is parsed: a later `hash`, `least_conn` or `random` in the
 /// same block replaced our balancer (nginx only warns); refuse that.
 pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes the configuration of the parsed stream block.
-    let cf_ref = &mut *cf;
-    let main = ffi::conf_main_conf(cf_ref, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
-        as *const MainConf;
-    if main.is_null() {
+    let cf_ref = unsafe { &mut *cf };
+    // SAFETY: the stream block's context: this module's main conf, or null.
+    let main = unsafe { (ffi::conf_main_conf(cf_ref, ffi::module()) as *const MainConf).as_ref() };
+    let Some(main) = main else {
         return NGX_OK as ngx_int_t;
-    }
-    for &up in &(*main).upstreams {
-        let up = &*up;
+    };
+    for &up in &main.upstreams {
+        // SAFETY: upstream confs live as long as the configuration.
+        let up = unsafe { &*up };
         let ours: unsafe extern "C" fn(_, _) -> _ = crate::balancer::init_upstream;
-        let kept = (*up.uscf)
-            .peer
-            .init_upstream
-            .is_some_and(|f| std::ptr::fn_addr_eq(f, ours));
+        // SAFETY: the upstream block's conf, set at configuration time.
+        let kept =
+            unsafe { (*up.uscf).peer.init_upstream }.is_some_and(|f| std::ptr::fn_addr_eq(f, ours));
         if !kept {
             let msg = format!(
                 "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
-                up.first().file, up.first().line
+                up.first().file,
+                up.first().line
             );
-            ngx_log_error_core(
-                NGX_LOG_EMERG as usize,
-                cf_ref.log,
-                0,
-                c"%*s".as_ptr(),
-                msg.len(),
-                msg.as_ptr(),
-            );
+            // SAFETY: a plain log call with a "%*s" format and its two arguments.
+            unsafe {
+                ngx_log_error_core(
+                    NGX_LOG_EMERG as usize,
+                    cf_ref.log,
+                    0,
+                    c"%*s".as_ptr(),
+                    msg.len(),
+                    msg.as_ptr(),
+                )
+            };
             return NGX_ERROR as ngx_int_t;
         }
     }
     NGX_OK as ngx_int_t
-}
-
-/// The module's upstream of an upstream block, if it has `consul_upstream`.
-///
-/// # Safety
-/// `uscf` must be a stream upstream block's configuration.
-pub unsafe fn upstream_of<'a>(uscf: &ngx_stream_upstream_srv_conf_t) -> Option<&'a Upstream> {
-    let srv = ffi::upstream_srv_conf(uscf, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
-        as *const SrvConf;
-    if srv.is_null() {
-        return None;
-    }
-    (*srv).upstream.as_deref().map(|u| &*(u as *const Upstream))
 }

@@ -1,153 +1,232 @@
-//! Discovery in the one process that resolves (worker 0, or the single process):
-//! a timer per `consul_upstream` line starts a lookup on the event loop; its
-//! result applies the line's policy and writes the upstream's zone. Other workers
-//! only read the zone.
+//! Discovery in the one process that resolves (worker 0, or the single process
+//! under `master_process off`): one async loop per `consul_upstream` line —
+//! look up, decide (core's policy, for every outcome), publish, sleep — on
+//! ngx-rust's executor (see [`crate::runtime`]). The lines of one upstream share
+//! a [`Group`]: the zone and each line's part of the merged set. The loops belong
+//! to the cycle: they stop, and their DNS sockets close, at `exit_process` or
+//! when the cycle's pool goes.
 
 use std::cell::RefCell;
-use std::ffi::c_void;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::ptr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::rc::Rc;
+use std::time::Duration;
 
-use ngx::ffi::{
-    ngx_add_timer, ngx_cycle_t, ngx_del_timer, ngx_event_t, ngx_int_t, ngx_msec_t, ngx_random,
-    NGX_OK,
-};
+use futures_util::FutureExt;
+use ngx::async_::Task;
+use ngx::core::Pool;
+use ngx::ffi::{ngx_cycle_t, ngx_int_t, ngx_random, NGX_OK};
 
-use consul_core::answer::Ignored;
-use consul_core::peer::{canonicalize_by, source_tag};
-use consul_core::policy::{log_prefix, peers as count, tail, Action, Outcome, Tracker};
+use consul_core::answer::{Ignored, OwnAddresses};
+use consul_core::peer::canonicalize_by;
+use consul_core::policy::{peers as count, Action, Decision, Outcome, Tracker};
 use consul_core::settings::Transport;
 use consul_core::state::{self, Saved, SavedSource};
+use consul_core::zone::{Lookup, SetKind, StreakKind};
 use consul_core::Peer;
 
-use crate::conf::{MainConf, Upstream};
-use crate::ngx_stream_consul_upstream_module;
-use crate::resolve::{Done, Lookups, Query, Resolved};
-use crate::zone::{WriteError, Zone, RECORD_SIZE};
-use crate::{ffi, log};
+use crate::resolve::{LineResolver, Resolved};
+use crate::upstream::{MainConf, Upstream};
+use crate::zone::{self, SharedZone};
+use crate::{ffi, listening, log, runtime};
 
-/// One `consul_upstream` line being resolved.
-struct Entry {
-    up: *const Upstream,
-    source: usize,
-    /// `source_tag` of the query, stored with its peers in the zone.
-    tag: u32,
-    group: usize,
-    tracker: Tracker,
-    /// Boxed: nginx's timer tree keeps its address.
-    timer: Box<ngx_event_t>,
-    /// This query's part of the upstream's set.
-    published: Vec<Peer>,
-    /// Another process took over writing (a newer worker 0).
-    stopped: bool,
-    last_ignored: Ignored,
-}
+/// The state file is rewritten at the latest when the confirmation it holds is
+/// this old (or a quarter of `max_stale`, if shorter): a restart during an outage
+/// knows the set's age to within that.
+const STATE_CONFIRM_LAG_S: u64 = 60;
 
-/// One upstream: its zone, written with the merged parts of its entries.
-struct Group {
-    up: *const Upstream,
-    zone: Zone,
-    /// The state file holds the published parts (saved by this process, or loaded).
-    state_current: bool,
-    oversize_logged: usize,
-}
-
-struct Discovery {
+/// Discovery of one cycle in this process.
+struct Running {
     cycle: *const ngx_cycle_t,
-    lookups: Lookups,
-    entries: Vec<Entry>,
-    groups: Vec<Group>,
-    pid: i64,
+    /// One loop per line; dropping a task stops its loop.
+    loops: Vec<Task<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.loops.clear();
+        runtime::shutdown();
+    }
 }
 
 thread_local! {
-    static DISCOVERY: RefCell<Option<Discovery>> = const { RefCell::new(None) };
+    static RUNNING: RefCell<Option<Running>> = const { RefCell::new(None) };
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// Dropped with the cycle's pool: stops that cycle's discovery if it still runs.
+struct CycleGuard {
+    cycle: *const ngx_cycle_t,
 }
 
-fn prefix(up: &Upstream) -> String {
-    log_prefix(&up.name)
+impl Drop for CycleGuard {
+    fn drop(&mut self) {
+        let running = RUNNING.with(|r| {
+            let mut r = r.borrow_mut();
+            if r.as_ref().is_some_and(|run| run.cycle == self.cycle) {
+                r.take()
+            } else {
+                None
+            }
+        });
+        drop(running);
+    }
 }
 
-/// `init_process`: starts discovery in the one process that resolves. A failure
-/// here is logged and leaves the worker serving whatever the zones hold.
+/// `init_process`: starts discovery in the one process that resolves.
 pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if ffi::is_discovery_process() {
         // SAFETY: nginx passes its initialized cycle.
-        begin(&*cycle);
+        let cycle = unsafe { &*cycle };
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| start(cycle)));
+        if started.is_err() {
+            log::alert("consul upstream: discovery failed to start (panic)");
+        }
     }
     NGX_OK as ngx_int_t
 }
 
-/// `exit_process`: stops the timers and cancels the lookups in flight.
+/// `exit_process`: stops the loops and closes their sockets.
 pub unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
-    if let Some(d) = DISCOVERY.with(|cell| cell.borrow_mut().take()) {
-        end(d);
-    }
-    crate::runtime::stop_tasks();
+    let running = RUNNING.with(|r| r.borrow_mut().take());
+    let _ = std::panic::catch_unwind(AssertUnwindSafe(|| drop(running)));
 }
 
-unsafe fn begin(cycle: &ngx_cycle_t) {
-    let main = ffi::cycle_main_conf(cycle, &*ptr::addr_of!(ngx_stream_consul_upstream_module))
-        as *const MainConf;
-    if main.is_null() || (*main).upstreams.is_empty() {
+fn start(cycle: &ngx_cycle_t) {
+    // A previous cycle's discovery (a reload under master_process off) stops first:
+    // its sockets close before the new loops open theirs.
+    let previous = RUNNING.with(|r| r.borrow_mut().take());
+    drop(previous);
+    // SAFETY: a fully initialized cycle.
+    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
+    // SAFETY: null, or this module's main conf, which lives as long as the cycle.
+    let Some(main) = (unsafe { main.as_ref() }) else {
+        return;
+    };
+    if main.upstreams.is_empty() {
         return;
     }
-    let d = start(cycle, &*main);
-    DISCOVERY.with(|cell| *cell.borrow_mut() = Some(d));
-}
-
-unsafe fn end(mut d: Discovery) {
-    for e in &mut d.entries {
-        // SAFETY: the timer is ours; ngx_del_timer checks nothing, so test timer_set.
-        if e.timer.timer_set() != 0 {
-            ngx_del_timer(&mut *e.timer);
-        }
-    }
-    drop(d);
-}
-
-/// With `master_process off`, a reload (HUP) builds a new cycle in the same
-/// process without calling init_process again: discovery follows the new cycle's
-/// upstreams from the next timer on, and lets the old cycle go.
-unsafe fn follow_reload() -> bool {
-    let current = ngx::ffi::ngx_cycle as *const ngx_cycle_t;
-    let old = DISCOVERY.with(|cell| {
-        let mut d = cell.borrow_mut();
-        if d.as_ref().is_some_and(|d| d.cycle != current) {
-            d.take()
-        } else {
-            None
-        }
-    });
-    let Some(old) = old else { return false };
-    end(old);
-    begin(&*current);
-    true
-}
-
-unsafe fn start(cycle: &ngx_cycle_t, main: &MainConf) -> Discovery {
-    let pid = ffi::pid();
-    let mut d = Discovery {
-        cycle,
-        lookups: Lookups::new(on_done),
-        entries: Vec::new(),
-        groups: Vec::new(),
-        pid,
-    };
+    let own = Rc::new(listening::own_addresses(cycle));
+    let mut loops = Vec::new();
     for &up in &main.upstreams {
-        d.add_group(&*up, cycle);
+        // SAFETY: upstream confs live as long as the cycle that runs discovery.
+        let up: &'static Upstream = unsafe { &*up };
+        let Some(group) = Group::start(up) else {
+            continue;
+        };
+        let group = Rc::new(RefCell::new(group));
+        for line in 0..up.lines.len() {
+            let task = runtime::spawn(line_loop(group.clone(), line, own.clone(), cycle));
+            loops.push(task);
+        }
     }
-    for e in &mut d.entries {
-        ngx_add_timer(&mut *e.timer, 1);
+    // SAFETY: the cycle's pool lives as long as the cycle.
+    let pool = unsafe { Pool::from_ngx_pool(cycle.pool) };
+    if pool.allocate(CycleGuard { cycle }).is_null() {
+        log::alert("consul upstream: no memory to tie discovery to its cycle");
     }
-    d
+    RUNNING.with(|r| *r.borrow_mut() = Some(Running { cycle, loops }));
+}
+
+/// Under `master_process off`, a reload (HUP) builds a new cycle in the same
+/// process without calling init_process: the first loop that notices moves
+/// discovery to the new cycle's upstreams.
+fn follow_reload() {
+    // SAFETY: plain read of nginx's current cycle.
+    let current = unsafe { ngx::ffi::ngx_cycle } as *const ngx_cycle_t;
+    let moved = RUNNING.with(|r| r.borrow().as_ref().is_some_and(|run| run.cycle != current));
+    if moved {
+        // SAFETY: ngx_cycle is the fully initialized running cycle.
+        start(unsafe { &*current });
+    }
+}
+
+fn current_cycle() -> *const ngx_cycle_t {
+    // SAFETY: plain read of nginx's current cycle.
+    unsafe { ngx::ffi::ngx_cycle as *const ngx_cycle_t }
+}
+
+/// One line: look up, decide, publish, sleep; until the process exits, another
+/// process takes over writing, or the cycle is replaced.
+async fn line_loop(
+    group: Rc<RefCell<Group>>,
+    line: usize,
+    own: Rc<OwnAddresses>,
+    cycle: *const ngx_cycle_t,
+) {
+    let (up, mut tracker) = {
+        let g = group.borrow();
+        (g.up, g.tracker(line))
+    };
+    let settings = &up.lines[line].settings;
+    let mut resolver = LineResolver::new(settings, own.clone());
+    let mut delay_ms = 0;
+    loop {
+        if delay_ms > 0 {
+            ngx::async_::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        if ffi::exiting() {
+            return;
+        }
+        if current_cycle() != cycle {
+            follow_reload();
+            return;
+        }
+        if !group.borrow_mut().still_writer() {
+            return;
+        }
+        log::debug(&format!("{}resolving {}", up.prefix(), settings.query));
+        let result = AssertUnwindSafe(resolver.lookup())
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                // hickory's state may be broken after a panic: start afresh.
+                resolver = LineResolver::new(settings, own.clone());
+                Resolved::Failed("internal error in the DNS client (panic)".into())
+            });
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            group.borrow_mut().apply(line, &mut tracker, result)
+        }));
+        delay_ms = applied.unwrap_or_else(|_| {
+            log::alert(&format!(
+                "{}applying the answer for {} failed (panic); next query in {}ms",
+                up.prefix(),
+                settings.query,
+                settings.interval_ms
+            ));
+            settings.interval_ms
+        });
+        log::debug(&format!(
+            "{}next query for {} in {delay_ms}ms",
+            up.prefix(),
+            settings.query
+        ));
+    }
+}
+
+/// One line's part of the upstream's set.
+struct Part {
+    /// What the zone holds for the line.
+    published: Vec<Peer>,
+    /// The last non-empty part an answer confirmed, and when (Unix seconds):
+    /// what the state file keeps (a dropped part is not a good one).
+    good: Vec<Peer>,
+    confirmed_unix: u64,
+    /// The confirmation the state file holds for this line.
+    saved_unix: u64,
+    kind: SetKind,
+    last_ignored: Ignored,
+}
+
+/// One upstream in the discovery process: its zone and its lines' parts.
+struct Group {
+    up: &'static Upstream,
+    zone: SharedZone,
+    pid: i64,
+    parts: Vec<Part>,
+    /// Another process writes the zone now (a newer worker 0).
+    stopped: bool,
+    /// A part changed since the state file was written.
+    state_dirty: bool,
 }
 
 fn transport_name(t: Transport) -> &'static str {
@@ -157,125 +236,417 @@ fn transport_name(t: Transport) -> &'static str {
     }
 }
 
-impl Discovery {
-    /// Claims the upstream's zone and sets up one entry per `consul_upstream` line.
-    /// Each entry starts from its part of the zone (a reload or respawn keeps the
-    /// set) or, in a fresh zone, of the state file.
-    unsafe fn add_group(&mut self, up_ref: &Upstream, cycle: &ngx_cycle_t) {
-        let Some(zone) = Zone::from_shm_zone(up_ref.shm_zone) else {
-            log::alert(&format!("{}shared zone missing", prefix(up_ref)));
-            return;
+impl Group {
+    /// Takes over the upstream's zone. Each line starts from its part of the zone
+    /// (a reload or respawn keeps the set) or, in a fresh zone, of the state file.
+    /// Peers of lines that are no longer configured leave the zone now, whatever
+    /// DNS does.
+    fn start(up: &'static Upstream) -> Option<Group> {
+        let p = up.prefix();
+        let Some(zone) = up.zone() else {
+            log::alert(&format!("{p}shared zone missing"));
+            return None;
         };
-        zone.claim(self.pid);
-        let now = ffi::current_msec();
-        let fresh = zone.generation() == 0;
-        let tagged = zone.read_tagged().map(|(_, t)| t).unwrap_or_default();
-        let path = up_ref.first().settings.state_path.as_deref();
-        let saved = match (fresh, path) {
-            (true, Some(path)) => load_state(up_ref, path),
+        let pid = ffi::pid();
+        zone.lock().zone().claim(pid);
+        let z = zone.zone();
+        let snapshot = z.read().unwrap_or_default();
+        let fresh = snapshot.generation == 0;
+        let saved = match (&up.state_path, fresh) {
+            (Some(path), true) => load_state(up, path, z.capacity()),
             _ => None,
         };
-        let group = self.groups.len();
-        for (source, src) in up_ref.sources.iter().enumerate() {
-            let s = &src.settings;
+        let now_unix = ffi::unix_now();
+        let parts: Vec<Part> = up
+            .lines
+            .iter()
+            .map(|l| {
+                let (peers, confirmed, kind) = match &saved {
+                    Some(s) => {
+                        let src = s.sources.iter().find(|src| src.query == l.settings.query);
+                        match src {
+                            Some(src) => (src.peers.clone(), src.confirmed_at, SetKind::StateFile),
+                            None => (Vec::new(), 0, SetKind::None),
+                        }
+                    }
+                    None => {
+                        let peers: Vec<Peer> = snapshot
+                            .peers
+                            .iter()
+                            .filter(|sp| sp.tag == l.tag)
+                            .map(|sp| sp.peer)
+                            .collect();
+                        let rec = z.line(l.tag).unwrap_or_default();
+                        let kind = match SetKind::from_u32(rec.kind) {
+                            SetKind::None if !peers.is_empty() => SetKind::Live,
+                            kind => kind,
+                        };
+                        // A part without a recorded confirmation counts as confirmed now.
+                        let confirmed = if rec.confirmed_unix > 0 || peers.is_empty() {
+                            rec.confirmed_unix
+                        } else {
+                            now_unix
+                        };
+                        (peers, confirmed, kind)
+                    }
+                };
+                Part {
+                    good: peers.clone(),
+                    published: peers,
+                    confirmed_unix: confirmed,
+                    saved_unix: if saved.is_some() { confirmed } else { 0 },
+                    kind,
+                    last_ignored: Ignored::default(),
+                }
+            })
+            .collect();
+        let mut g = Group {
+            up,
+            zone,
+            pid,
+            parts,
+            stopped: false,
+            state_dirty: saved.is_none(),
+        };
+        let tags: Vec<u32> = up.lines.iter().map(|l| l.tag).collect();
+        let guard = zone.lock();
+        z.retain_lines(&tags);
+        for (l, part) in up.lines.iter().zip(&g.parts) {
+            let s = &l.settings;
             let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
             log::info(&format!(
-                "{}resolving {} every {}ms via {} ({}), zone={}k holds {} peers",
-                prefix(up_ref),
+                "{p}resolving {} every {}ms via {} ({}), zone={}k holds {}",
                 s.query,
                 s.interval_ms,
                 resolvers.join(", "),
                 transport_name(s.transport),
-                up_ref.first().settings.zone_size / 1024,
-                zone.capacity()
+                up.first().settings.zone_size / 1024,
+                count(z.capacity())
             ));
-            let tag = source_tag(&s.query);
-            let published: Vec<Peer> = match &saved {
-                Some(saved) => saved.peers_of(&s.query).unwrap_or_default().to_vec(),
-                None => tagged
-                    .iter()
-                    .filter(|(_, t)| *t == tag)
-                    .map(|(p, _)| *p)
-                    .collect(),
-            };
-            let mut tracker = Tracker::new(&up_ref.name, s);
-            if !published.is_empty() {
-                // A set kept across reload or restart is as old as its last confirmation.
-                let confirmed = saved.as_ref().map_or(zone.confirmed_at(), |s| s.saved_at);
-                let age_ms = unix_now().saturating_sub(confirmed).saturating_mul(1000);
-                tracker.loaded(now.saturating_sub(age_ms));
-            }
-            let id = self.entries.len();
-            let mut timer: Box<ngx_event_t> = Box::new(std::mem::zeroed());
-            timer.handler = Some(on_timer);
-            timer.data = id as *mut c_void;
-            timer.log = cycle.log;
-            timer.set_cancelable(1);
-            self.entries.push(Entry {
-                up: up_ref,
-                source,
-                tag,
-                group,
-                tracker,
-                timer,
-                published,
-                stopped: false,
-                last_ignored: Ignored::default(),
+            let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
+            z.update_line(l.tag, |rec| {
+                rec.kind = kind as u32;
+                rec.confirmed_unix = confirmed;
+                rec.peers = peers as u32;
             });
         }
-        self.groups.push(Group {
-            up: up_ref,
-            zone,
-            state_current: saved.is_some(),
-            oversize_logged: 0,
-        });
-        if let (Some(saved), Some(path)) = (saved, path) {
-            let merged = self.merged(group, None);
-            if merged.is_empty() {
-                return;
-            }
-            match zone.write(self.pid, &merged) {
-                Ok(generation) => {
-                    zone.set_confirmed_at(saved.saved_at);
-                    log::notice(&format!(
-                        "{}{} from state file \"{path}\" (generation {generation})",
-                        prefix(up_ref),
+        drop(guard);
+
+        // The zone must hold exactly the configured lines' parts.
+        let merged = g.merged(None);
+        let current: Vec<(Peer, u32)> = snapshot.peers.iter().map(|sp| (sp.peer, sp.tag)).collect();
+        if merged != current {
+            let removed = current.iter().filter(|(_, t)| !tags.contains(t)).count();
+            if let Some(generation) = g.write(&merged) {
+                match (&saved, &up.state_path) {
+                    (Some(_), Some(path)) => log::notice(&format!(
+                        "{p}{} from state file \"{path}\" (generation {generation})",
                         count(merged.len())
-                    ));
+                    )),
+                    _ if removed > 0 => log::notice(&format!(
+                        "{p}dropping {} of removed \"consul_upstream\" lines, {} in all (generation {generation})",
+                        count(removed),
+                        count(merged.len())
+                    )),
+                    _ => {}
                 }
-                Err(e) => log::error(&format!(
-                    "{}state file \"{path}\" ignored: {e:?}",
-                    prefix(up_ref)
-                )),
             }
+        }
+        Some(g)
+    }
+
+    /// A line's policy tracker, aware of how old its carried-over part is.
+    fn tracker(&self, line: usize) -> Tracker {
+        let mut t = Tracker::new(&self.up.name, &self.up.lines[line].settings);
+        let part = &self.parts[line];
+        if !part.published.is_empty() {
+            let age_ms = ffi::unix_now()
+                .saturating_sub(part.confirmed_unix)
+                .saturating_mul(1000);
+            t.loaded(ffi::current_msec().saturating_sub(age_ms));
+        }
+        t
+    }
+
+    /// Whether this process still writes the zone; says once when it stopped.
+    fn still_writer(&mut self) -> bool {
+        if !self.stopped && self.zone.zone().writer() != self.pid {
+            self.hand_over();
+        }
+        !self.stopped
+    }
+
+    /// A newer discovery process (worker 0 after a reload or respawn) writes the
+    /// zone now: this process stops, and says so once.
+    fn hand_over(&mut self) {
+        if !self.stopped {
+            self.stopped = true;
+            log::notice(&format!(
+                "{}process {} resolves from now on",
+                self.up.prefix(),
+                self.zone.zone().writer()
+            ));
         }
     }
 
-    /// The upstream's set: every entry's part, canonical, each peer with its tag.
-    /// `replace` substitutes one entry's part (to test a candidate before taking it).
-    fn merged(&self, group: usize, replace: Option<(usize, &[Peer])>) -> Vec<(Peer, u32)> {
+    /// The upstream's set: every line's part (line `replace` given as `part`),
+    /// canonical, each peer with its line's tag.
+    fn merged(&self, replace: Option<(usize, &[Peer])>) -> Vec<(Peer, u32)> {
         let mut all: Vec<(Peer, u32)> = Vec::new();
-        for (id, e) in self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.group == group)
-        {
-            let part = match replace {
-                Some((rid, peers)) if rid == id => peers,
-                _ => &e.published,
+        for (i, (part, line)) in self.parts.iter().zip(&self.up.lines).enumerate() {
+            let peers = match replace {
+                Some((r, peers)) if r == i => peers,
+                _ => &part.published,
             };
-            all.extend(part.iter().map(|p| (*p, e.tag)));
+            all.extend(peers.iter().map(|p| (*p, line.tag)));
         }
         canonicalize_by(&mut all, |(p, _)| p);
         all
     }
+
+    /// Writes `set` as the next generation, if this process is still the writer.
+    fn write(&mut self, set: &[(Peer, u32)]) -> Option<u64> {
+        let written = {
+            let guard = self.zone.lock();
+            if guard.zone().writer() != self.pid {
+                None
+            } else {
+                Some(
+                    guard
+                        .zone()
+                        .publish(set, ffi::unix_now(), ffi::current_msec()),
+                )
+            }
+        };
+        match written {
+            None => {
+                self.hand_over();
+                None
+            }
+            Some(Ok(generation)) => Some(generation),
+            Some(Err(e)) => {
+                // Sizes are checked before: only a zone smaller than it says.
+                log::error(&format!(
+                    "{}{} do not fit in the zone (max {})",
+                    self.up.prefix(),
+                    count(set.len()),
+                    e.capacity
+                ));
+                None
+            }
+        }
+    }
+
+    /// Applies one lookup's result to line `line`; returns when to ask next (ms).
+    fn apply(&mut self, line: usize, tracker: &mut Tracker, result: Resolved) -> u64 {
+        let up = self.up;
+        let settings = &up.lines[line].settings;
+        let p = up.prefix();
+        let (outcome, lookup, reason) = match result {
+            Resolved::Empty { nxdomain } => (
+                Outcome::Empty { nxdomain },
+                Lookup::Empty,
+                if nxdomain { "NXDOMAIN" } else { "no records" }.to_string(),
+            ),
+            Resolved::Failed(reason) => (Outcome::Failed(reason.clone()), Lookup::Error, reason),
+            Resolved::Peers { peers, ignored } => {
+                let part = &mut self.parts[line];
+                if !ignored.is_empty() && ignored != part.last_ignored {
+                    let msg = format!("{p}ignored records of the answer: {}", ignored.describe());
+                    if ignored.needs_attention() {
+                        log::warn(&msg);
+                    } else {
+                        log::info(&msg);
+                    }
+                }
+                part.last_ignored = ignored;
+                self.sized(line, peers)
+            }
+        };
+        let tenth = settings.interval_ms / 10;
+        let jitter = if tenth == 0 {
+            0
+        } else {
+            ngx_random() as u64 % (tenth + 1)
+        };
+        let now_ms = ffi::current_msec();
+        let current = self.parts[line].published.len();
+        let decision: Decision = tracker.on_outcome(outcome, current, now_ms, jitter);
+        if let Some((level, msg)) = &decision.log {
+            log::log(log::level_of(*level), msg);
+        }
+        let now_unix = ffi::unix_now();
+        match decision.action {
+            Action::Publish(peers) => {
+                if peers != self.parts[line].published {
+                    self.publish(line, peers.clone());
+                }
+                let part = &mut self.parts[line];
+                if part.good != peers {
+                    part.good = peers;
+                    self.state_dirty = true;
+                }
+                let part = &mut self.parts[line];
+                part.confirmed_unix = now_unix;
+                part.kind = SetKind::Live;
+            }
+            Action::Drop => {
+                self.publish(line, Vec::new());
+                self.parts[line].kind = SetKind::Dropped;
+            }
+            Action::Keep => {
+                let part = &mut self.parts[line];
+                if !part.published.is_empty() && part.kind != SetKind::StateFile {
+                    part.kind = SetKind::Kept;
+                }
+            }
+        }
+        self.record(line, tracker, lookup, &reason);
+        self.save_state();
+        decision.next_ms
+    }
+
+    /// The outcome of an answer with `peers`: too large for the zone, with the
+    /// other lines' parts beside it, or a set to publish.
+    fn sized(&self, line: usize, peers: Vec<Peer>) -> (Outcome, Lookup, String) {
+        let capacity = self.zone.zone().capacity();
+        // Merging only removes duplicates: when the parts fit side by side (the
+        // usual case), the merged set fits too and need not be built here.
+        let bound: usize = self
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != line)
+            .map(|(_, part)| part.published.len())
+            .sum::<usize>()
+            + peers.len();
+        let total = if bound > capacity {
+            self.merged(Some((line, &peers))).len()
+        } else {
+            bound
+        };
+        if total <= capacity {
+            return (Outcome::Peers(peers), Lookup::Ok, String::new());
+        }
+        let outcome = Outcome::Oversize {
+            peers: total,
+            capacity,
+            zone_size: self.up.first().settings.zone_size,
+            needed_size: zone::size_for(total),
+        };
+        let reason = format!("{} do not fit in the zone (max {capacity})", count(total));
+        (outcome, Lookup::Oversize, reason)
+    }
+
+    /// Makes `part` line `line`'s share of the upstream and writes the merged set.
+    fn publish(&mut self, line: usize, part: Vec<Peer>) {
+        let merged = self.merged(Some((line, &part)));
+        let Some(generation) = self.write(&merged) else {
+            return;
+        };
+        let up = self.up;
+        if !part.is_empty() {
+            let all = if up.lines.len() > 1 {
+                format!(", {} in all", count(merged.len()))
+            } else {
+                String::new()
+            };
+            log::notice(&format!(
+                "{}{} from {}{all} (generation {generation})",
+                up.prefix(),
+                count(part.len()),
+                up.lines[line].settings.query
+            ));
+        }
+        self.parts[line].published = part;
+    }
+
+    /// Updates line `line`'s record in the zone: counters, streak, set kind.
+    fn record(&self, line: usize, tracker: &Tracker, lookup: Lookup, reason: &str) {
+        let part = &self.parts[line];
+        let streak = tracker.streak();
+        let now_ms = ffi::current_msec();
+        let now_unix = ffi::unix_now();
+        let since_unix = streak.since_ms.map_or(0, |since| {
+            now_unix.saturating_sub(now_ms.saturating_sub(since) / 1000)
+        });
+        let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
+        let _guard = self.zone.lock();
+        self.zone
+            .zone()
+            .update_line(self.up.lines[line].tag, |rec| {
+                rec.lookups[lookup as usize] += 1;
+                if rec.peers != peers as u32 || rec.kind != kind as u32 {
+                    rec.changed_unix = now_unix;
+                }
+                rec.kind = kind as u32;
+                rec.confirmed_unix = confirmed;
+                rec.peers = peers as u32;
+                rec.streak_kind = streak.kind as u32;
+                rec.streak_count = streak.count;
+                rec.streak_since_unix = since_unix;
+                if streak.kind == StreakKind::None {
+                    rec.reason.clear();
+                } else if !reason.is_empty() {
+                    rec.reason = reason.to_string();
+                }
+            });
+    }
+
+    /// Writes the lines' last good parts to the state file when one changed, or
+    /// when the confirmations it holds lag too far behind; only as the writer.
+    fn save_state(&mut self) {
+        let up = self.up;
+        let Some(path) = &up.state_path else { return };
+        if self.stopped || self.zone.zone().writer() != self.pid {
+            return;
+        }
+        let lagging = self.parts.iter().zip(&up.lines).any(|(part, l)| {
+            let lag = l.settings.max_stale_ms.map_or(STATE_CONFIRM_LAG_S, |ms| {
+                (ms / 4000).clamp(1, STATE_CONFIRM_LAG_S)
+            });
+            !part.good.is_empty() && part.confirmed_unix >= part.saved_unix + lag
+        });
+        if !self.state_dirty && !lagging {
+            return;
+        }
+        let sources = self
+            .parts
+            .iter()
+            .zip(&up.lines)
+            .filter(|(part, _)| !part.good.is_empty())
+            .map(|(part, l)| SavedSource {
+                query: l.settings.query.clone(),
+                confirmed_at: part.confirmed_unix,
+                peers: part.good.clone(),
+            })
+            .collect();
+        let saved = Saved {
+            upstream: up.name.clone(),
+            saved_at: ffi::unix_now(),
+            sources,
+        };
+        match state::save(Path::new(path), &saved) {
+            Ok(()) => {
+                for part in &mut self.parts {
+                    part.saved_unix = part.confirmed_unix;
+                }
+                log::debug(&format!("{}state file \"{path}\" written", up.prefix()));
+            }
+            Err(err) => log::error(&format!(
+                "{}cannot save state file \"{path}\": {err}",
+                up.prefix()
+            )),
+        }
+        // Not retried at once on failure: the next change or lag tries again.
+        self.state_dirty = false;
+    }
 }
 
-/// The state file's sets for a fresh zone (a start, not a reload), if usable.
-fn load_state(up: &Upstream, path: &str) -> Option<Saved> {
-    let p = prefix(up);
-    let saved = match state::load(std::path::Path::new(path), &up.name) {
+/// The state file's parts for a fresh zone (a start, not a reload), if usable.
+fn load_state(up: &Upstream, path: &str, capacity: usize) -> Option<Saved> {
+    let p = up.prefix();
+    let saved = match state::load(Path::new(path), &up.name, capacity) {
         Ok(Some(s)) => s,
         Ok(None) => return None,
         Err(reason) => {
@@ -284,9 +655,9 @@ fn load_state(up: &Upstream, path: &str) -> Option<Saved> {
         }
     };
     let known = up
-        .sources
+        .lines
         .iter()
-        .any(|s| saved.peers_of(&s.settings.query).is_some());
+        .any(|l| saved.sources.iter().any(|s| s.query == l.settings.query));
     if !known {
         let queries: Vec<&str> = saved.sources.iter().map(|s| s.query.as_str()).collect();
         log::error(&format!(
@@ -296,236 +667,4 @@ fn load_state(up: &Upstream, path: &str) -> Option<Saved> {
         return None;
     }
     Some(saved)
-}
-
-unsafe extern "C" fn on_timer(ev: *mut ngx_event_t) {
-    // SAFETY: nginx passes the timer event we armed; data is the entry's index.
-    let id = (*ev).data as usize;
-    if ffi::exiting() || follow_reload() {
-        return;
-    }
-    DISCOVERY.with(|cell| {
-        if let Ok(mut d) = cell.try_borrow_mut() {
-            if let Some(d) = d.as_mut() {
-                d.query(id);
-            }
-        }
-    });
-}
-
-/// A lookup finished. Lookups run from nginx's posted events (see
-/// [`crate::runtime::spawn`]), never inside discovery's own calls.
-fn on_done(done: Done) {
-    if ffi::exiting() {
-        return;
-    }
-    DISCOVERY.with(|cell| {
-        if let Ok(mut d) = cell.try_borrow_mut() {
-            if let Some(d) = d.as_mut() {
-                d.apply(done.id, done.result);
-            }
-        }
-    });
-}
-
-impl Discovery {
-    fn query(&mut self, id: usize) {
-        let Some(e) = self.entries.get_mut(id) else {
-            return;
-        };
-        // SAFETY: upstream confs live as long as the cycle this process runs.
-        let up = unsafe { &*e.up };
-        if self.groups[e.group].zone.writer() != self.pid {
-            self.hand_over(id);
-            return;
-        }
-        let s = &up.sources[e.source].settings;
-        self.lookups.resolve(Query {
-            id,
-            name: s.query.clone(),
-            resolvers: s.resolvers.clone(),
-            timeout: Duration::from_millis(s.timeout_ms),
-            transport: s.transport,
-        });
-    }
-
-    fn apply(&mut self, id: usize, result: Resolved) {
-        let Some(e) = self.entries.get(id) else {
-            return;
-        };
-        // SAFETY: upstream confs live as long as the cycle this process runs.
-        let up = unsafe { &*e.up };
-        let (g, interval_ms) = (e.group, up.sources[e.source].settings.interval_ms);
-        let p = prefix(up);
-        let outcome = match result {
-            Resolved::Empty { nxdomain } => Outcome::Empty { nxdomain },
-            Resolved::Failed(reason) => Outcome::Failed(reason),
-            Resolved::Peers { peers, ignored } => {
-                if !ignored.is_empty() && ignored != e.last_ignored {
-                    log::info(&format!(
-                        "{p}ignored records of the answer: {}",
-                        ignored.describe()
-                    ));
-                }
-                self.entries[id].last_ignored = ignored;
-                let capacity = self.groups[g].zone.capacity();
-                // Merging only removes duplicates: when the parts fit side by side
-                // (the usual case), the merged set fits too and need not be built here.
-                let bound: usize = self
-                    .entries
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, e)| e.group == g && *i != id)
-                    .map(|(_, e)| e.published.len())
-                    .sum::<usize>()
-                    + peers.len();
-                let total = if bound > capacity {
-                    self.merged(g, Some((id, &peers))).len()
-                } else {
-                    bound
-                };
-                if total > capacity {
-                    if self.groups[g].oversize_logged != total {
-                        self.groups[g].oversize_logged = total;
-                        let kept = self.merged(g, None).len();
-                        log::error(&format!(
-                            "{p}{} do not fit in zone={}k (max {}), zone={}k needed{}",
-                            count(total),
-                            up.first().settings.zone_size / 1024,
-                            count(capacity),
-                            zone_size_for(total) / 1024,
-                            tail("keeping", kept)
-                        ));
-                    }
-                    arm(&mut self.entries[id], interval_ms);
-                    return;
-                }
-                self.groups[g].oversize_logged = 0;
-                Outcome::Peers(peers)
-            }
-        };
-        let tenth = interval_ms / 10;
-        let jitter = if tenth == 0 {
-            0
-        } else {
-            ngx_random() as u64 % (tenth + 1)
-        };
-        let e = &mut self.entries[id];
-        let decision =
-            e.tracker
-                .on_outcome(outcome, e.published.len(), ffi::current_msec(), jitter);
-        if let Some((level, msg)) = &decision.log {
-            log::log(log::level_of(*level), msg);
-        }
-        match decision.action {
-            Action::Publish(peers) => {
-                self.groups[g].zone.set_confirmed_at(unix_now());
-                if peers != self.entries[id].published {
-                    self.publish(id, peers);
-                }
-                if !self.groups[g].state_current {
-                    self.save_state(g);
-                }
-            }
-            Action::Drop => self.publish(id, Vec::new()),
-            Action::Keep => {}
-        }
-        let e = &mut self.entries[id];
-        if !e.stopped {
-            arm(e, decision.next_ms);
-        }
-    }
-
-    /// Makes `part` this entry's share of the upstream and writes the merged set
-    /// as a new generation. A dropped (empty) part is not saved: the state file
-    /// keeps the last good one.
-    fn publish(&mut self, id: usize, part: Vec<Peer>) {
-        let (g, source) = (self.entries[id].group, self.entries[id].source);
-        // SAFETY: upstream confs live as long as the cycle this process runs.
-        let up = unsafe { &*self.entries[id].up };
-        let p = prefix(up);
-        let merged = self.merged(g, Some((id, &part)));
-        let zone = self.groups[g].zone;
-        match zone.write(self.pid, &merged) {
-            Ok(generation) => {
-                if !part.is_empty() {
-                    let query = &up.sources[source].settings.query;
-                    let all = if up.sources.len() > 1 {
-                        format!(", {} in all", count(merged.len()))
-                    } else {
-                        String::new()
-                    };
-                    log::notice(&format!(
-                        "{p}{} from {query}{all} (generation {generation})",
-                        count(part.len())
-                    ));
-                    self.groups[g].state_current = false;
-                }
-                self.entries[id].published = part;
-            }
-            Err(WriteError::NotWriter) => self.hand_over(id),
-            Err(WriteError::TooLarge { capacity }) => {
-                log::error(&format!(
-                    "{p}{} do not fit in the zone (max {capacity})",
-                    count(merged.len())
-                ));
-            }
-        }
-    }
-
-    /// A newer discovery process (worker 0 after a reload or respawn) writes the
-    /// zone now: this entry stops, and says so once.
-    fn hand_over(&mut self, id: usize) {
-        let e = &mut self.entries[id];
-        e.stopped = true;
-        // SAFETY: upstream confs live as long as the cycle this process runs.
-        let up = unsafe { &*e.up };
-        log::notice(&format!(
-            "{}process {} resolves from now on",
-            prefix(up),
-            self.groups[e.group].zone.writer()
-        ));
-    }
-
-    /// Writes every part of the upstream to the state file (small, and only when
-    /// a set changed: on the event loop).
-    fn save_state(&mut self, g: usize) {
-        // SAFETY: upstream confs live as long as the cycle this process runs.
-        let up = unsafe { &*self.groups[g].up };
-        let Some(path) = &up.first().settings.state_path else {
-            return;
-        };
-        let sources = self
-            .entries
-            .iter()
-            .filter(|e| e.group == g)
-            .map(|e| SavedSource {
-                query: up.sources[e.source].settings.query.clone(),
-                peers: e.published.clone(),
-            })
-            .collect();
-        let saved = Saved {
-            upstream: up.name.clone(),
-            saved_at: unix_now(),
-            sources,
-        };
-        if let Err(err) = state::save(Path::new(path), &saved) {
-            log::error(&format!(
-                "{}cannot save state file \"{path}\": {err}",
-                prefix(up)
-            ));
-        }
-        self.groups[g].state_current = true;
-    }
-}
-
-fn arm(e: &mut Entry, ms: u64) {
-    // SAFETY: the boxed timer event lives as long as the entry.
-    unsafe { ngx_add_timer(&mut *e.timer, ms as ngx_msec_t) };
-}
-
-/// Zone size that holds `peers` records, with room for the slab allocator's pages.
-fn zone_size_for(peers: usize) -> usize {
-    let bytes = peers * RECORD_SIZE * 102 / 100 + 16 * 1024;
-    bytes.div_ceil(4096) * 4096
 }

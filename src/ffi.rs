@@ -14,7 +14,8 @@ use ngx::ffi::{
 /// `cf` must be a configuration being parsed inside `stream {}`.
 pub unsafe fn conf_srv_conf(cf: &ngx_conf_t, module: &ngx_module_t) -> *mut c_void {
     let ctx = cf.ctx as *const ngx_stream_conf_ctx_t;
-    *(*ctx).srv_conf.add(module.ctx_index)
+    // SAFETY: per the contract, cf.ctx is a stream conf context with a slot per module.
+    unsafe { *(*ctx).srv_conf.add(module.ctx_index) }
 }
 
 /// `ngx_stream_conf_get_module_main_conf(cf, module)`.
@@ -23,7 +24,8 @@ pub unsafe fn conf_srv_conf(cf: &ngx_conf_t, module: &ngx_module_t) -> *mut c_vo
 /// As for [`conf_srv_conf`].
 pub unsafe fn conf_main_conf(cf: &ngx_conf_t, module: &ngx_module_t) -> *mut c_void {
     let ctx = cf.ctx as *const ngx_stream_conf_ctx_t;
-    *(*ctx).main_conf.add(module.ctx_index)
+    // SAFETY: as for conf_srv_conf.
+    unsafe { *(*ctx).main_conf.add(module.ctx_index) }
 }
 
 /// `ngx_stream_conf_upstream_srv_conf(uscf, module)`.
@@ -38,7 +40,8 @@ pub unsafe fn upstream_srv_conf(
     if uscf.srv_conf.is_null() {
         return std::ptr::null_mut();
     }
-    *uscf.srv_conf.add(module.ctx_index)
+    // SAFETY: per the contract, srv_conf has a slot per stream module.
+    unsafe { *uscf.srv_conf.add(module.ctx_index) }
 }
 
 /// `ngx_stream_cycle_get_module_main_conf(cycle, module)`; null without `stream {}`.
@@ -46,11 +49,22 @@ pub unsafe fn upstream_srv_conf(
 /// # Safety
 /// `cycle` must be a fully initialized cycle.
 pub unsafe fn cycle_main_conf(cycle: &ngx_cycle_t, module: &ngx_module_t) -> *mut c_void {
-    let ctx = *cycle.conf_ctx.add(ngx_stream_module.index) as *const ngx_stream_conf_ctx_t;
-    if ctx.is_null() {
-        return std::ptr::null_mut();
+    // SAFETY: per the contract, conf_ctx has a slot per core module; stream's
+    // is null without `stream {}`, else a stream conf context.
+    unsafe {
+        let ctx = *cycle.conf_ctx.add(ngx_stream_module.index) as *const ngx_stream_conf_ctx_t;
+        if ctx.is_null() {
+            return std::ptr::null_mut();
+        }
+        *(*ctx).main_conf.add(module.ctx_index)
     }
-    *(*ctx).main_conf.add(module.ctx_index)
+}
+
+/// This module's own `ngx_module_t` (its `ctx_index` locates its confs).
+pub fn module() -> &'static ngx_module_t {
+    // SAFETY: the module's own static; nginx writes its indexes while loading the
+    // configuration, before any of the module's code runs.
+    unsafe { &*std::ptr::addr_of!(crate::ngx_stream_consul_upstream_module) }
 }
 
 /// `(ngx_process == SINGLE) || (ngx_process == WORKER && ngx_worker == 0)`:
@@ -76,6 +90,13 @@ pub fn current_msec() -> u64 {
 pub fn exiting() -> bool {
     // SAFETY: plain reads of process globals set by signal handling.
     unsafe { ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 }
+}
+
+/// Wall-clock time in Unix seconds (for what is shown to people and saved).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 pub fn pid() -> i64 {

@@ -1,13 +1,17 @@
 //! ngx_stream_consul_upstream_module: TCP load balancing across backends
 //! discovered from Consul's DNS interface.
 //!
-//! - [`conf`]: the `consul_upstream` directive and the module's confs;
-//! - [`zone`]: the shared-memory peer set of each upstream;
-//! - [`discovery`] and [`resolve`]: worker 0's timers and lookups;
+//! - [`upstream`]: the types every part shares (an upstream, its lines, a
+//!   worker's copy of its set) and the placeholder server;
+//! - [`conf`]: the `consul_upstream` directive and the checks of `stream {}`;
+//! - [`zone`]: each upstream's shared-memory zone (layout in `consul_core::zone`);
+//! - [`discovery`] and [`resolve`]: worker 0's loops and lookups;
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
-//! - [`sockaddr`]: socket addresses in their C form;
 //! - [`balancer`]: the per-connection peer callbacks;
+//! - [`listening`], [`sockaddr`]: nginx's own addresses, socket addresses in C form;
 //! - [`ffi`]: nginx's stream C macros, written out.
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ffi::c_void;
 use std::ptr;
@@ -21,10 +25,12 @@ mod balancer;
 mod conf;
 mod discovery;
 mod ffi;
+mod listening;
 mod log;
 mod resolve;
 mod runtime;
 mod sockaddr;
+mod upstream;
 mod zone;
 
 static mut CTX: ngx_stream_module_t = ngx_stream_module_t {

@@ -28,10 +28,24 @@ pub fn error(msg: &str) {
     log(NGX_LOG_ERR, msg);
 }
 
+pub fn warn(msg: &str) {
+    log(NGX_LOG_WARN, msg);
+}
+
 pub fn notice(msg: &str) {
     log(NGX_LOG_NOTICE, msg);
 }
 
 pub fn info(msg: &str) {
     log(NGX_LOG_INFO, msg);
+}
+
+/// A debug line (stream mask), as nginx's own balancers write one in every
+/// step; compiled to nothing unless nginx was built `--with-debug`.
+pub fn debug(msg: &str) {
+    let log = crate::ffi::cycle_log();
+    if log.is_null() {
+        return;
+    }
+    ngx::ngx_log_debug!(mask: ngx::log::DebugMask::Stream, log, "{}", msg);
 }

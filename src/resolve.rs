@@ -1,39 +1,30 @@
-//! Lookups for discovery, as tasks on nginx's event loop (see [`crate::runtime`]):
-//! hickory resolvers, one per resolver address, asked in order; each result goes
-//! to discovery's callback.
+//! One line's lookups (see [`crate::runtime`] for where they run): hickory
+//! resolvers, one per resolver address, asked in order; the SRV answer, with
+//! A/AAAA follow-ups for targets the answer gives no address for, turned into
+//! a peer set by core.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::time::Duration;
 
-use async_task::Task;
 use futures_util::future::join_all;
-use futures_util::FutureExt;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
 use hickory_resolver::Resolver;
 
-use consul_core::answer::{Ignored, Record, RecordData, SrvAnswer};
-use consul_core::settings::Transport;
+use consul_core::answer::{Ignored, OwnAddresses, Record, RecordData, SrvAnswer};
+use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
 
-use crate::runtime::{self, NgxRuntime};
+use crate::runtime::NgxRuntime;
 
 type DnsResolver = Resolver<NgxRuntime>;
 
-/// Follow-up A/AAAA queries in flight at once for targets missing from ADDITIONAL.
-const FOLLOW_UP_PARALLEL: usize = 32;
-
-pub struct Query {
-    pub id: usize,
-    pub name: String,
-    pub resolvers: Vec<SocketAddr>,
-    pub timeout: Duration,
-    pub transport: Transport,
-}
+/// Targets looked up at once when the answer gives no address for them (each an
+/// A and an AAAA query): well below the 32 requests hickory keeps in flight on
+/// one connection.
+const FOLLOW_UP_TARGETS: usize = 8;
 
 pub enum Resolved {
     Peers { peers: Vec<Peer>, ignored: Ignored },
@@ -41,52 +32,105 @@ pub enum Resolved {
     Failed(String),
 }
 
-pub struct Done {
-    pub id: usize,
-    pub result: Resolved,
+/// The resolvers of one `consul_upstream` line.
+pub struct LineResolver {
+    query: String,
+    resolvers: Vec<(SocketAddr, Result<DnsResolver, String>)>,
+    own: Rc<OwnAddresses>,
 }
 
-/// The lookups of the discovery process.
-pub struct Lookups {
-    resolvers: HashMap<(SocketAddr, Transport, Duration), Rc<DnsResolver>>,
-    /// The task of each entry's lookup; replacing or dropping one cancels it.
-    tasks: HashMap<usize, Task<()>>,
-    on_done: fn(Done),
-}
-
-impl Lookups {
-    /// `on_done` gets each result, from the task that looked it up.
-    pub fn new(on_done: fn(Done)) -> Lookups {
-        Lookups {
-            resolvers: HashMap::new(),
-            tasks: HashMap::new(),
-            on_done,
+impl LineResolver {
+    pub fn new(settings: &Settings, own: Rc<OwnAddresses>) -> LineResolver {
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let resolvers = settings
+            .resolvers
+            .iter()
+            .map(|&addr| (addr, build_resolver(addr, settings.transport, timeout)))
+            .collect();
+        LineResolver {
+            query: settings.query.clone(),
+            resolvers,
+            own,
         }
     }
 
-    pub fn resolve(&mut self, q: Query) {
-        let resolvers: Vec<(SocketAddr, Rc<DnsResolver>)> = q
-            .resolvers
-            .iter()
-            .filter_map(|&addr| {
-                let key = (addr, q.transport, q.timeout);
-                if let Some(r) = self.resolvers.get(&key) {
-                    return Some((addr, r.clone()));
+    /// Asks each resolver in order until one answers; an answer (even NXDOMAIN)
+    /// ends the search, a failure (timeout, refused, SERVFAIL) moves on to the next.
+    pub async fn lookup(&self) -> Resolved {
+        let name = match Name::from_ascii(format!("{}.", self.query)) {
+            Ok(n) => n,
+            Err(e) => return Resolved::Failed(format!("invalid name: {e}")),
+        };
+        let mut errors = Vec::new();
+        for (addr, resolver) in &self.resolvers {
+            let resolver = match resolver {
+                Ok(r) => r,
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
                 }
-                let r = Rc::new(build_resolver(addr, q.transport, q.timeout).ok()?);
-                self.resolvers.insert(key, r.clone());
-                Some((addr, r))
-            })
-            .collect();
-        let (on_done, id) = (self.on_done, q.id);
-        let task = runtime::spawn(async move {
-            let lookup = AssertUnwindSafe(discover(&q.name, &resolvers)).catch_unwind();
-            let result = lookup.await.unwrap_or_else(|_| {
-                Resolved::Failed("internal error in the DNS client (panic)".into())
-            });
-            on_done(Done { id, result });
-        });
-        self.tasks.insert(id, task);
+            };
+            match resolver.lookup(name.clone(), RecordType::SRV).await {
+                Ok(lookup) => {
+                    let answers: Vec<Record> = lookup.answers().iter().map(convert).collect();
+                    let additionals: Vec<Record> =
+                        lookup.additionals().iter().map(convert).collect();
+                    return self.peers_of(&answers, &additionals, resolver, addr).await;
+                }
+                Err(e) if e.is_nx_domain() => return Resolved::Empty { nxdomain: true },
+                Err(e) if e.is_no_records_found() => return Resolved::Empty { nxdomain: false },
+                Err(e) => errors.push(describe(&e, addr)),
+            }
+        }
+        if errors.is_empty() {
+            errors.push("no usable resolver".into());
+        }
+        Resolved::Failed(errors.join(", "))
+    }
+
+    /// The peer set of an SRV answer, with follow-ups for targets without address.
+    async fn peers_of(
+        &self,
+        answers: &[Record],
+        additionals: &[Record],
+        resolver: &DnsResolver,
+        addr: &SocketAddr,
+    ) -> Resolved {
+        let mut answer = SrvAnswer::parse(&self.query, answers, additionals);
+        if answer.srvs.is_empty() && answer.ignored.is_empty() {
+            return Resolved::Empty { nxdomain: false };
+        }
+        let targets = answer.unresolved_targets();
+        let mut failed = Vec::new();
+        for chunk in targets.chunks(FOLLOW_UP_TARGETS) {
+            let found = join_all(chunk.iter().map(|t| addresses(resolver, t, addr))).await;
+            for (target, result) in chunk.iter().zip(found) {
+                match result {
+                    Ok(ips) => answer.add_addresses(target, ips),
+                    Err(e) => failed.push(format!("{target}: {e}")),
+                }
+            }
+        }
+        // A target whose lookup failed is not a target without an address: the
+        // answer is incomplete, and publishing it would drop healthy instances.
+        if let Some(first) = failed.first() {
+            return Resolved::Failed(format!(
+                "resolving {} of {} targets failed ({first})",
+                failed.len(),
+                targets.len()
+            ));
+        }
+        let peers = answer.peers(&self.own);
+        if peers.is_empty() {
+            return Resolved::Failed(format!(
+                "answer has no usable records ({})",
+                answer.ignored.describe()
+            ));
+        }
+        Resolved::Peers {
+            peers,
+            ignored: answer.ignored,
+        }
     }
 }
 
@@ -134,32 +178,6 @@ fn convert(r: &DnsRecord) -> Record {
     Record::new(&r.name.to_ascii(), data)
 }
 
-/// Asks each resolver in order until one answers; an answer (even NXDOMAIN) ends
-/// the search, a failure (timeout, refused, SERVFAIL) moves on to the next.
-async fn discover(query: &str, resolvers: &[(SocketAddr, Rc<DnsResolver>)]) -> Resolved {
-    let name = match Name::from_ascii(format!("{query}.")) {
-        Ok(n) => n,
-        Err(e) => return Resolved::Failed(format!("invalid name: {e}")),
-    };
-    let mut errors = Vec::new();
-    for (addr, resolver) in resolvers {
-        match resolver.lookup(name.clone(), RecordType::SRV).await {
-            Ok(lookup) => {
-                let answers: Vec<Record> = lookup.answers().iter().map(convert).collect();
-                let additionals: Vec<Record> = lookup.additionals().iter().map(convert).collect();
-                return from_answer(query, &answers, &additionals, resolver).await;
-            }
-            Err(e) if e.is_nx_domain() => return Resolved::Empty { nxdomain: true },
-            Err(e) if e.is_no_records_found() => return Resolved::Empty { nxdomain: false },
-            Err(e) => errors.push(describe(&e, addr)),
-        }
-    }
-    if errors.is_empty() {
-        errors.push("no usable resolver".into());
-    }
-    Resolved::Failed(errors.join(", "))
-}
-
 /// hickory's words for a failed exchange, as a user reads them in error.log.
 fn describe(e: &NetError, addr: &SocketAddr) -> String {
     match e {
@@ -173,53 +191,30 @@ fn describe(e: &NetError, addr: &SocketAddr) -> String {
     }
 }
 
-async fn from_answer(
-    query: &str,
-    answers: &[Record],
-    additionals: &[Record],
+/// A target's addresses (A and AAAA); a name that does not exist or has no
+/// address records has none; any other failure is an error.
+async fn addresses(
     resolver: &DnsResolver,
-) -> Resolved {
-    let mut answer = SrvAnswer::parse(query, answers, additionals);
-    if answer.srvs.is_empty() && answer.ignored.is_empty() {
-        return Resolved::Empty { nxdomain: false };
-    }
-    let targets = answer.unresolved_targets();
-    for chunk in targets.chunks(FOLLOW_UP_PARALLEL) {
-        let found = join_all(chunk.iter().map(|t| addresses(resolver, t))).await;
-        for (target, ips) in chunk.iter().zip(found) {
-            answer.add_addresses(target, ips);
-        }
-    }
-    let peers = answer.peers();
-    if peers.is_empty() {
-        return Resolved::Failed(format!(
-            "answer has no usable records ({})",
-            answer.ignored.describe()
-        ));
-    }
-    Resolved::Peers {
-        peers,
-        ignored: answer.ignored,
-    }
-}
-
-async fn addresses(resolver: &DnsResolver, target: &str) -> Vec<IpAddr> {
-    let Ok(name) = Name::from_ascii(format!("{}.", target.trim_end_matches('.'))) else {
-        return Vec::new();
-    };
+    target: &str,
+    addr: &SocketAddr,
+) -> Result<Vec<IpAddr>, String> {
+    let name = Name::from_ascii(format!("{}.", target.trim_end_matches('.')))
+        .map_err(|e| format!("invalid name: {e}"))?;
     let (v4, v6) = futures_util::join!(
         resolver.lookup(name.clone(), RecordType::A),
         resolver.lookup(name, RecordType::AAAA)
     );
     let mut ips = Vec::new();
-    for lookup in [v4, v6].into_iter().flatten() {
-        for r in lookup.answers() {
-            match &r.data {
-                RData::A(a) => ips.push(IpAddr::V4(a.0)),
-                RData::AAAA(a) => ips.push(IpAddr::V6(a.0)),
-                _ => {}
-            }
+    for result in [v4, v6] {
+        match result {
+            Ok(lookup) => ips.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                RData::A(a) => Some(IpAddr::V4(a.0)),
+                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                _ => None,
+            })),
+            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
+            Err(e) => return Err(describe(&e, addr)),
         }
     }
-    ips
+    Ok(ips)
 }

@@ -1,14 +1,26 @@
-//! hickory's runtime on nginx's event loop: tasks run from a posted event, timers
-//! are nginx timers, sockets are nginx connections. Discovery thus adds no thread to
-//! the worker: a second thread would switch glibc (malloc, system call wrappers)
-//! and the kernel (file table) to their multi-thread paths for every connection
-//! the worker proxies.
+//! hickory's runtime on nginx's event loop: tasks run on ngx-rust's executor,
+//! timers are nginx timers, sockets are nginx connections. Discovery thus adds no
+//! thread to the worker: a second thread would switch glibc (malloc, system call
+//! wrappers) and the kernel (file table) to their multi-thread paths for every
+//! connection the worker proxies.
+//!
+//! Two guarantees ngx-rust's executor does not give alone are added by [`spawn`]:
+//! - a wake never runs the woken task inside the waker's call. ngx-rust runs a task
+//!   at once when it is woken from outside, but hickory wakes while holding locks
+//!   the woken task takes (futures_util's `Mutex` wakes a waiter with its waiter
+//!   list locked): every wake is deferred to a posted event instead, queued on
+//!   `ngx_posted_next_events` like ngx-rust's own, so a task that keeps waking
+//!   itself cannot run ahead of proxied I/O;
+//! - a panic ends its task (logged) instead of crossing into nginx.
+//!
+//! Every DNS socket and every background task hickory starts is registered here,
+//! and [`shutdown`] closes and drops whatever is left (as `ngx_resolver_cleanup`
+//! does for nginx's resolver) when discovery stops with its cycle.
 //!
 //! Everything here runs on the worker's only thread. hickory's bounds ask for
 //! Send and Sync; the impls below satisfy them on that ground.
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::future::{poll_fn, Future};
 use std::io;
@@ -16,24 +28,166 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::ptr::NonNull;
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use async_task::{Runnable, Task};
 use async_trait::async_trait;
 use futures_io::{AsyncRead, AsyncWrite};
 use hickory_resolver::net::runtime::{DnsTcpStream, DnsUdpSocket, RuntimeProvider, Spawn, Time};
+use ngx::async_::Task;
 use ngx::ffi::{
     ngx_close_connection, ngx_connection_t, ngx_delete_posted_event, ngx_event_t,
     ngx_get_connection, ngx_handle_read_event, ngx_handle_write_event, ngx_int_t, ngx_post_event,
-    ngx_posted_events, NGX_OK,
+    ngx_posted_next_events, NGX_OK,
 };
 
-use crate::ffi;
 use crate::sockaddr::SockaddrBuf;
+use crate::{ffi, log};
 
 /// How long a TCP connect may take when hickory gives no limit.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `ngx_event_ident` reads through an event's `data` in nginx's debug
+/// lines: something laid out like the start of a connection (data, read, write,
+/// fd). Events here point at this.
+static EVENT_IDENT: [usize; 4] = [0, 0, 0, 0x434f_4e53]; // "CONS"
+
+fn event_ident() -> *mut c_void {
+    EVENT_IDENT.as_ptr() as *mut c_void
+}
+
+thread_local! {
+    /// hickory's background tasks (one per DNS connection), until they end.
+    static BACKGROUND: RefCell<Vec<Task<()>>> = const { RefCell::new(Vec::new()) };
+    /// Every open DNS socket.
+    static SOCKETS: RefCell<Vec<NonNull<ngx_connection_t>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Starts `future` as a task on ngx-rust's executor, with deferred wakes and
+/// panics contained (see the module's documentation).
+pub fn spawn<F: Future<Output = ()> + 'static>(future: F) -> Task<()> {
+    ngx::async_::spawn(Guarded::new(future))
+}
+
+/// Stops everything the runtime still runs: hickory's background tasks are
+/// dropped (their sockets close with them), then any socket left is closed.
+pub fn shutdown() {
+    let tasks = BACKGROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
+    drop(tasks);
+    let left = SOCKETS.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    for c in left {
+        // SAFETY: registered by Socket::open and not closed since (close
+        // unregisters); the Socket that owns it will find it gone.
+        unsafe { ngx_close_connection(c.as_ptr()) };
+    }
+}
+
+/// A future whose wakes go through a posted event and whose panic ends it.
+struct Guarded<F> {
+    future: Pin<Box<F>>,
+    wake: Arc<DeferredWake>,
+}
+
+impl<F> Guarded<F> {
+    fn new(future: F) -> Self {
+        Guarded {
+            future: Box::pin(future),
+            wake: DeferredWake::new(),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Guarded<F> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.wake.set_task(cx.waker());
+        let waker = Waker::from(self.wake.clone());
+        let mut inner = Context::from_waker(&waker);
+        let future = self.future.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(&mut inner))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                log::alert("consul upstream: a discovery task failed (panic); it was stopped");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// The waker a guarded future sees: waking posts an event, whose handler wakes
+/// the task from the event loop, where no lock of hickory's is held.
+struct DeferredWake {
+    event: std::cell::UnsafeCell<ngx_event_t>,
+    task: Cell<Option<Waker>>,
+}
+
+// SAFETY: created, woken and dropped on the worker's event loop thread only; no
+// other thread exists in the process to move or share it.
+unsafe impl Send for DeferredWake {}
+// SAFETY: as above.
+unsafe impl Sync for DeferredWake {}
+
+impl DeferredWake {
+    fn new() -> Arc<DeferredWake> {
+        // SAFETY: an all-zero event is nginx's initial state for an event.
+        let mut event: ngx_event_t = unsafe { std::mem::zeroed() };
+        event.handler = Some(run_deferred);
+        event.data = event_ident();
+        Arc::new(DeferredWake {
+            event: std::cell::UnsafeCell::new(event),
+            task: Cell::new(None),
+        })
+    }
+
+    fn set_task(&self, waker: &Waker) {
+        let old = self.task.take();
+        let same = old.as_ref().is_some_and(|w| w.will_wake(waker));
+        self.task.set(if same { old } else { Some(waker.clone()) });
+    }
+}
+
+impl Wake for DeferredWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let ev = self.event.get();
+        // SAFETY: the event lives in this Arc, which stays alive while it is
+        // posted (Drop unposts it); single thread.
+        unsafe {
+            if (*ev).posted() == 0 {
+                // The cycle's log may change on a reload under master_process off.
+                (*ev).log = ffi::cycle_log();
+                ngx_post_event(ev, std::ptr::addr_of_mut!(ngx_posted_next_events));
+            }
+        }
+    }
+}
+
+impl Drop for DeferredWake {
+    fn drop(&mut self) {
+        let ev = self.event.get_mut();
+        if ev.posted() != 0 {
+            // SAFETY: posted by wake_by_ref, still in nginx's posted queue.
+            unsafe { ngx_delete_posted_event(ev) };
+        }
+    }
+}
+
+unsafe extern "C" fn run_deferred(ev: *mut ngx_event_t) {
+    // SAFETY: ev is the `event` field of a live DeferredWake (posted events are
+    // removed before it drops).
+    let wake =
+        unsafe { &*(ngx::ngx_container_of!(ev, DeferredWake, event) as *const DeferredWake) };
+    if let Some(waker) = wake.task.take() {
+        // Keep it for the next wake: the task may be woken again before it runs.
+        wake.task.set(Some(waker.clone()));
+        waker.wake();
+    }
+}
 
 #[derive(Clone, Copy, Default)]
 pub struct NgxRuntime;
@@ -44,78 +198,14 @@ pub struct NgxHandle;
 #[derive(Clone, Copy, Default)]
 pub struct NgxTime;
 
-/// Tasks woken and waiting to run, and the posted event that runs them.
-struct RunQueue {
-    runnable: VecDeque<Runnable>,
-    /// Boxed: nginx's posted queue links it by address.
-    event: Box<ngx_event_t>,
-}
-
-thread_local! {
-    static RUN_QUEUE: RefCell<Option<RunQueue>> = const { RefCell::new(None) };
-}
-
-/// Starts `future` as a task on the event loop. A task never runs inside the
-/// call that spawned or woke it (hickory wakes and spawns while holding its
-/// locks): it runs from a posted event, in the same event loop iteration.
-pub fn spawn<F: Future + 'static>(future: F) -> Task<F::Output> {
-    let (runnable, task) = async_task::spawn_local(future, schedule);
-    runnable.schedule();
-    task
-}
-
-fn schedule(runnable: Runnable) {
-    RUN_QUEUE.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let q = guard.get_or_insert_with(|| {
-            // SAFETY: an all-zero event is nginx's initial state for an event.
-            let mut event: Box<ngx_event_t> = Box::new(unsafe { std::mem::zeroed() });
-            event.handler = Some(run_tasks);
-            RunQueue {
-                runnable: VecDeque::new(),
-                event,
-            }
-        });
-        q.runnable.push_back(runnable);
-        // The cycle (and its log) changes on a reload under master_process off.
-        q.event.log = ffi::cycle_log();
-        // SAFETY: the event lives in the thread-local run queue until stop_tasks.
-        unsafe { ngx_post_event(&mut *q.event, std::ptr::addr_of_mut!(ngx_posted_events)) };
-    });
-}
-
-unsafe extern "C" fn run_tasks(_ev: *mut ngx_event_t) {
-    // Tasks woken while these run are queued again and the event re-posted.
-    let batch = RUN_QUEUE.with(|cell| {
-        cell.borrow_mut()
-            .as_mut()
-            .map(|q| std::mem::take(&mut q.runnable))
-            .unwrap_or_default()
-    });
-    for runnable in batch {
-        // A panic must not cross into nginx (it would abort the worker): the
-        // task is dropped, the others go on.
-        if std::panic::catch_unwind(AssertUnwindSafe(|| runnable.run())).is_err() {
-            crate::log::alert("consul upstream: a DNS task failed (panic); it was dropped");
-        }
-    }
-}
-
-/// Drops every task waiting to run (when the process exits).
-pub fn stop_tasks() {
-    let queue = RUN_QUEUE.with(|cell| cell.borrow_mut().take());
-    if let Some(mut q) = queue {
-        if q.event.posted() != 0 {
-            // SAFETY: posted by schedule, still in nginx's posted queue.
-            unsafe { ngx_delete_posted_event(&mut *q.event) };
-        }
-        drop(q.runnable);
-    }
-}
-
 impl Spawn for NgxHandle {
     fn spawn_bg(&mut self, future: impl Future<Output = ()> + Send + 'static) {
-        spawn(future).detach();
+        let task = spawn(future);
+        BACKGROUND.with(|b| {
+            let mut tasks = b.borrow_mut();
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(task);
+        });
     }
 }
 
@@ -268,12 +358,22 @@ impl Socket {
                 (*ev).set_resolver(1);
             }
         }
+        SOCKETS.with(|s| s.borrow_mut().push(c));
         Ok(Socket { c, wakers })
     }
 
+    /// The connection, unless [`shutdown`] closed it already.
+    fn conn(&self) -> Option<&ngx_connection_t> {
+        let open = SOCKETS.with(|s| s.borrow().contains(&self.c));
+        if !open {
+            return None;
+        }
+        // SAFETY: registered connections are open and ours.
+        Some(unsafe { self.c.as_ref() })
+    }
+
     fn fd(&self) -> libc::c_int {
-        // SAFETY: the connection lives until drop.
-        unsafe { self.c.as_ref().fd }
+        self.conn().map_or(-1, |c| c.fd)
     }
 
     fn set_nodelay(&self) -> io::Result<()> {
@@ -337,8 +437,11 @@ impl Socket {
 
     /// Ready once nginx reported the socket writable (a connect finished).
     fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // SAFETY: the connection and its write event live until drop.
-        if unsafe { (*self.c.as_ref().write).ready() } != 0 {
+        let Some(conn) = self.conn() else {
+            return Poll::Ready(Err(closed()));
+        };
+        // SAFETY: the connection's write event lives with it.
+        if unsafe { (*conn.write).ready() } != 0 {
             return Poll::Ready(Ok(()));
         }
         self.wait(Ready::Write, cx)
@@ -351,6 +454,9 @@ impl Socket {
         cx: &mut Context<'_>,
         mut call: impl FnMut(libc::c_int) -> isize,
     ) -> Poll<io::Result<usize>> {
+        if self.conn().is_none() {
+            return Poll::Ready(Err(closed()));
+        }
         loop {
             let n = call(self.fd());
             if n >= 0 {
@@ -367,9 +473,11 @@ impl Socket {
 
     /// Parks the task until nginx reports the socket ready.
     fn wait<T>(&self, ready: Ready, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
-        // SAFETY: the connection and its events live until drop.
+        let Some(conn) = self.conn() else {
+            return Poll::Ready(Err(closed()));
+        };
+        // SAFETY: the connection and its events are open (checked above).
         let rc: ngx_int_t = unsafe {
-            let conn = self.c.as_ref();
             match ready {
                 Ready::Read => {
                     self.wakers.read.set(Some(cx.waker().clone()));
@@ -390,27 +498,43 @@ impl Socket {
     }
 }
 
+fn closed() -> io::Error {
+    io::Error::other("DNS socket closed (discovery stopped)")
+}
+
 impl Drop for Socket {
     fn drop(&mut self) {
-        // SAFETY: ours since open; closes the fd and removes its events.
-        unsafe { ngx_close_connection(self.c.as_ptr()) };
+        let open = SOCKETS.with(|s| {
+            let mut s = s.borrow_mut();
+            let before = s.len();
+            s.retain(|c| *c != self.c);
+            s.len() != before
+        });
+        if open {
+            // SAFETY: ours since open and still open; closes the fd and removes its events.
+            unsafe { ngx_close_connection(self.c.as_ptr()) };
+        }
     }
 }
 
 unsafe extern "C" fn on_readable(ev: *mut ngx_event_t) {
-    wake(ev, Ready::Read);
+    // SAFETY: nginx calls this with the read event of a Socket's connection.
+    unsafe { wake(ev, Ready::Read) };
 }
 
 unsafe extern "C" fn on_writable(ev: *mut ngx_event_t) {
-    wake(ev, Ready::Write);
+    // SAFETY: nginx calls this with the write event of a Socket's connection.
+    unsafe { wake(ev, Ready::Write) };
 }
 
 /// # Safety
 /// `ev` is an event of a connection opened by [`Socket::open`] and not closed.
 unsafe fn wake(ev: *mut ngx_event_t, ready: Ready) {
     // SAFETY: per the contract, data is the connection whose data is the Wakers.
-    let c = (*ev).data as *const ngx_connection_t;
-    let wakers = &*((*c).data as *const Wakers);
+    let wakers = unsafe {
+        let c = (*ev).data as *const ngx_connection_t;
+        &*((*c).data as *const Wakers)
+    };
     let waker = match ready {
         Ready::Read => wakers.read.take(),
         Ready::Write => wakers.write.take(),
@@ -455,7 +579,7 @@ impl AsyncWrite for Socket {
     }
 
     fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // SAFETY: shutdown(2) of our fd.
+        // SAFETY: shutdown(2) of our fd (-1 once closed: EBADF, ignored).
         unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
         Poll::Ready(Ok(()))
     }

@@ -1,291 +1,258 @@
-//! The shared-memory zone of one upstream: a versioned header and a bounded
-//! array of fixed-size peer records. One process writes (the discovery worker,
-//! whose pid is in the header); every worker reads a consistent copy through a
-//! sequence lock, and only when the generation moved.
+//! The shared-memory zone of one upstream, as nginx gives it: registration,
+//! initialization (fresh, reused across a reload, or carried over from a zone of
+//! another size), the mapping onto core's layout, and the write lock.
+//!
+//! Writers take nginx's own mutex of the zone's slab pool: if a writer dies
+//! holding it, the master frees it (as for every shared zone). Readers never
+//! lock; see `consul_core::zone` for how a killed writer leaves nothing torn.
 
 use std::ffi::c_void;
 use std::mem::size_of;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::ptr;
-use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
-use ngx::ffi::{ngx_int_t, ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, NGX_ERROR, NGX_OK};
+use ngx::core::Pool;
+use ngx::ffi::{
+    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_calloc, ngx_slab_page_t, ngx_slab_pool_t,
+    ngx_slab_stat_t, ngx_str_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
+};
 
-use consul_core::Peer;
+use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone, LAYOUT};
 
-const MAGIC: u64 = 0x6e67_785f_636f_6e73; // "ngx_cons"
-/// Bumped whenever the layout changes; it is also part of the zone's name, so a
-/// reload into a module with another layout gets a fresh zone instead of a misread.
-pub const LAYOUT: u32 = 2;
+use crate::{ffi, log};
 
-#[repr(C)]
-pub struct Header {
-    magic: u64,
-    layout: u32,
-    capacity: u32,
-    /// Sequence lock: odd while a write is in progress.
-    seq: AtomicU64,
-    generation: AtomicU64,
-    /// Guards writers against each other (old and new worker 0 during a reload).
-    write_lock: AtomicU32,
-    count: AtomicU32,
-    /// The process allowed to write; a newer discovery process takes it over.
-    writer: AtomicI64,
-    /// Unix time of the last successful answer, 0 if none.
-    confirmed_at: AtomicU64,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-pub struct Record {
-    addr: [u8; 16],
-    scope_id: u32,
-    /// `source_tag` of the query the peer came from.
-    source: u32,
-    port: u16,
-    weight: u16,
-    priority: u16,
-    family: u8,
-    _pad: u8,
-}
-
-const _: () = assert!(size_of::<Record>() == 32);
-
-impl Record {
-    fn from_peer(p: &Peer, source: u32) -> Record {
-        let mut r = Record {
-            source,
-            port: p.addr.port(),
-            weight: p.weight,
-            priority: p.priority,
-            ..Record::default()
-        };
-        match p.addr {
-            SocketAddr::V4(a) => {
-                r.family = 4;
-                r.addr[..4].copy_from_slice(&a.ip().octets());
-            }
-            SocketAddr::V6(a) => {
-                r.family = 6;
-                r.addr = a.ip().octets();
-                r.scope_id = a.scope_id();
-            }
-        }
-        r
-    }
-
-    fn to_peer(self) -> Option<Peer> {
-        let addr = match self.family {
-            4 => {
-                let o = [self.addr[0], self.addr[1], self.addr[2], self.addr[3]];
-                SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(o), self.port))
-            }
-            6 => SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(self.addr),
-                self.port,
-                0,
-                self.scope_id,
-            )),
-            _ => return None,
-        };
-        Some(Peer::new(addr, self.weight, self.priority))
-    }
-}
-
-const SPINS: usize = 1 << 20;
-
-/// Bytes of shared memory per peer record.
-pub const RECORD_SIZE: usize = size_of::<Record>();
-
-/// A zone as seen from one process. Copyable: it is only a pointer into shared memory.
+/// One zone as this process sees it: core's view of its memory and the slab
+/// pool whose mutex serializes writers.
 #[derive(Clone, Copy)]
-pub struct Zone {
-    header: *mut Header,
+pub struct SharedZone {
+    zone: Zone<'static>,
+    pool: *mut ngx_slab_pool_t,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum WriteError {
-    /// Another process is the writer now (a newer worker 0 after reload or respawn).
-    NotWriter,
-    /// The set needs more records than the zone holds.
-    TooLarge { capacity: usize },
+/// Holds the zone's write lock; released on drop.
+pub struct WriteGuard {
+    zone: SharedZone,
 }
 
-impl Zone {
+impl SharedZone {
     /// # Safety
-    /// `shm_zone` must be one of this module's zones, initialized by [`init_zone`].
-    pub unsafe fn from_shm_zone(shm_zone: *mut ngx_shm_zone_t) -> Option<Zone> {
-        if shm_zone.is_null() || (*shm_zone).data.is_null() {
+    /// `shm_zone` must be null or one of this module's zones; its memory stays
+    /// mapped for as long as the returned value is used (the cycle's lifetime).
+    pub unsafe fn of(shm_zone: *mut ngx_shm_zone_t) -> Option<SharedZone> {
+        // SAFETY: per the contract.
+        let shm_zone = unsafe { shm_zone.as_ref()? };
+        if shm_zone.data.is_null() {
             return None;
         }
-        Some(Zone {
-            header: (*shm_zone).data as *mut Header,
-        })
+        let pool = shm_zone.shm.addr as *mut ngx_slab_pool_t;
+        // SAFETY: data was set by init_zone to a laid-out zone in this mapping.
+        let zone = unsafe { map(shm_zone.data as *mut Header)? };
+        Some(SharedZone { zone, pool })
     }
 
-    fn header(&self) -> &Header {
-        // SAFETY: the header lives in shared memory mapped for the whole cycle; all
-        // fields that change are atomics.
-        unsafe { &*self.header }
+    pub fn zone(&self) -> &Zone<'static> {
+        &self.zone
     }
 
-    fn records(&self) -> *mut Record {
-        // SAFETY: records follow the header in the same slab allocation.
-        unsafe { self.header.add(1) as *mut Record }
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.header().capacity as usize
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.header().generation.load(Ordering::Acquire)
-    }
-
-    pub fn confirmed_at(&self) -> u64 {
-        self.header().confirmed_at.load(Ordering::Relaxed)
-    }
-
-    pub fn set_confirmed_at(&self, unix: u64) {
-        self.header().confirmed_at.store(unix, Ordering::Relaxed);
-    }
-
-    /// Makes `pid` the only writer from now on.
-    pub fn claim(&self, pid: i64) {
-        self.header().writer.store(pid, Ordering::SeqCst);
-    }
-
-    pub fn writer(&self) -> i64 {
-        self.header().writer.load(Ordering::SeqCst)
-    }
-
-    /// Publishes `peers` (canonical order, each with its source tag) as a new
-    /// generation, if `pid` is the writer.
-    pub fn write(&self, pid: i64, peers: &[(Peer, u32)]) -> Result<u64, WriteError> {
-        let h = self.header();
-        if peers.len() > self.capacity() {
-            return Err(WriteError::TooLarge {
-                capacity: self.capacity(),
-            });
-        }
-        // A write takes microseconds: a lock held for SPINS tries belongs to a
-        // process that died while writing, and is taken over.
-        for _ in 0..SPINS {
-            if h.write_lock
-                .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                break;
-            }
-            std::hint::spin_loop();
-        }
-        // An odd sequence left by a dead writer would stall readers: make it even.
-        if h.seq.load(Ordering::Relaxed) & 1 == 1 {
-            h.seq.fetch_add(1, Ordering::Relaxed);
-        }
-        if h.writer.load(Ordering::SeqCst) != pid {
-            h.write_lock.store(0, Ordering::Release);
-            return Err(WriteError::NotWriter);
-        }
-        h.seq.fetch_add(1, Ordering::Relaxed);
-        fence(Ordering::Release);
-        let records = self.records();
-        for (i, (p, source)) in peers.iter().enumerate() {
-            // SAFETY: i < capacity, checked above; volatile because readers race
-            // with this write by design and discard what the sequence lock rejects.
-            unsafe { ptr::write_volatile(records.add(i), Record::from_peer(p, *source)) };
-        }
-        h.count.store(peers.len() as u32, Ordering::Relaxed);
-        let generation = h.generation.load(Ordering::Relaxed) + 1;
-        h.generation.store(generation, Ordering::Relaxed);
-        h.seq.fetch_add(1, Ordering::Release);
-        h.write_lock.store(0, Ordering::Release);
-        Ok(generation)
-    }
-
-    /// A consistent copy of the set and its generation; `None` if a write kept
-    /// the set changing for too long (the caller keeps its copy and asks again later).
-    pub fn read(&self) -> Option<(u64, Vec<Peer>)> {
-        let (generation, tagged) = self.read_tagged()?;
-        Some((generation, tagged.into_iter().map(|(p, _)| p).collect()))
-    }
-
-    /// [`Zone::read`] with each peer's source tag.
-    pub fn read_tagged(&self) -> Option<(u64, Vec<(Peer, u32)>)> {
-        let h = self.header();
-        let mut out = Vec::new();
-        for _ in 0..SPINS {
-            let s1 = h.seq.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let generation = h.generation.load(Ordering::Relaxed);
-            let count = (h.count.load(Ordering::Relaxed) as usize).min(self.capacity());
-            out.clear();
-            out.reserve(count);
-            let records = self.records();
-            for i in 0..count {
-                // SAFETY: i < capacity; a torn record is discarded by the seq check.
-                let r = unsafe { ptr::read_volatile(records.add(i)) };
-                if let Some(p) = r.to_peer() {
-                    out.push((p, r.source));
-                }
-            }
-            fence(Ordering::Acquire);
-            if h.seq.load(Ordering::Relaxed) == s1 {
-                return Some((generation, out));
-            }
-        }
-        None
+    /// Takes the write lock (microseconds; its holder is the one discovery
+    /// process, or the old one during a reload).
+    pub fn lock(&self) -> WriteGuard {
+        // SAFETY: the slab pool heads the zone's mapping; nginx initialized its
+        // mutex when it created the zone.
+        unsafe { ngx_shmtx_lock(ptr::addr_of_mut!((*self.pool).mutex)) };
+        WriteGuard { zone: *self }
     }
 }
 
-/// The shm zone `init` callback. `data` is the previous cycle's zone data when
-/// nginx reuses the zone across a reload: the set survives the reload as it is.
+impl WriteGuard {
+    pub fn zone(&self) -> &Zone<'static> {
+        &self.zone.zone
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        // SAFETY: locked by lock().
+        unsafe { ngx_shmtx_unlock(ptr::addr_of_mut!((*self.zone.pool).mutex)) };
+    }
+}
+
+/// Core's view of a laid-out zone at `header`.
+///
+/// # Safety
+/// `header` must point at memory laid out by [`init_zone`] (a header followed by
+/// two record buffers and the slots, each `capacity` long), mapped for 'static
+/// as far as the caller is concerned.
+unsafe fn map(header: *mut Header) -> Option<Zone<'static>> {
+    // SAFETY: per the contract; every field is an atomic.
+    let h = unsafe { &*header };
+    if !Zone::is_formatted(h) {
+        return None;
+    }
+    let cap = h.capacity();
+    // SAFETY: per the contract, the arrays follow the header back to back.
+    unsafe {
+        let rec0 = header.add(1) as *const Record;
+        let rec1 = rec0.add(cap);
+        let slots = rec1.add(cap) as *const PeerSlot;
+        Some(Zone::from_parts(
+            h,
+            [
+                std::slice::from_raw_parts(rec0, cap),
+                std::slice::from_raw_parts(rec1, cap),
+            ],
+            std::slice::from_raw_parts(slots, cap),
+        ))
+    }
+}
+
+fn pagesize() -> usize {
+    // SAFETY: set by ngx_os_init before any configuration is read.
+    unsafe { ngx_pagesize }
+}
+
+/// Free pages of a new zone of `size` bytes: the arithmetic of `ngx_slab_init`.
+fn slab_pages(size: usize) -> usize {
+    let page = pagesize();
+    // SAFETY: set with ngx_pagesize.
+    let shift = unsafe { ngx_pagesize_shift };
+    // nginx's smallest slab chunk is 8 bytes (min_shift 3).
+    let slots = shift.saturating_sub(3);
+    let head = size_of::<ngx_slab_pool_t>()
+        + slots * (size_of::<ngx_slab_page_t>() + size_of::<ngx_slab_stat_t>());
+    let mut pages = size.saturating_sub(head) / (page + size_of::<ngx_slab_page_t>());
+    let start = (head + pages * size_of::<ngx_slab_page_t>()).div_ceil(page) * page;
+    let room = size.saturating_sub(start) / page;
+    if pages > room {
+        pages = room;
+    }
+    pages
+}
+
+/// Peers a zone of `size` bytes holds: the one place this is computed.
+pub fn capacity_of(size: usize) -> usize {
+    capacity_for(slab_pages(size) * pagesize())
+}
+
+/// The smallest zone size (whole pages) that holds `peers` peers.
+pub fn size_for(peers: usize) -> usize {
+    let page = pagesize();
+    let mut size = (bytes_for(peers) / page + 1) * page;
+    while capacity_of(size) < peers {
+        size += page;
+    }
+    size
+}
+
+/// Registers `consul_upstream:v<LAYOUT>:<upstream>` of `size` bytes. The tag is a
+/// symbol of the nginx binary, not of this module, so that the zone (and its
+/// peers) survives a reload even when the module's file moved.
+pub fn register(
+    cf: &mut ngx_conf_t,
+    upstream: &str,
+    size: usize,
+) -> Result<*mut ngx_shm_zone_t, String> {
+    let text = format!("consul_upstream:v{LAYOUT}:{upstream}");
+    // SAFETY: the configuration's pool lives as long as the cycle.
+    let pool = unsafe { Pool::from_ngx_pool(cf.pool) };
+    let data = pool.alloc(text.len()) as *mut u8;
+    if data.is_null() {
+        return Err("out of memory".into());
+    }
+    // SAFETY: data holds text.len() bytes.
+    unsafe { ptr::copy_nonoverlapping(text.as_ptr(), data, text.len()) };
+    let mut name = ngx_str_t {
+        len: text.len(),
+        data,
+    };
+    let tag = ptr::addr_of_mut!(ngx_stream_upstream_module) as *mut c_void;
+    // SAFETY: cf is the configuration being parsed.
+    let shm_zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, tag) };
+    if shm_zone.is_null() {
+        return Err(format!("could not add shared zone \"{text}\""));
+    }
+    // SAFETY: a zone nginx just returned.
+    unsafe {
+        (*shm_zone).init = Some(init_zone);
+        (*shm_zone).data = ptr::null_mut();
+    }
+    Ok(shm_zone)
+}
+
+/// The shm zone `init` callback, in the master (or the single process). `data`
+/// is the previous cycle's zone when nginx reuses it across a reload (same name
+/// and size): the set, peer state and line records stay as they are. A fresh
+/// zone takes over what the previous cycle's zone of another size held.
 ///
 /// # Safety
 /// Called by nginx with a zone this module registered.
 pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: nginx passes a valid zone; its memory is mapped and starts with a slab pool.
-    let zone = &mut *shm_zone;
-    if !data.is_null() {
-        let old = &*(data as *const Header);
-        if old.magic == MAGIC && old.layout == LAYOUT {
-            zone.data = data;
-            return NGX_OK as ngx_int_t;
-        }
+    // SAFETY: nginx passes a valid zone; its memory starts with a slab pool.
+    let zone = unsafe { &mut *shm_zone };
+    // SAFETY: data, when set, is this zone's data from the previous cycle.
+    if !data.is_null() && unsafe { map(data as *mut Header) }.is_some() {
+        zone.data = data;
+        return NGX_OK as ngx_int_t;
     }
     let pool = zone.shm.addr as *mut ngx_slab_pool_t;
-    let avail = ((*pool).end as usize).saturating_sub((*pool).start as usize);
-    // The slab allocator rounds large blocks up to whole pages: aim a page short.
-    let mut capacity = avail.saturating_sub(size_of::<Header>() + 4096) / RECORD_SIZE;
-    let mut mem = ptr::null_mut();
-    while capacity > 0 {
-        mem = ngx_slab_alloc(pool, size_of::<Header>() + capacity * RECORD_SIZE);
-        if !mem.is_null() {
-            break;
-        }
-        capacity = capacity * 15 / 16;
-    }
+    // SAFETY: nginx initialized the pool; start/end bound its pages.
+    let pages =
+        unsafe { ((*pool).end as usize).saturating_sub((*pool).start as usize) } / pagesize();
+    let capacity = capacity_of(zone.shm.size).min(capacity_for(pages * pagesize()));
+    // SAFETY: a fresh pool; the memory comes back zeroed, which is every
+    // atomic's initial state.
+    let mem = unsafe { ngx_slab_calloc(pool, bytes_for(capacity)) };
     if mem.is_null() {
         return NGX_ERROR as ngx_int_t;
     }
     let header = mem as *mut Header;
-    ptr::write(
-        header,
-        Header {
-            magic: MAGIC,
-            layout: LAYOUT,
-            capacity: capacity.min(u32::MAX as usize) as u32,
-            seq: AtomicU64::new(0),
-            generation: AtomicU64::new(0),
-            write_lock: AtomicU32::new(0),
-            count: AtomicU32::new(0),
-            writer: AtomicI64::new(0),
-            confirmed_at: AtomicU64::new(0),
-        },
-    );
+    // SAFETY: header..+bytes_for(capacity) is ours, zeroed; nobody reads it yet.
+    unsafe { (*header).format(capacity) };
     zone.data = mem;
+    // SAFETY: just laid out.
+    let Some(new) = (unsafe { map(header) }) else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    // SAFETY: nginx calls init with the zone's shm fields set.
+    if let Some(old) = unsafe { previous_zone(zone) } {
+        let now_ms = ffi::current_msec();
+        if let Err(too_large) = new.copy_from(&old, ffi::unix_now(), now_ms) {
+            log::error(&format!(
+                "consul upstream zone \"{}\": the previous zone's peers do not fit the new size (max {}), starting empty",
+                String::from_utf8_lossy(zone.shm.name.as_bytes()),
+                too_large.capacity
+            ));
+        }
+    }
     NGX_OK as ngx_int_t
+}
+
+/// The running cycle's zone of the same name and tag, if it has one (a reload
+/// that changed `zone=`: nginx maps the old zone until the new cycle is set up).
+///
+/// # Safety
+/// `zone` must be a zone of the cycle being initialized.
+unsafe fn previous_zone(zone: &ngx_shm_zone_t) -> Option<Zone<'static>> {
+    // SAFETY: during ngx_init_cycle, ngx_cycle is the running (old) cycle.
+    let cycle = unsafe { ngx::ffi::ngx_cycle.as_ref()? };
+    let mut part = &cycle.shared_memory.part as *const ngx::ffi::ngx_list_part_t;
+    while !part.is_null() {
+        // SAFETY: a part of the cycle's list of zones.
+        let p = unsafe { &*part };
+        let zones = p.elts as *const ngx_shm_zone_t;
+        for i in 0..p.nelts {
+            // SAFETY: i < nelts.
+            let old = unsafe { &*zones.add(i) };
+            let same = old.tag == zone.tag
+                && old.shm.name.as_bytes() == zone.shm.name.as_bytes()
+                && old.shm.addr != zone.shm.addr
+                && !old.data.is_null();
+            if same {
+                // SAFETY: a zone of this module in the running cycle, still mapped.
+                return unsafe { map(old.data as *mut Header) };
+            }
+        }
+        part = p.next;
+    }
+    None
 }

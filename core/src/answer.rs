@@ -62,8 +62,16 @@ pub struct Srv {
 pub struct Ignored {
     pub other_owner: usize,
     pub port_zero: usize,
+    /// Target `.`: RFC 2782's "the service is not available here".
+    pub no_service: usize,
     pub over_limit: usize,
     pub unresolved: usize,
+    /// Addresses no connection should go to, with the first one met.
+    pub unusable: usize,
+    pub unusable_example: Option<SocketAddr>,
+    /// Addresses nginx itself listens on (a proxy loop), with the first one met.
+    pub own: usize,
+    pub own_example: Option<SocketAddr>,
 }
 
 impl Ignored {
@@ -71,13 +79,31 @@ impl Ignored {
         *self == Ignored::default()
     }
 
+    /// Whether a user must act (the set misses instances Consul calls healthy
+    /// because of where they are registered), rather than a shape of the answer.
+    pub fn needs_attention(&self) -> bool {
+        self.unusable > 0 || self.own > 0
+    }
+
     /// "2 records for other names, 1 with port 0"; empty when nothing was ignored.
     pub fn describe(&self) -> String {
+        let unusable = format!(
+            "with an address that takes no connections ({})",
+            self.unusable_example
+                .map_or(String::new(), |a| a.to_string())
+        );
+        let own = format!(
+            "pointing at nginx's own listening socket ({})",
+            self.own_example.map_or(String::new(), |a| a.to_string())
+        );
         let parts = [
             (self.other_owner, "for other names"),
             (self.port_zero, "with port 0"),
+            (self.no_service, "with target \".\" (no service)"),
             (self.over_limit, "over the limit of records"),
             (self.unresolved, "with targets that have no address"),
+            (self.unusable, unusable.as_str()),
+            (self.own, own.as_str()),
         ];
         parts
             .iter()
@@ -85,6 +111,48 @@ impl Ignored {
             .map(|(n, why)| format!("{n} {why}"))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// The addresses nginx listens on, so that no peer points back at nginx itself:
+/// a connection there would be proxied again, until `worker_connections` runs out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnAddresses {
+    /// Listening sockets; an unspecified address (`listen 6379;`) listens on all
+    /// of the host's addresses.
+    pub listen: Vec<SocketAddr>,
+    /// The host's own addresses (for listening sockets on all of them).
+    pub local_ips: Vec<IpAddr>,
+}
+
+impl OwnAddresses {
+    pub fn contains(&self, addr: &SocketAddr) -> bool {
+        let ip = canonical_ip(addr.ip());
+        self.listen.iter().any(|l| {
+            let lip = canonical_ip(l.ip());
+            l.port() == addr.port()
+                && (lip == ip
+                    || lip.is_unspecified()
+                        && (ip.is_loopback()
+                            || self.local_ips.iter().any(|&i| canonical_ip(i) == ip)))
+        })
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Addresses that take no TCP connection to one backend: "this host" (0.0.0.0/8,
+/// `::`, which Linux routes to the proxy's own host), multicast, broadcast.
+pub fn takes_connections(ip: IpAddr) -> bool {
+    match canonical_ip(ip) {
+        IpAddr::V4(v4) => !(v4.octets()[0] == 0 || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     }
 }
 
@@ -117,6 +185,8 @@ impl SrvAnswer {
                 out.ignored.other_owner += 1;
             } else if *port == 0 {
                 out.ignored.port_zero += 1;
+            } else if normalize(target).is_empty() {
+                out.ignored.no_service += 1;
             } else if out.srvs.len() >= MAX_SRV_RECORDS {
                 out.ignored.over_limit += 1;
             } else {
@@ -141,7 +211,7 @@ impl SrvAnswer {
         }
         for target in targets {
             if !out.addrs.contains_key(&target) {
-                if let Some(ip) = decode_addr_target(&target) {
+                if let Some(ip) = decode_addr_target(&target, query) {
                     out.add_address(&target, ip);
                 }
             }
@@ -175,21 +245,31 @@ impl SrvAnswer {
         }
     }
 
-    /// One peer per SRV record and address, canonical order, no duplicates.
-    pub fn peers(&mut self) -> Vec<Peer> {
+    /// One peer per SRV record and address, canonical order, no duplicates;
+    /// addresses that take no connections and nginx's own are left out.
+    pub fn peers(&mut self, own: &OwnAddresses) -> Vec<Peer> {
         let mut peers = Vec::with_capacity(self.srvs.len());
         let mut unresolved = 0;
+        let ignored = &mut self.ignored;
         for srv in &self.srvs {
-            match self.addrs.get(&srv.target) {
-                Some(ips) => {
-                    peers.extend(ips.iter().map(|ip| {
-                        Peer::new(SocketAddr::new(*ip, srv.port), srv.weight, srv.priority)
-                    }))
+            let Some(ips) = self.addrs.get(&srv.target) else {
+                unresolved += 1;
+                continue;
+            };
+            for ip in ips {
+                let addr = SocketAddr::new(*ip, srv.port);
+                if !takes_connections(*ip) {
+                    ignored.unusable += 1;
+                    ignored.unusable_example.get_or_insert(addr);
+                } else if own.contains(&addr) {
+                    ignored.own += 1;
+                    ignored.own_example.get_or_insert(addr);
+                } else {
+                    peers.push(Peer::new(addr, srv.weight, srv.priority));
                 }
-                None => unresolved += 1,
             }
         }
-        self.ignored.unresolved = unresolved;
+        ignored.unresolved = unresolved;
         canonicalize(&mut peers);
         peers
     }
@@ -213,11 +293,20 @@ fn owner_chain(query: &str, answers: &[Record]) -> Vec<String> {
 }
 
 /// Consul names node addresses `<hex>.addr.<dc>.<domain>`: 8 hex digits for IPv4,
-/// 32 for IPv6. Decoding them saves one A and one AAAA query per target.
-pub fn decode_addr_target(target: &str) -> Option<IpAddr> {
-    let mut labels = target.split('.');
+/// 32 for IPv6. Decoding them saves one A and one AAAA query per target. Only
+/// names under the query's own domain are decoded: anyone can make up a name
+/// that looks like one elsewhere.
+pub fn decode_addr_target(target: &str, query: &str) -> Option<IpAddr> {
+    let target = normalize(target);
+    let mut labels = target.splitn(4, '.');
     let hex = labels.next()?;
-    if labels.next()? != "addr" || labels.next().is_none() {
+    if labels.next()? != "addr" {
+        return None;
+    }
+    let _dc = labels.next()?;
+    let domain = labels.next()?;
+    let query = normalize(query);
+    if !(query == domain || query.ends_with(&format!(".{domain}"))) {
         return None;
     }
     if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -258,7 +347,10 @@ mod tests {
 
     fn peers_of(answers: &[Record], additionals: &[Record]) -> Vec<String> {
         let mut ans = SrvAnswer::parse(Q, answers, additionals);
-        ans.peers().iter().map(|p| p.to_string()).collect()
+        ans.peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
     }
 
     #[test]
@@ -306,18 +398,24 @@ mod tests {
         ];
         let mut ans = SrvAnswer::parse(Q, &answers, &[]);
         assert!(ans.unresolved_targets().is_empty());
-        let got: Vec<String> = ans.peers().iter().map(|p| p.addr.to_string()).collect();
+        let got: Vec<String> = ans
+            .peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect();
         assert_eq!(got, ["127.0.0.1:6380", "[2001:db8::1]:6381"]);
     }
 
     #[test]
     fn decode_rejects_non_addr_names() {
-        assert_eq!(decode_addr_target("7f000001.node.dc1.consul"), None);
-        assert_eq!(decode_addr_target("7f00001.addr.dc1.consul"), None);
-        assert_eq!(decode_addr_target("zz000001.addr.dc1.consul"), None);
-        assert_eq!(decode_addr_target("7f000001.addr"), None);
+        let q = "redis.service.dc1.consul";
+        assert_eq!(decode_addr_target("7f000001.node.dc1.consul", q), None);
+        assert_eq!(decode_addr_target("7f00001.addr.dc1.consul", q), None);
+        assert_eq!(decode_addr_target("zz000001.addr.dc1.consul", q), None);
+        assert_eq!(decode_addr_target("7f000001.addr", q), None);
+        assert_eq!(decode_addr_target("7f000001.addr.dc1", q), None);
         assert_eq!(
-            decode_addr_target("0a00000b.addr.dc1.consul"),
+            decode_addr_target("0a00000b.addr.dc1.consul.", q),
             Some("10.0.0.11".parse().unwrap())
         );
     }
@@ -338,7 +436,11 @@ mod tests {
             "node1.node.dc.consul.",
             ["127.0.0.5".parse().unwrap(), "::1".parse().unwrap()],
         );
-        let got: Vec<String> = ans.peers().iter().map(|p| p.addr.to_string()).collect();
+        let got: Vec<String> = ans
+            .peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect();
         assert_eq!(
             got,
             [
@@ -372,7 +474,11 @@ mod tests {
             Record::new(Q, RecordData::Other),
         ];
         let mut ans = SrvAnswer::parse(&format!("{}.", Q.to_uppercase()), &answers, &[]);
-        let got: Vec<String> = ans.peers().iter().map(|p| p.to_string()).collect();
+        let got: Vec<String> = ans
+            .peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         assert_eq!(got, ["127.0.0.3:6381 weight=1 priority=1"]);
         assert_eq!(ans.ignored.other_owner, 1);
         assert_eq!(ans.ignored.port_zero, 1);
@@ -398,7 +504,7 @@ mod tests {
         let additionals = [a("evil.example", "127.0.0.66")];
         let mut ans = SrvAnswer::parse(Q, &answers, &additionals);
         assert_eq!(ans.unresolved_targets(), ["node1.node.dc.consul"]);
-        assert!(ans.peers().is_empty());
+        assert!(ans.peers(&OwnAddresses::default()).is_empty());
     }
 
     #[test]
@@ -415,7 +521,7 @@ mod tests {
             })
             .collect();
         let mut ans = SrvAnswer::parse(Q, &answers, &[]);
-        assert_eq!(ans.peers().len(), MAX_SRV_RECORDS);
+        assert_eq!(ans.peers(&OwnAddresses::default()).len(), MAX_SRV_RECORDS);
         assert_eq!(ans.ignored.over_limit, 500);
     }
 
@@ -426,6 +532,123 @@ mod tests {
             .map(|i| a("node1.node.dc.consul", &format!("127.0.1.{i}")))
             .collect();
         let mut ans = SrvAnswer::parse(Q, &answers, &additionals);
-        assert_eq!(ans.peers().len(), MAX_ADDRS_PER_TARGET);
+        assert_eq!(
+            ans.peers(&OwnAddresses::default()).len(),
+            MAX_ADDRS_PER_TARGET
+        );
+    }
+
+    #[test]
+    fn addr_names_under_another_domain_are_not_decoded() {
+        let answers = [
+            srv(Q, 1, 1, 6380, "7f000001.addr.yunlu_office.consul."),
+            srv(Q, 1, 1, 6381, "7f000002.addr.dc.evil.example."),
+            srv(Q, 1, 1, 6382, "7f000003.addr.consul."),
+        ];
+        let mut ans = SrvAnswer::parse(Q, &answers, &[]);
+        assert_eq!(
+            ans.unresolved_targets(),
+            ["7f000002.addr.dc.evil.example", "7f000003.addr.consul"],
+            "only Consul's own domain is decoded; the others need A/AAAA queries"
+        );
+        let got: Vec<String> = ans
+            .peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.1:6380"]);
+        assert_eq!(
+            decode_addr_target("0a000001.addr.dc1.example.org", "r.service.dc1.example.org"),
+            Some("10.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn target_root_means_no_service_and_is_not_resolved() {
+        let answers = [
+            srv(Q, 1, 1, 6380, "."),
+            srv(Q, 1, 1, 6381, "7f000001.addr.dc.consul"),
+        ];
+        let mut ans = SrvAnswer::parse(Q, &answers, &[]);
+        assert!(
+            ans.unresolved_targets().is_empty(),
+            "no A query for the root"
+        );
+        assert_eq!(ans.peers(&OwnAddresses::default()).len(), 1);
+        assert_eq!(ans.ignored.no_service, 1);
+        assert_eq!(ans.ignored.describe(), "1 with target \".\" (no service)");
+    }
+
+    #[test]
+    fn addresses_that_take_no_connections_are_left_out() {
+        let hex = |ip: &str| -> String {
+            match ip.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(v) => format!("{:08x}", u32::from(v)),
+                IpAddr::V6(v) => format!("{:032x}", u128::from(v)),
+            }
+        };
+        let bad = [
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "ff02::1",
+            "::ffff:0.0.0.0",
+        ];
+        let mut answers: Vec<Record> = bad
+            .iter()
+            .map(|ip| srv(Q, 1, 1, 6380, &format!("{}.addr.dc.consul", hex(ip))))
+            .collect();
+        answers.push(srv(Q, 1, 1, 6380, "7f000001.addr.dc.consul"));
+        let mut ans = SrvAnswer::parse(Q, &answers, &[]);
+        let got = ans.peers(&OwnAddresses::default());
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].addr.to_string(), "127.0.0.1:6380");
+        assert_eq!(ans.ignored.unusable, bad.len());
+        assert!(ans.ignored.needs_attention());
+        assert_eq!(
+            ans.ignored.describe(),
+            format!(
+                "{} with an address that takes no connections (0.0.0.0:6380)",
+                bad.len()
+            )
+        );
+        for ok in ["127.0.0.1", "10.0.0.1", "::1", "2001:db8::1", "240.0.0.1"] {
+            assert!(takes_connections(ok.parse().unwrap()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn nginx_own_listening_sockets_are_left_out() {
+        let own = OwnAddresses {
+            listen: vec![
+                "127.0.0.1:1985".parse().unwrap(),
+                "0.0.0.0:6379".parse().unwrap(),
+            ],
+            local_ips: vec!["10.1.2.3".parse().unwrap()],
+        };
+        for (addr, loops) in [
+            ("127.0.0.1:1985", true),
+            ("127.0.0.2:1985", false),
+            ("127.0.0.9:6379", true),
+            ("10.1.2.3:6379", true),
+            ("[::ffff:10.1.2.3]:6379", true),
+            ("10.9.9.9:6379", false),
+            ("127.0.0.1:6380", false),
+        ] {
+            assert_eq!(own.contains(&addr.parse().unwrap()), loops, "{addr}");
+        }
+        let answers = [
+            srv(Q, 1, 1, 1985, "node1.node.dc.consul"),
+            srv(Q, 1, 1, 6380, "node1.node.dc.consul"),
+        ];
+        let mut ans = SrvAnswer::parse(Q, &answers, &[a("node1.node.dc.consul", "127.0.0.1")]);
+        let got = ans.peers(&own);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            ans.ignored.describe(),
+            "1 pointing at nginx's own listening socket (127.0.0.1:1985)"
+        );
     }
 }

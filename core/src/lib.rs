@@ -14,5 +14,6 @@ pub mod select;
 pub mod settings;
 pub mod state;
 pub mod view;
+pub mod zone;
 
 pub use peer::Peer;

@@ -14,8 +14,15 @@ pub enum Outcome {
     Peers(Vec<Peer>),
     /// Consul's "no healthy instance": NXDOMAIN (`true`) or no records.
     Empty { nxdomain: bool },
-    /// Timeout, refused, SERVFAIL, malformed answer, or a set that does not fit.
+    /// Timeout, refused, SERVFAIL, malformed answer.
     Failed(String),
+    /// An answer with more peers than the zone holds (with the others' parts).
+    Oversize {
+        peers: usize,
+        capacity: usize,
+        zone_size: usize,
+        needed_size: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,6 +53,15 @@ enum Streak {
     None,
     Empty,
     Failed(u32),
+    Oversize(u32),
+}
+
+/// The streak a line is in, for the status report: kind, length, since when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreakStatus {
+    pub kind: crate::zone::StreakKind,
+    pub count: u32,
+    pub since_ms: Option<u64>,
 }
 
 /// Per-upstream discovery state in the writing worker.
@@ -58,6 +74,7 @@ pub struct Tracker {
     on_error: Policy,
     max_stale_ms: Option<u64>,
     streak: Streak,
+    streak_since_ms: Option<u64>,
     /// When the current set was last confirmed by a non-empty answer (or loaded).
     last_good_ms: Option<u64>,
     stale_dropped: bool,
@@ -96,14 +113,36 @@ impl Tracker {
             on_error: settings.on_error,
             max_stale_ms: settings.max_stale_ms,
             streak: Streak::None,
+            streak_since_ms: None,
             last_good_ms: None,
             stale_dropped: false,
         }
     }
 
-    /// A set loaded from the state file counts as confirmed at load time.
-    pub fn loaded(&mut self, now_ms: u64) {
-        self.last_good_ms = Some(now_ms);
+    /// A set carried over (zone after a reload, state file after a restart) was
+    /// last confirmed at `confirmed_ms`: `max_stale` counts from there.
+    pub fn loaded(&mut self, confirmed_ms: u64) {
+        self.last_good_ms = Some(confirmed_ms);
+    }
+
+    /// When the set was last confirmed by a non-empty answer (or loaded).
+    pub fn last_good_ms(&self) -> Option<u64> {
+        self.last_good_ms
+    }
+
+    pub fn streak(&self) -> StreakStatus {
+        use crate::zone::StreakKind;
+        let (kind, count) = match self.streak {
+            Streak::None => (StreakKind::None, 0),
+            Streak::Empty => (StreakKind::Empty, 1),
+            Streak::Failed(n) => (StreakKind::Failed, n),
+            Streak::Oversize(n) => (StreakKind::Oversize, n),
+        };
+        StreakStatus {
+            kind,
+            count,
+            since_ms: self.streak_since_ms,
+        }
     }
 
     fn prefix(&self) -> String {
@@ -116,7 +155,7 @@ impl Tracker {
     /// mean keeps the mean delay at `interval`.
     fn next_ms(&self, jitter_ms: u64) -> u64 {
         let base = match self.streak {
-            Streak::Failed(n) if n > 1 => {
+            Streak::Failed(n) | Streak::Oversize(n) if n > 1 => {
                 let cap = MAX_BACKOFF_MS.max(self.interval_ms);
                 let shift = (n - 1).min(20);
                 self.interval_ms.saturating_mul(1 << shift).min(cap)
@@ -136,8 +175,9 @@ impl Tracker {
         jitter_ms: u64,
     ) -> Decision {
         let p = self.prefix();
+        let before = std::mem::discriminant(&self.streak);
         let (action, log) = match outcome {
-            Outcome::Peers(peers) => {
+            Outcome::Peers(set) => {
                 let log = match self.streak {
                     Streak::Failed(n) => Some((
                         Level::Notice,
@@ -148,7 +188,7 @@ impl Tracker {
                 self.streak = Streak::None;
                 self.last_good_ms = Some(now_ms);
                 self.stale_dropped = false;
-                (Action::Publish(peers), log)
+                (Action::Publish(set), log)
             }
             Outcome::Empty { nxdomain } => {
                 let first = self.streak != Streak::Empty;
@@ -186,7 +226,40 @@ impl Tracker {
                 });
                 (action, log)
             }
+            Outcome::Oversize {
+                peers: total,
+                capacity,
+                zone_size,
+                needed_size,
+            } => {
+                let n = match self.streak {
+                    Streak::Oversize(n) => n + 1,
+                    _ => 1,
+                };
+                self.streak = Streak::Oversize(n);
+                let (action, verb) = self.apply(self.on_error, current);
+                let log = (n == 1).then(|| {
+                    (
+                        Level::Error,
+                        format!(
+                            "{p}{} do not fit in zone={}k (max {}), zone={}k needed{}",
+                            peers(total),
+                            zone_size / 1024,
+                            peers(capacity),
+                            needed_size / 1024,
+                            tail(verb, current)
+                        ),
+                    )
+                });
+                (action, log)
+            }
         };
+        if std::mem::discriminant(&self.streak) != before {
+            self.streak_since_ms = match self.streak {
+                Streak::None => None,
+                _ => Some(now_ms),
+            };
+        }
         let (action, log) = self.check_stale(action, log, current, now_ms);
         Decision {
             action,
@@ -365,5 +438,58 @@ mod tests {
         t.loaded(100);
         assert_eq!(t.on_outcome(failed(), 3, 1000, 0).action, Action::Keep);
         assert_eq!(t.on_outcome(failed(), 3, 2100, 0).action, Action::Drop);
+    }
+
+    #[test]
+    fn an_oversize_answer_is_a_failure_streak_with_backoff_and_max_stale() {
+        let mut t = tracker("interval=1s max_stale=5s");
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        let big = || Outcome::Oversize {
+            peers: 2000,
+            capacity: 1790,
+            zone_size: 64 * 1024,
+            needed_size: 80 * 1024,
+        };
+        let d = t.on_outcome(big(), 2, 1000, 50);
+        assert_eq!(d.action, Action::Keep);
+        assert_eq!(
+            d.log,
+            Some((
+                Level::Error,
+                "consul upstream \"redis\": 2000 peers do not fit in zone=64k (max 1790 peers), zone=80k needed, keeping 2 peers".into()
+            ))
+        );
+        let d = t.on_outcome(big(), 2, 2000, 50);
+        assert_eq!((d.log, d.next_ms), (None, 2000), "logged once, backing off");
+        assert_eq!(t.streak().count, 2);
+        assert_eq!(t.streak().since_ms, Some(1000));
+        let d = t.on_outcome(big(), 2, 5000, 50);
+        assert_eq!(d.action, Action::Drop, "max_stale applies");
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .contains("no successful answer for 5s (max_stale)"));
+        let mut strict = tracker("on_error=fail");
+        strict.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        assert_eq!(strict.on_outcome(big(), 2, 1, 0).action, Action::Drop);
+    }
+
+    #[test]
+    fn the_streak_is_reported_with_its_start() {
+        let mut t = tracker("");
+        assert_eq!(t.streak().kind, crate::zone::StreakKind::None);
+        t.on_outcome(failed(), 0, 100, 0);
+        t.on_outcome(failed(), 0, 200, 0);
+        let s = t.streak();
+        assert_eq!(
+            (s.kind, s.count, s.since_ms),
+            (crate::zone::StreakKind::Failed, 2, Some(100))
+        );
+        t.on_outcome(Outcome::Empty { nxdomain: true }, 0, 300, 0);
+        assert_eq!(t.streak().since_ms, Some(300));
+        t.on_outcome(Outcome::Peers(peers(1)), 0, 400, 0);
+        assert_eq!(t.streak().since_ms, None);
+        assert_eq!(t.last_good_ms(), Some(400));
     }
 }

@@ -3,12 +3,20 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::view::HealthPolicy;
+
 /// Consul's DNS port: the port of a `resolver=` given without one.
 pub const CONSUL_DNS_PORT: u16 = 8600;
-/// Default shared memory per upstream: room for well over 1,000 peers.
-pub const DEFAULT_ZONE_SIZE: usize = 64 * 1024;
+/// Default shared memory per upstream: room for more peers than one DNS answer
+/// can carry (about 1,400 Consul-shaped SRV records over TCP).
+pub const DEFAULT_ZONE_SIZE: usize = 256 * 1024;
 /// nginx's smallest shared zone: 8 pages.
 pub const MIN_ZONE_SIZE: usize = 8 * 4096;
+/// The largest zone accepted.
+pub const MAX_ZONE_SIZE: usize = 1 << 30;
+/// The longest time a parameter takes: 24 days keeps every timer nginx arms below
+/// 2^31 ms, which its timer tree compares as a signed number.
+pub const MAX_TIME_MS: u64 = 24 * 86_400_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Transport {
@@ -36,8 +44,7 @@ pub struct Settings {
     pub max_stale_ms: Option<u64>,
     pub zone_size: usize,
     pub state_path: Option<String>,
-    pub max_fails: u32,
-    pub fail_timeout_ms: u64,
+    pub health: HealthPolicy,
 }
 
 /// A configuration error, worded as nginx words them (the caller adds file:line).
@@ -155,8 +162,7 @@ impl Settings {
             max_stale_ms: None,
             zone_size: DEFAULT_ZONE_SIZE,
             state_path: None,
-            max_fails: 1,
-            fail_timeout_ms: 10_000,
+            health: HealthPolicy::default(),
         };
         let mut seen: Vec<&str> = Vec::new();
 
@@ -171,7 +177,15 @@ impl Settings {
                 }
                 seen.push(key);
             }
-            let time = |v: Option<&str>| v.and_then(parse_time_ms).ok_or_else(|| invalid(arg));
+            let time = |v: Option<&str>| {
+                let t = v.and_then(parse_time_ms).ok_or_else(|| invalid(arg))?;
+                if t > MAX_TIME_MS {
+                    return Err(ConfError(format!(
+                        "invalid parameter \"{arg}\": at most 24d is allowed"
+                    )));
+                }
+                Ok(t)
+            };
             let label =
                 |v: Option<&'a str>| v.filter(|v| valid_label(v)).ok_or_else(|| invalid(arg));
             let policy = |v: Option<&str>| match v {
@@ -189,12 +203,14 @@ impl Settings {
                 }
                 ("interval", v) => s.interval_ms = time(v).and_then(|t| nonzero(t, arg))?,
                 ("timeout", v) => s.timeout_ms = time(v).and_then(|t| nonzero(t, arg))?,
-                ("fail_timeout", v) => s.fail_timeout_ms = time(v)?,
+                ("fail_timeout", v) => s.health.fail_timeout_ms = time(v)?,
                 ("max_stale", Some("off")) => s.max_stale_ms = None,
                 ("max_stale", v) => s.max_stale_ms = Some(time(v).and_then(|t| nonzero(t, arg))?),
                 ("on_empty", v) => s.on_empty = policy(v)?,
                 ("on_error", v) => s.on_error = policy(v)?,
-                ("max_fails", Some(v)) => s.max_fails = v.parse().map_err(|_| invalid(arg))?,
+                ("max_fails", Some(v)) => {
+                    s.health.max_fails = v.parse().map_err(|_| invalid(arg))?
+                }
                 ("zone", Some(v)) => {
                     let size = parse_size(v).ok_or_else(|| invalid(arg))?;
                     if size < MIN_ZONE_SIZE {
@@ -202,7 +218,12 @@ impl Settings {
                             "invalid parameter \"{arg}\": at least 32k is needed"
                         )));
                     }
-                    s.zone_size = size.min(1 << 30);
+                    if size > MAX_ZONE_SIZE {
+                        return Err(ConfError(format!(
+                            "invalid parameter \"{arg}\": at most 1024m is allowed"
+                        )));
+                    }
+                    s.zone_size = size;
                 }
                 ("state", Some(v)) if !v.is_empty() => s.state_path = Some(v.to_string()),
                 ("service", v) => st.service = Some(label(v)?),
@@ -323,7 +344,7 @@ mod tests {
             (Policy::Keep, Policy::Keep, None)
         );
         assert_eq!(s.zone_size, DEFAULT_ZONE_SIZE);
-        assert_eq!((s.max_fails, s.fail_timeout_ms), (1, 10_000));
+        assert_eq!(s.health, HealthPolicy::default());
     }
 
     #[test]
@@ -407,7 +428,7 @@ mod tests {
         assert_eq!(s.transport, Transport::Udp);
         assert_eq!((s.on_empty, s.on_error), (Policy::Fail, Policy::Fail));
         assert_eq!(
-            (s.zone_size, s.max_fails, s.fail_timeout_ms),
+            (s.zone_size, s.health.max_fails, s.health.fail_timeout_ms),
             (1 << 20, 3, 0)
         );
         assert_eq!(s.state_path.as_deref(), Some("/tmp/x"));
@@ -467,6 +488,22 @@ mod tests {
             "duplicate parameter \"interval=\""
         );
         assert_eq!(err("a.consul b.consul"), "invalid parameter \"b.consul\"");
+        assert_eq!(
+            err("r.service.consul interval=25d"),
+            "invalid parameter \"interval=25d\": at most 24d is allowed"
+        );
+        assert_eq!(
+            err("r.service.consul max_stale=106751991167d"),
+            "invalid parameter \"max_stale=106751991167d\": at most 24d is allowed"
+        );
+        assert_eq!(
+            parse("r.service.consul interval=24d").unwrap().interval_ms,
+            MAX_TIME_MS
+        );
+        assert_eq!(
+            err("r.service.consul zone=2048m"),
+            "invalid parameter \"zone=2048m\": at most 1024m is allowed"
+        );
     }
 
     #[test]
