@@ -46,6 +46,67 @@ stream {
 _EOC_
     is($rc, 0, 'nginx -t accepts every documented parameter') or diag $out;
     like($out, qr/syntax is ok/, 'syntax is ok');
+
+    # `zone` is what every nginx user writes in a dynamic upstream (nginx's own
+    # `resolve` requires it). nginx's zone module copies the block's round-robin
+    # peers: without static servers there were none, and nginx -t crashed.
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream zone_first {
+        zone zone_first 64k;
+        consul_upstream redis.service.dc1.consul;
+    }
+    upstream zone_after {
+        consul_upstream redis.service.dc2.consul;
+        zone zone_after 64k;
+    }
+    upstream zone_and_servers {
+        zone shared 64k;
+        consul_upstream redis.service.dc3.consul;
+        server 127.0.0.1:6382;
+        server 127.0.0.1:6383 backup;
+    }
+    upstream zone_shared {
+        zone shared;
+        consul_upstream redis.service.dc4.consul;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass zone_first; }
+}
+_EOC_
+    is($rc, 0, 'zone beside consul_upstream: nginx -t passes (no crash)') or diag $out;
+    like($out, qr/test is successful/, 'zone: test is successful') or diag $out;
+
+    # How nginx users spell a last-resort server.
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        consul_upstream redis.service.dc1.consul;
+        server 127.0.0.1:6382 backup;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+    is($rc, 0, 'a backup server beside consul_upstream: nginx -t passes') or diag $out;
+    unlike($out, qr/no servers in upstream/, 'not "no servers in upstream"');
+
+    # 33 lines: one more than the zone keeps line records for.
+    my $lines = join '', map { "        consul_upstream r$_.service.consul;\n" } 1 .. 33;
+    ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+$lines    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+    isnt($rc, 0, '33 consul_upstream lines are refused');
+    like($out, qr/\[emerg\] too many "consul_upstream" lines in one upstream \(at most 32\) in \Q$conf\E:37$/m,
+         'and the 33rd line is named') or diag $out;
 }
 
 run_tests();
@@ -326,6 +387,44 @@ upstream redis {
 --- must_die
 --- error_log eval
 qr/\[emerg\] \d+#\d+: invalid parameter "zone=1k"(?::[^"]*)? in \S*\/stream\.conf:3\s*$/
+
+
+
+=== TEST 29b: zone= too large
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul zone=2g;   # emerg: invalid parameter "zone=2g"
+}
+
+
+
+=== TEST 29c: interval= longer than nginx's timers can take
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul interval=9223372036854775s;   # emerg: invalid parameter "interval=9223372036854775s": at most 24d is allowed
+}
+
+
+
+=== TEST 29d: max_stale= and fail_timeout= are bounded too
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul fail_timeout=25d;   # emerg: invalid parameter "fail_timeout=25d": at most 24d is allowed
+}
+
+
+
+=== TEST 29e: one state file for two upstreams
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/x.state;
+}
+upstream redis {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/x.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/x\.state" is already used by upstream "a" in \S*\/stream\.conf:6\s*$/
 
 
 

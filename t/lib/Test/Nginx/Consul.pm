@@ -84,8 +84,10 @@ our @EXPORT = qw(
     nsupdate dig_srv
     backend_start backend_stop backend_stop_all backend_running
     probe_backend tally tally_str is_tally tally_background wait_for_backends
-    wait_until wait_for_log log_count error_log_text
+    wait_until wait_for_log log_count error_log_text log_mark error_log_since
+    worker_tally split_is_exact
     nginx_pid nginx_worker_pids nginx_reload nginx_restart nginx_stop nginx_t
+    stream_config_set
     stream_port block_name
 );
 
@@ -809,6 +811,60 @@ sub error_log_text {
     return <$fh> // '';
 }
 
+# The error log's size now: error_log_since(MARK) and worker_tally(MARK) look
+# only at what follows.
+sub log_mark {
+    return -s $Test::Nginx::Util::ErrLogFile // 0;
+}
+
+sub error_log_since {
+    my $mark = shift // 0;
+    open my $fh, '<', $Test::Nginx::Util::ErrLogFile or return '';
+    seek $fh, $mark, 0;
+    local $/;
+    return <$fh> // '';
+}
+
+# Connections per worker and backend port since MARK, from nginx's info lines
+# "proxy 127.0.0.1:P connected to ADDR:PORT": { pid => { port => n } }.
+sub worker_tally {
+    my $mark = shift;
+    my %t;
+    for (split /\n/, error_log_since($mark)) {
+        next unless /\[info\] (\d+)#\d+: \*\d+ proxy \S+ connected to \[?[0-9a-fA-F:.]+?\]?:(\d+)$/;
+        $t{$1}{$2}++;
+    }
+    return \%t;
+}
+
+# Whether every worker split its connections by WEIGHTS ({ port => weight })
+# exactly, as smooth weighted round robin does: within one connection of the
+# ideal in each worker. Diagnoses the tally otherwise.
+sub split_is_exact {
+    my ($per_worker, $weights, $name) = @_;
+    local $Test::Builder::Level = $Test::Builder::Level + 1;
+    my $sum = 0;
+    $sum += $_ for values %$weights;
+    my @bad;
+    for my $pid (sort keys %$per_worker) {
+        my $t = $per_worker->{$pid};
+        my $n = 0;
+        $n += $_ for values %$t;
+        for my $port (keys %$t) {
+            push @bad, "worker $pid: unexpected port $port" unless exists $weights->{$port};
+        }
+        for my $port (keys %$weights) {
+            my $want = $n * $weights->{$port} / $sum;
+            my $got = $t->{$port} // 0;
+            push @bad, sprintf('worker %s: %d to %s, ideal %.1f of %d', $pid, $got, $port, $want, $n)
+                if abs($got - $want) > 1;
+        }
+    }
+    my $ok = Test::More::ok(%$per_worker && !@bad, $name);
+    Test::More::diag(join "\n", @bad, Test::More::explain($per_worker)) unless $ok;
+    return $ok;
+}
+
 sub log_count {
     my $pat = shift;
     my $n = 0;
@@ -851,6 +907,17 @@ sub nginx_worker_pids {
     my @w = grep { _cmdline($_) =~ /worker process/ && _cmdline($_) !~ /shutting down/ }
         _children($pid);
     return @w ? @w : (_cmdline($pid) =~ /worker|nginx/ ? ($pid) : ());
+}
+
+# Rewrite the block's stream { } with another --- stream_config text (same
+# server { }), for a reload that adds, removes or changes lines.
+sub stream_config_set {
+    my $text = shift;
+    $text =~ s/\$(TEST_NGINX_\w+)/$ENV{$1} \/\/ die "no env $1\n"/ge;
+    my $conf = _stream_conf($Block, stream_port(), $text);
+    $conf =~ s/\$(TEST_NGINX_\w+)/$ENV{$1} \/\/ die "no env $1\n"/ge;
+    _write_file("$Test::Nginx::Util::HtmlDir/$Test::Nginx::Consul::StreamConfName", $conf);
+    return 1;
 }
 
 # HUP the master; waits for new workers (and the old ones gone). Returns 1/0.
@@ -902,7 +969,9 @@ sub nginx_t {
     my $conf = "$dir/conf/nginx.conf";
     _write_file($conf, $text);
     my $out = `$NginxBinary -t -p $dir/ -c $conf -e $dir/logs/error.log 2>&1`;
-    return ($? >> 8, $out, $conf);
+    # A crash is not a success: killed by signal N gives 128 + N, as in a shell.
+    my $rc = $? & 127 ? 128 + ($? & 127) : $? >> 8;
+    return ($rc, $out, $conf);
 }
 
 # ---------------------------------------------------------------------------
@@ -912,8 +981,8 @@ my ($DefaultWorkers, $DefaultMaster);
 our $StreamConfName = 'stream.conf';
 
 sub _stream_conf {
-    my ($block, $port) = @_;
-    my $stream_config = $block->stream_config // '';
+    my ($block, $port, $stream_config) = @_;
+    $stream_config //= $block->stream_config // '';
     my $server_config = $block->stream_server_config;
     $server_config = "    proxy_pass redis;\n" unless defined $server_config;
     my $listen_opts = $block->stream_listen_options // '';
