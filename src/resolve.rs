@@ -186,9 +186,29 @@ fn describe(e: &NetError, addr: &SocketAddr) -> String {
         NetError::Truncated => {
             format!("{addr} sent a truncated answer (too large for one DNS message)")
         }
-        NetError::Dns(DnsError::ResponseCode(code)) => format!("{addr} answered {code}"),
+        NetError::Dns(DnsError::ResponseCode(code)) => {
+            format!("{addr} answered {}", rcode_name(u16::from(*code)))
+        }
         other => format!("{other} from {addr}"),
     }
+}
+
+/// A response code as dig shows it (RFC 1035, 2136).
+fn rcode_name(code: u16) -> String {
+    let name = match code {
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        6 => "YXDOMAIN",
+        7 => "YXRRSET",
+        8 => "NXRRSET",
+        9 => "NOTAUTH",
+        10 => "NOTZONE",
+        _ => return format!("rcode {code}"),
+    };
+    name.to_string()
 }
 
 /// A target's addresses (A and AAAA); a name that does not exist or has no
