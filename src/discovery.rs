@@ -227,6 +227,8 @@ struct Group {
     stopped: bool,
     /// A part changed since the state file was written.
     state_dirty: bool,
+    /// The last save failed (said once, until one succeeds).
+    state_failing: bool,
 }
 
 fn transport_name(t: Transport) -> &'static str {
@@ -307,6 +309,7 @@ impl Group {
             parts,
             stopped: false,
             state_dirty: saved.is_none(),
+            state_failing: false,
         };
         let tags: Vec<u32> = up.lines.iter().map(|l| l.tag).collect();
         let guard = zone.lock();
@@ -626,20 +629,27 @@ impl Group {
             saved_at: ffi::unix_now(),
             sources,
         };
-        match state::save(Path::new(path), &saved) {
-            Ok(()) => {
-                for part in &mut self.parts {
-                    part.saved_unix = part.confirmed_unix;
-                }
-                log::debug(&format!("{}state file \"{path}\" written", up.prefix()));
-            }
-            Err(err) => log::error(&format!(
-                "{}cannot save state file \"{path}\": {err}",
-                up.prefix()
-            )),
-        }
-        // Not retried at once on failure: the next change or lag tries again.
+        let result = state::save(Path::new(path), &saved);
+        // Tried: the next change, or the next lag, tries again.
         self.state_dirty = false;
+        for part in &mut self.parts {
+            part.saved_unix = part.confirmed_unix;
+        }
+        match result {
+            Ok(()) if self.state_failing => {
+                self.state_failing = false;
+                log::notice(&format!("{}state file \"{path}\" written again", up.prefix()));
+            }
+            Ok(()) => log::debug(&format!("{}state file \"{path}\" written", up.prefix())),
+            Err(err) if !self.state_failing => {
+                self.state_failing = true;
+                log::error(&format!(
+                    "{}cannot save state file \"{path}\": {err}",
+                    up.prefix()
+                ));
+            }
+            Err(_) => {}
+        }
     }
 }
 
