@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
-      bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps
+      bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps gdb
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl
       libwww-perl)
 
