@@ -638,7 +638,10 @@ impl Group {
         match result {
             Ok(()) if self.state_failing => {
                 self.state_failing = false;
-                log::notice(&format!("{}state file \"{path}\" written again", up.prefix()));
+                log::notice(&format!(
+                    "{}state file \"{path}\" written again",
+                    up.prefix()
+                ));
             }
             Ok(()) => log::debug(&format!("{}state file \"{path}\" written", up.prefix())),
             Err(err) if !self.state_failing => {

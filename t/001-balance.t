@@ -249,3 +249,60 @@ backend_start(6380, 6381);
 ok(wait_for_backends([6380, 6381], only => 1, timeout => 5), 'back to priority 1');
 --- error_log
 connect() failed (111: Connection refused) while connecting to upstream
+
+
+
+=== TEST 14: retries skip the peers a connection already tried, whatever their weight
+--- dns
+instance redis.service.yunlu_office.consul 127.0.0.1:20001 weight=3
+instance redis.service.yunlu_office.consul 127.0.0.1:20002 weight=1
+instance redis.service.yunlu_office.consul 127.0.0.1:6380 weight=1
+--- backends: 6380
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT max_fails=0;
+}
+--- stream_server_config
+    proxy_pass redis;
+    proxy_next_upstream_tries 3;
+--- check
+ok(wait_for_log(qr/consul upstream "redis": 3 peers from/), 'three peers');
+# The weight-3 peer holds 3 of every 5 slots: a retry that took the next slot
+# would often meet it again and run out of its three tries.
+is_tally(tally(25), {6380 => 25}, 'every connection ends at the live peer within three tries');
+my %tries;
+for (split /\n/, error_log_text()) {
+    $tries{$1}{$2}++ if /\*(\d+) connect\(\) failed .* upstream: "127\.0\.0\.1:(\d+)"/;
+}
+ok(!grep({ grep { $_ > 1 } values %$_ } values %tries), 'no connection tried a dead peer twice')
+    or diag Test::More::explain(\%tries);
+--- error_log
+connect() failed (111: Connection refused) while connecting to upstream
+
+
+
+=== TEST 15: more than 64 peers tried by one connection (the tried set outgrows its first word)
+--- dns
+instance redis.service.yunlu_office.consul 127.0.0.1:20000-20069
+instance redis.service.yunlu_office.consul 127.0.0.1:6380
+--- backends: 6380
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT max_fails=0;
+}
+--- stream_server_config
+    proxy_pass redis;
+    proxy_next_upstream_tries 0;
+--- check
+ok(wait_for_log(qr/consul upstream "redis": 71 peers from/), '71 peers, 70 of them dead');
+is_tally(tally(8), {6380 => 8}, 'every connection ends at the live peer');
+my %tries;
+for (split /\n/, error_log_text()) {
+    $tries{$1}{$2}++ if /\*(\d+) connect\(\) failed .* upstream: "127\.0\.0\.1:(\d+)"/;
+}
+my ($most) = sort { $b <=> $a } map { scalar keys %$_ } values %tries;
+ok($most > 64, "one connection tried $most dead peers");
+ok(!grep({ grep { $_ > 1 } values %$_ } values %tries), 'none of them twice')
+    or diag Test::More::explain(\%tries);
+--- error_log
+connect() failed (111: Connection refused) while connecting to upstream

@@ -84,6 +84,7 @@ is_tally(tally(6), {6381 => 6}, 'only dc2 left');
 instance redis.service.dc1.consul 127.0.0.1:6380
 instance redis.service.dc2.consul 127.0.0.1:6381
 --- backends: 6380 6381 6382
+--- stream_listen_options: reuseport
 --- stream_config
 upstream redis {
     consul_upstream redis.service.dc1.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
@@ -91,12 +92,16 @@ upstream redis {
 }
 --- check
 ok(wait_for_backends([6380, 6381]), 'both discovered');
+# DNS down first: nothing a new lookup brings can rebuild the set.
+dns_stop();
 ok(nginx_reload(), 'reloaded');
-sleep 1.5;
-is_tally(tally(8), {6380 => 4, 6381 => 4}, 'both parts kept across the reload');
+ok(wait_for_log(qr/resolving redis\.service\.dc1\.consul failed: .+, keeping 1 peer/, 4),
+   'the new worker 0 failed to ask, and kept dc1\'s part');
+my $t = tally(20);
+ok(!$t->{fail} && $t->{6380} && $t->{6381}, 'both parts served after the reload: ' . tally_str($t));
 # The new worker 0 knows which peers are dc2's: dropping dc2 leaves dc1's.
-consul_deregister_all($main::DC2);
-ok(wait_for_log(qr/redis\.service\.dc2\.consul has no healthy instances \(NXDOMAIN\), dropping 1 peer/, 4),
+dns_start(records => "instance redis.service.dc1.consul 127.0.0.1:6380\n");
+ok(wait_for_log(qr/redis\.service\.dc2\.consul has no healthy instances \(NXDOMAIN\), dropping 1 peer/, 6),
    'dc2 part dropped by the new worker 0');
 sleep 0.3;
 is_tally(tally(6), {6380 => 6}, 'dc1 part intact');
@@ -130,3 +135,29 @@ is_tally(tally(10), {6380 => 5, 6381 => 5}, 'both parts served from the state fi
 ok(wait_for_log(qr/2 peers from state file/, 1), 'loaded');
 --- no_error_log
 [error]
+
+
+
+=== TEST 6: a peer found by two lines is one peer; each line says what it resolves
+--- dns
+instance redis.service.dc1.consul 127.0.0.1:6380
+instance redis.service.dc1.consul 127.0.0.1:6381
+instance redis.service.dc2.consul 127.0.0.1:6380
+--- backends: 6380 6381
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.dc1.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+    consul_upstream redis.service.dc2.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- check
+ok(wait_for_backends([6380, 6381]), 'discovered');
+ok(wait_for_log(qr/1 peer from redis\.service\.dc2\.consul, 2 peers in all/, 4)
+   || wait_for_log(qr/2 peers from redis\.service\.dc1\.consul, 2 peers in all/, 1),
+   'two peers in all, not three');
+is_tally(tally(20), {6380 => 10, 6381 => 10}, '6380 is not counted twice');
+--- error_log eval
+[qr/\[info\] \d+#\d+: consul upstream "redis": resolving redis\.service\.dc1\.consul every 1000ms via 127\.0\.0\.1:\d+ \(tcp\), zone=256k holds \d+ peers$/m,
+ qr/\[info\] \d+#\d+: consul upstream "redis": resolving redis\.service\.dc2\.consul every 1000ms via 127\.0\.0\.1:\d+ \(tcp\), zone=256k holds \d+ peers$/m]
+--- no_error_log
+[error]
+[warn]

@@ -87,7 +87,7 @@ our @EXPORT = qw(
     wait_until wait_for_log log_count error_log_text log_mark error_log_since
     worker_tally split_is_exact
     nginx_pid nginx_worker_pids nginx_reload nginx_restart nginx_stop nginx_t
-    stream_config_set
+    stream_config_set dead_port
     stream_port block_name
 );
 
@@ -292,6 +292,14 @@ sub _write_file {
     close $fh or die "cannot write $path: $!\n";
 }
 
+# A loopback port nothing listens on (connections to it are refused).
+sub dead_port {
+    my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Listen => 1, Proto => 'tcp');
+    my $p = $s->sockport;
+    close $s;
+    return $p;
+}
+
 sub _port_holder {
     my $port = shift;
     my $out = `ss -Hltnp 'sport = :$port' 2>/dev/null` // '';
@@ -400,11 +408,15 @@ _EOZ_
     $DnsPid = $pid;
     _write_file("$DnsDir/named-fg.pid", "$pid\n");
 
-    # ready: the zone answers (or, when it may fail to load, the server does)
-    my $probe = $o{zone_may_fail} ? 'CH TXT version.bind' : 'SOA consul';
+    # ready: the zone answers (or, when it may fail to load, the server answers
+    # anything at all, even SERVFAIL or REFUSED)
     my $ok = wait_until(sub {
         return 0 unless kill(0, $DnsPid) && !waitpid($DnsPid, WNOHANG);
-        my $out = `dig \@127.0.0.1 -p $DnsPort +tcp +time=1 +tries=1 +short $probe 2>/dev/null`;
+        if ($o{zone_may_fail}) {
+            my $out = `dig \@127.0.0.1 -p $DnsPort +tcp +time=1 +tries=1 SOA consul 2>/dev/null`;
+            return $out =~ /status: [A-Z]+/;
+        }
+        my $out = `dig \@127.0.0.1 -p $DnsPort +tcp +time=1 +tries=1 +short SOA consul 2>/dev/null`;
         return $out =~ /\S/ && $out !~ /timed out|refused|;;/;
     }, 10);
     if (!$ok) {
