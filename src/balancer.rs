@@ -296,6 +296,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 }
 
 fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
+    crate::fault::inject("get");
     // SAFETY: the upstream conf outlives every session of its cycle.
     let up = unsafe { &*pd.upstream };
     let Ok(mut local) = up.local.try_borrow_mut() else {

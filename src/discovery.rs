@@ -28,7 +28,7 @@ use consul_core::Peer;
 use crate::resolve::{LineResolver, Resolved};
 use crate::upstream::{MainConf, Upstream};
 use crate::zone::{self, SharedZone};
-use crate::{ffi, listening, log, runtime};
+use crate::{fault, ffi, listening, log, runtime};
 
 /// The state file is rewritten at the latest when the confirmation it holds is
 /// this old (or a quarter of `max_stale`, if shorter): a restart during an outage
@@ -184,6 +184,7 @@ async fn line_loop(
                 Resolved::Failed("internal error in the DNS client (panic)".into())
             });
         let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            fault::inject("apply");
             group.borrow_mut().apply(line, &mut tracker, result)
         }));
         delay_ms = applied.unwrap_or_else(|_| {

@@ -24,6 +24,7 @@ use ngx::ffi::{
 mod balancer;
 mod conf;
 mod discovery;
+mod fault;
 mod ffi;
 mod listening;
 mod log;

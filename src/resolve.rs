@@ -57,6 +57,7 @@ impl LineResolver {
     /// Asks each resolver in order until one answers; an answer (even NXDOMAIN)
     /// ends the search, a failure (timeout, refused, SERVFAIL) moves on to the next.
     pub async fn lookup(&self) -> Resolved {
+        crate::fault::inject("lookup");
         let name = match Name::from_ascii(format!("{}.", self.query)) {
             Ok(n) => n,
             Err(e) => return Resolved::Failed(format!("invalid name: {e}")),
