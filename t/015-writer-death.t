@@ -19,12 +19,12 @@ sub kill_inside_write {
     if ($gdb == 0) {
         open STDOUT, '>', "$TmpDir/gdb.out";
         open STDERR, '>&', \*STDOUT;
-        exec 'gdb', '-nx', '-p', $pid, '-batch',
+        { exec 'gdb', '-nx', '-p', $pid, '-batch',
             '-ex', 'set pagination off',
             '-ex', 'break ngx_consul_core::zone::Record::store',
             '-ex', 'continue',
             '-ex', "shell touch $hit; while [ ! -e $go ]; do sleep 0.05; done",
-            '-ex', 'kill';
+            '-ex', 'kill' }
         POSIX::_exit(127);
     }
     return $gdb;
