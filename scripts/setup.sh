@@ -3,10 +3,11 @@
 # Debian packages (nginx build deps, BIND, redis, Perl), Test::Nginx from Debian sid.
 set -euo pipefail
 
+# gdb: t/020-faults.t kills worker 0 at a breakpoint inside a zone write.
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
       bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl
-      libwww-perl)
+      libwww-perl gdb)
 
 missing=()
 for p in "${pkgs[@]}"; do
