@@ -431,14 +431,19 @@ sub _serve {
             while (@{ $c->{out} } && $c->{out}[0][0] <= $now) {
                 my $chunk = shift(@{ $c->{out} })->[1];
                 my $off = 0;
+                my $give_up = time + 3;    # a client that does not read is dropped
                 while ($off < length $chunk) {
                     my $w = syswrite $c->{sock}, $chunk, length($chunk) - $off, $off;
                     if (!defined $w) {
-                        last unless $!{EAGAIN};
-                        IO::Select->new($c->{sock})->can_write(1);
+                        last unless $!{EAGAIN} && time < $give_up;
+                        IO::Select->new($c->{sock})->can_write(0.1);
                         next;
                     }
                     $off += $w;
+                }
+                if ($off < length $chunk) {
+                    @{ $c->{out} } = ();
+                    $c->{close_after} = 1;
                 }
             }
             if ($c->{close_after} && !@{ $c->{out} }) {
