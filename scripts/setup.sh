@@ -3,6 +3,8 @@
 # Debian packages (nginx build deps, BIND, redis, Perl), Test::Nginx from Debian sid.
 set -euo pipefail
 
+# gdb: t/015-writer-death.t and t/020-faults.t kill worker 0 at a breakpoint
+# inside a zone write.
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
       bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps gdb
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl

@@ -2,7 +2,9 @@
 # The whole test run (README's test command; .ci/run runs exactly this):
 #   packages (scripts/setup.sh), cargo build, cargo test --workspace,
 #   cargo fmt --check, cargo clippy -D warnings (when clippy is installed),
-#   then the Test::Nginx suite: prove -I t/lib -r t/
+#   a fuzz smoke run (scripts/fuzz.sh: each cargo fuzz target for a few seconds),
+#   then the Test::Nginx suite: prove -I t/lib -r t/ (t/020-faults.t prints the
+#   fault figures: "fault: ... connections tried N / failed M")
 #
 # Environment:
 #   NGX_CONSUL_PROFILE=release   build and test target/release (default: debug)
@@ -10,6 +12,7 @@
 #   PROVE_ARGS="-v"              extra prove arguments; TEST_FILES="t/001-balance.t" to narrow
 #   SKIP_SETUP=1                 do not run scripts/setup.sh
 #   NGX_CONSUL_NETNS=0           run prove in the host's network namespace
+#   NGX_CONSUL_FUZZ_SECONDS=N    seconds per fuzz target in the smoke run (default 5, 0: skip)
 # Exits non-zero when any step fails; leaves no daemon running.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +89,13 @@ if cargo clippy --version >/dev/null 2>&1; then
     step clippy cargo clippy --workspace "${cargo_flags[@]}" -- -D warnings
 else
     echo "=== clippy: not installed, skipped"
+fi
+
+# Fuzz smoke: builds the cargo fuzz targets and runs each briefly (the long,
+# documented run is scripts/fuzz.sh with its default 600 s per target).
+fuzz_seconds=${NGX_CONSUL_FUZZ_SECONDS:-5}
+if [ "$fuzz_seconds" != 0 ]; then
+    step fuzz-smoke bash scripts/fuzz.sh "$fuzz_seconds"
 fi
 
 # The suite binds fixed loopback ports (BIND 8600, redis 6380-6390, nginx

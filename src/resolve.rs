@@ -10,10 +10,11 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::rr::{Name, RData, Record as DnsRecord, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::Resolver;
 
-use consul_core::answer::{Ignored, OwnAddresses, Record, RecordData, SrvAnswer};
+use consul_core::answer::{Ignored, OwnAddresses, Record, SrvAnswer};
+use consul_core::message::convert;
 use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
 
@@ -161,22 +162,6 @@ fn build_resolver(
         .with_options(opts)
         .build()
         .map_err(|e| e.to_string())
-}
-
-fn convert(r: &DnsRecord) -> Record {
-    let data = match &r.data {
-        RData::SRV(s) => RecordData::Srv {
-            priority: s.priority,
-            weight: s.weight,
-            port: s.port,
-            target: s.target.to_ascii(),
-        },
-        RData::A(a) => RecordData::A(a.0),
-        RData::AAAA(a) => RecordData::Aaaa(a.0),
-        RData::CNAME(c) => RecordData::Cname(c.0.to_ascii()),
-        _ => RecordData::Other,
-    };
-    Record::new(&r.name.to_ascii(), data)
 }
 
 /// hickory's words for a failed exchange, as a user reads them in error.log.

@@ -2,12 +2,14 @@
 //!
 //! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
 //! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
+//! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
 //! - [`state`]: the state file that carries the last good set across restarts.
 
 pub mod answer;
+pub mod message;
 pub mod peer;
 pub mod policy;
 pub mod select;

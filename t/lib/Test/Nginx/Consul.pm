@@ -738,13 +738,15 @@ sub tally_background {
     my %o = @_;
     my $file = "$TmpDir/bg-tally-" . int(rand(1e9));
     my $stop = "$file.stop";
+    my $parent = $$;
     my $pid = fork();
     die "fork: $!" unless defined $pid;
     if ($pid == 0) {
         $Test::Nginx::Util::InSubprocess = 1;
         my %t;
         my @fails;
-        while (!-e $stop) {
+        # until finish() (or the test died: no one will ask for the result)
+        while (!-e $stop && getppid() == $parent) {
             my ($ap, $why) = probe_backend(%o);
             if (defined $ap) { $t{ _key($ap, $o{by} // 'port') }++ }
             else { $t{fail}++; push @fails, sprintf("%.3f %s", time, $why) }

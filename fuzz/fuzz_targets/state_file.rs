@@ -1,0 +1,37 @@
+//! State file text → `state::decode`: never a panic; an accepted file holds sane,
+//! canonical, bounded peers, and encoding it decodes to the same thing.
+#![no_main]
+
+use consul_core::peer::canonicalize;
+use consul_core::state::{decode, encode};
+use libfuzzer_sys::fuzz_target;
+
+/// The zone's capacity in peers, as the module passes it.
+const MAX_PEERS: usize = 2_000;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let saved = match decode(text, "redis", MAX_PEERS) {
+        Ok(s) => s,
+        Err(e) => {
+            assert!(!e.is_empty());
+            return;
+        }
+    };
+    assert_eq!(saved.upstream, "redis");
+    let total: usize = saved.sources.iter().map(|s| s.peers.len()).sum();
+    assert!(total <= MAX_PEERS);
+    for src in &saved.sources {
+        for p in &src.peers {
+            assert_ne!(p.addr.port(), 0);
+            assert!(p.weight >= 1);
+        }
+        let mut again = src.peers.clone();
+        canonicalize(&mut again);
+        assert_eq!(again, src.peers, "peers of {} not canonical", src.query);
+    }
+    let back = decode(&encode(&saved), "redis", MAX_PEERS).expect("an encoded state file decodes");
+    assert_eq!(back, saved);
+});
