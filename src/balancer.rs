@@ -20,7 +20,7 @@ use ngx::ffi::{
     ngx_uint_t, sockaddr, NGX_BUSY, NGX_ERROR, NGX_OK, NGX_PEER_FAILED,
 };
 
-use consul_core::view::SlotRef;
+use consul_core::view::{HealthPolicy, PickContext, SlotRef};
 
 use crate::sockaddr::SockaddrBuf;
 use crate::upstream::{remove_placeholder, upstream_of, Fallback, Upstream};
@@ -68,6 +68,9 @@ struct PeerData {
     upstream: *const Upstream,
     pool: *mut ngx_pool_t,
     generation: u64,
+    health: HealthPolicy,
+    /// The hash key's hash (hash methods).
+    key_hash: u64,
     current: Current,
     /// Discovered peers tried by this connection: the first 64 inline, the rest
     /// in a bitmap allocated from the pool on first need.
@@ -214,6 +217,7 @@ fn init_session(
     local.refresh(up.zone());
     let fallback = up.fallback.get();
     let (discovered, generation) = (local.view.tries(), local.generation);
+    let health = local.view.balancing().health;
     drop(local);
     if discovered == 0 && fallback.servers > 0 {
         ngx::ngx_log_debug!(
@@ -241,6 +245,7 @@ fn init_session(
         ptr::addr_of_mut!((*pd).upstream).write(up);
         ptr::addr_of_mut!((*pd).pool).write(pool);
         ptr::addr_of_mut!((*pd).generation).write(generation);
+        ptr::addr_of_mut!((*pd).health).write(health);
         ptr::addr_of_mut!((*pd).current).write(Current::None);
     }
     // SAFETY: initialized above (the remaining fields are zero: valid).
@@ -308,7 +313,14 @@ fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         pd.generation = local.generation;
     }
     let peers = local.view.peers().len();
-    let picked = local.view.select(|i| pd.is_tried(i), ffi::current_msec());
+    let l = &mut *local;
+    let mut ctx = PickContext {
+        key_hash: pd.key_hash,
+        rng: &mut l.rng,
+    };
+    let picked = l
+        .view
+        .select(|i| pd.is_tried(i), ffi::current_msec(), &mut ctx);
     if let Some(index) = picked {
         pd.set_tried(index, peers);
         pd.current = local
@@ -400,6 +412,7 @@ fn release(pc: &mut ngx_peer_connection_t, pd: &mut PeerData, state: ngx_uint_t)
         }
         Current::Discovered(slot) => slot.release(
             state & NGX_PEER_FAILED as ngx_uint_t != 0,
+            &pd.health,
             ffi::current_msec(),
         ),
         Current::None => {}
@@ -424,7 +437,9 @@ unsafe extern "C" fn notify_peer(
                 unsafe { notify(pc, pd.rr_data(), kind) };
             }
         }
-        Current::Discovered(slot) if kind == NOTIFY_CONNECT => slot.connected(),
+        Current::Discovered(slot) if kind == NOTIFY_CONNECT => {
+            slot.connected(&pd.health, ffi::current_msec())
+        }
         _ => {}
     });
 }

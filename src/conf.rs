@@ -13,7 +13,7 @@ use ngx::ffi::{
 
 use consul_core::peer::source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
-use consul_core::view::PeerView;
+use consul_core::view::{Balancing, PeerView};
 use consul_core::zone::MAX_LINES;
 
 use crate::upstream::{add_placeholder, Fallback, Line, Local, MainConf, SrvConf, Upstream};
@@ -145,7 +145,10 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         None => None,
     };
     let shm_zone = zone::register(cf, &name, new.settings.zone_size)?;
-    let health = new.settings.health;
+    let balancing = Balancing {
+        health: new.settings.health,
+        ..Balancing::default()
+    };
     let upstream = Box::new(Upstream {
         name,
         lines: vec![new],
@@ -153,7 +156,7 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         uscf,
         shm_zone,
         fallback: std::cell::Cell::new(Fallback::default()),
-        local: RefCell::new(Local::new(PeerView::new(health))),
+        local: RefCell::new(Local::new(PeerView::new(balancing))),
     });
     main.upstreams.push(&*upstream as *const Upstream);
     srv.upstream = Some(upstream);

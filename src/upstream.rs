@@ -13,8 +13,9 @@ use ngx::ffi::{
     ngx_stream_upstream_server_t, ngx_stream_upstream_srv_conf_t, socklen_t,
 };
 
+use consul_core::method::Rng;
 use consul_core::settings::Settings;
-use consul_core::view::{PeerView, SlotRef};
+use consul_core::view::{PeerView, Shared, SlotRef};
 
 use crate::ffi;
 use crate::sockaddr::SockaddrBuf;
@@ -108,6 +109,8 @@ pub struct Local {
     pub view: PeerView<'static>,
     pub generation: u64,
     pub endpoints: Vec<Endpoint>,
+    /// This worker's random numbers (random picks, slow start).
+    pub rng: Rng,
 }
 
 impl Local {
@@ -116,6 +119,7 @@ impl Local {
             view,
             generation: 0,
             endpoints: Vec::new(),
+            rng: Rng::new(0),
         }
     }
 
@@ -127,26 +131,25 @@ impl Local {
             return;
         }
         let Some(snap) = zone.read() else { return };
-        self.endpoints = snap
-            .peers
-            .iter()
-            .map(|p| Endpoint::new(&p.peer.addr))
-            .collect();
-        let peers = snap
+        if self.generation == 0 {
+            // Workers draw different random numbers.
+            self.rng = Rng::new(ffi::pid() as u64 ^ ffi::current_msec());
+        }
+        let (endpoints, peers): (Vec<Endpoint>, Vec<_>) = snap
             .peers
             .iter()
             .filter_map(|p| {
                 let slot = zone.slot(p.slot)?;
-                Some((
-                    p.peer,
-                    SlotRef {
-                        slot,
-                        epoch: p.epoch,
-                    },
-                ))
+                let peer = (p.peer, SlotRef::new(slot, p.epoch, p.slot));
+                Some((Endpoint::new(&p.peer.addr), peer))
             })
-            .collect();
-        self.view.replace(peers, ffi::worker_index());
+            .unzip();
+        self.endpoints = endpoints;
+        let shared = Shared {
+            tree: zone.tree(),
+            vtime: zone.vtime(),
+        };
+        self.view.replace(peers, ffi::worker_index(), Some(shared));
         self.generation = snap.generation;
     }
 }

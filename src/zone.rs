@@ -17,6 +17,9 @@ use ngx::ffi::{
     ngx_slab_stat_t, ngx_str_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
 };
 
+use std::sync::atomic::AtomicU32;
+
+use consul_core::least::nodes_for;
 use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone, LAYOUT};
 
 use crate::{ffi, log};
@@ -81,7 +84,8 @@ impl Drop for WriteGuard {
 ///
 /// # Safety
 /// `header` must point at memory laid out by [`init_zone`] (a header followed by
-/// two record buffers and the slots, each `capacity` long), mapped for 'static
+/// two record buffers and the slots, each `capacity` long, and the least_conn
+/// tree's nodes), mapped for 'static
 /// as far as the caller is concerned.
 unsafe fn map(header: *mut Header) -> Option<Zone<'static>> {
     // SAFETY: per the contract; every field is an atomic.
@@ -95,6 +99,7 @@ unsafe fn map(header: *mut Header) -> Option<Zone<'static>> {
         let rec0 = header.add(1) as *const Record;
         let rec1 = rec0.add(cap);
         let slots = rec1.add(cap) as *const PeerSlot;
+        let tree = slots.add(cap) as *const AtomicU32;
         Some(Zone::from_parts(
             h,
             [
@@ -102,6 +107,7 @@ unsafe fn map(header: *mut Header) -> Option<Zone<'static>> {
                 std::slice::from_raw_parts(rec1, cap),
             ],
             std::slice::from_raw_parts(slots, cap),
+            std::slice::from_raw_parts(tree, nodes_for(cap)),
         ))
     }
 }

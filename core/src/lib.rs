@@ -9,7 +9,9 @@
 //! - [`state`]: the state file that carries the last good set across restarts.
 
 pub mod answer;
+pub mod least;
 pub mod message;
+pub mod method;
 pub mod peer;
 pub mod policy;
 pub mod select;

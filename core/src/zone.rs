@@ -11,6 +11,7 @@
 //!   passive health (nginx's `fails`/`checked`/`accessed`), counters. A peer keeps
 //!   its slot while it stays in the set; a slot given to another peer changes its
 //!   epoch, so a late release for the old peer is dropped.
+//! - A **tournament tree** over the slots for `least_conn` (see `crate::least`).
 //! - One **line record** per `consul_upstream` line (by query tag): when its last
 //!   successful answer came, its failure streak, lookup counters. They outlive a
 //!   reload, like the set.
@@ -23,6 +24,7 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
+use crate::least::{nodes_for, Tree};
 use crate::peer::Peer;
 
 /// "ngx_cons": marks memory this module laid out.
@@ -39,17 +41,31 @@ const REASON_WORDS: usize = 24;
 /// keeps its copy and asks again on its next connection).
 const READ_TRIES: usize = 64;
 
-/// Shared memory one peer takes: a record in each buffer and its slot.
+/// Shared memory one peer takes: a record in each buffer and its slot (the
+/// least_conn tree adds up to two nodes per peer).
 pub const BYTES_PER_PEER: usize = 2 * size_of::<Record>() + size_of::<PeerSlot>();
 
 /// Bytes of the zone's own structures for `capacity` peers.
 pub fn bytes_for(capacity: usize) -> usize {
-    size_of::<Header>() + capacity * BYTES_PER_PEER
+    size_of::<Header>() + capacity * BYTES_PER_PEER + nodes_for(capacity) * size_of::<AtomicU32>()
 }
 
 /// Peers that fit in `bytes` of usable memory (the inverse of [`bytes_for`]).
 pub fn capacity_for(bytes: usize) -> usize {
-    bytes.saturating_sub(size_of::<Header>()) / BYTES_PER_PEER
+    let (mut lo, mut hi) = (0, bytes / BYTES_PER_PEER + 1);
+    while lo + 1 < hi {
+        let mid = (lo + hi) / 2;
+        if bytes_for(mid) <= bytes {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    if bytes_for(lo) <= bytes {
+        lo
+    } else {
+        0
+    }
 }
 
 #[repr(C)]
@@ -65,6 +81,8 @@ pub struct Header {
     pub generation: AtomicU64,
     pub active: AtomicU32,
     _pad: AtomicU32,
+    /// The pass of the latest least_conn pick: newcomers start there.
+    pub vtime: AtomicU64,
     pub bufs: [BufHeader; 2],
     pub lines: [LineCell; MAX_LINES],
 }
@@ -121,11 +139,17 @@ pub struct PeerSlot {
     pub failures: AtomicU64,
     /// When the peer appeared (Unix seconds).
     pub since_unix: AtomicU64,
-    /// When the peer last became usable: it appeared, or came back after
-    /// `fail_timeout` (monotonic milliseconds; `slow_start` ramps from here).
+    /// When the peer last became usable: it joined a set that had peers, or came
+    /// back after being down (monotonic milliseconds; `slow_start` ramps from
+    /// here; 0: no ramp).
     pub usable_since_ms: AtomicU64,
     /// Generation that freed the slot (the writer reuses the oldest free slot first).
     freed_gen: AtomicU64,
+    /// The peer's weight and priority (weight 0: the slot is free).
+    pub weight: AtomicU32,
+    pub priority: AtomicU32,
+    /// least_conn's turn among equals (see `crate::least`).
+    pub pass: AtomicU64,
 }
 
 /// How a line's part of the set came to be what it is.
@@ -241,6 +265,7 @@ pub struct Zone<'a> {
     header: &'a Header,
     records: [&'a [Record]; 2],
     slots: &'a [PeerSlot],
+    tree: &'a [AtomicU32],
 }
 
 impl Record {
@@ -287,8 +312,9 @@ impl Record {
 }
 
 impl PeerSlot {
-    /// Gives the slot to a new peer: a fresh epoch and nothing counted yet.
-    fn reset(&self, now_unix: u64, now_ms: u64) {
+    /// Gives the slot to a new peer: a fresh epoch and nothing counted yet; its
+    /// ramp starts at `ramp_ms` (0: none), its least_conn pass at `pass`.
+    fn reset(&self, now_unix: u64, ramp_ms: u64, pass: u64) {
         self.epoch.fetch_add(1, Ordering::Relaxed);
         for a in [&self.conns, &self.fails] {
             a.store(0, Ordering::Relaxed);
@@ -302,8 +328,9 @@ impl PeerSlot {
             a.store(0, Ordering::Relaxed);
         }
         self.since_unix.store(now_unix, Ordering::Relaxed);
-        self.usable_since_ms.store(now_ms, Ordering::Relaxed);
+        self.usable_since_ms.store(ramp_ms, Ordering::Relaxed);
         self.freed_gen.store(0, Ordering::Relaxed);
+        self.pass.store(pass, Ordering::Relaxed);
         fence(Ordering::Release);
     }
 }
@@ -403,17 +430,29 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 
 impl<'a> Zone<'a> {
     /// A zone over its parts: the header, the two record buffers and the slots,
-    /// each `capacity` long.
+    /// each `capacity` long, and the least_conn tree's nodes.
     pub fn from_parts(
         header: &'a Header,
         records: [&'a [Record]; 2],
         slots: &'a [PeerSlot],
+        tree: &'a [AtomicU32],
     ) -> Zone<'a> {
         Zone {
             header,
             records,
             slots,
+            tree,
         }
+    }
+
+    /// The least_conn tree over the slots.
+    pub fn tree(&self) -> Tree<'a> {
+        Tree::new(self.tree, self.slots)
+    }
+
+    /// Where least_conn newcomers start (the latest pick's pass).
+    pub fn vtime(&self) -> &'a AtomicU64 {
+        &self.header.vtime
     }
 
     /// Whether the memory holds a zone of this layout (a reused zone after a reload).
@@ -533,18 +572,29 @@ impl<'a> Zone<'a> {
                 if let Some(s) = self.slots.get(slot as usize) {
                     s.freed_gen.store(generation, Ordering::Relaxed);
                     s.epoch.fetch_add(1, Ordering::Relaxed);
+                    s.weight.store(0, Ordering::Relaxed);
                 }
             }
         }
         let mut free: Vec<usize> = (0..capacity).filter(|&i| !used[i]).collect();
         free.sort_by_key(|&i| self.slots[i].freed_gen.load(Ordering::Relaxed));
         let mut free = free.into_iter();
+        // Peers joining a set that has peers ramp up (slow_start); the first set does not.
+        let ramp_ms = if old.is_empty() { 0 } else { now_ms.max(1) };
+        let vtime = self.header.vtime.load(Ordering::Relaxed);
         for a in assigned.iter_mut().filter(|a| a.is_none()) {
             // More free slots than newcomers: peers.len() <= capacity.
             let slot = free.next().unwrap_or_default();
-            self.slots[slot].reset(now_unix, now_ms);
+            self.slots[slot].reset(now_unix, ramp_ms, vtime);
             *a = Some(slot as u32);
         }
+        for ((p, _), slot) in peers.iter().zip(&assigned) {
+            if let Some(s) = slot.and_then(|i| self.slots.get(i as usize)) {
+                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
+                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+            }
+        }
+        self.tree().rebuild();
 
         let buf = &h.bufs[next];
         let s = buf.seq.load(Ordering::Relaxed) | 1;
@@ -635,6 +685,8 @@ impl<'a> Zone<'a> {
             let h = self.header;
             // Continue the old numbering: logs and workers see the generation grow.
             let base = snap.generation.saturating_sub(1);
+            h.vtime
+                .store(old.header.vtime.load(Ordering::Relaxed), Ordering::Relaxed);
             let b = h.active.load(Ordering::Relaxed) as usize & 1;
             h.bufs[b].generation.store(base, Ordering::Relaxed);
             self.publish(&set, now_unix, now_ms)?;
@@ -652,6 +704,7 @@ impl<'a> Zone<'a> {
                         (&to.failures, &from.failures),
                         (&to.since_unix, &from.since_unix),
                         (&to.usable_since_ms, &from.usable_since_ms),
+                        (&to.pass, &from.pass),
                     ] {
                         t.store(f.load(Ordering::Relaxed), Ordering::Relaxed);
                     }
@@ -699,6 +752,7 @@ pub(crate) mod tests {
         pub header: Box<Header>,
         pub records: [Vec<Record>; 2],
         pub slots: Vec<PeerSlot>,
+        pub tree: Vec<AtomicU32>,
     }
 
     impl Owned {
@@ -711,6 +765,9 @@ pub(crate) mod tests {
                     (0..capacity).map(|_| Record::default()).collect(),
                 ],
                 slots: (0..capacity).map(|_| PeerSlot::default()).collect(),
+                tree: (0..nodes_for(capacity))
+                    .map(|_| AtomicU32::new(crate::least::NONE))
+                    .collect(),
             };
             o.header.format(capacity);
             o
@@ -721,6 +778,7 @@ pub(crate) mod tests {
                 &self.header,
                 [&self.records[0], &self.records[1]],
                 &self.slots,
+                &self.tree,
             )
         }
     }

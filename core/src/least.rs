@@ -1,0 +1,360 @@
+//! Least connections over the state all workers share: a tournament tree in the
+//! zone whose leaves are the peer slots and whose every inner node holds the slot
+//! of the best peer below it. A connection that opens or closes moves its slot's
+//! count and replays the matches on the way up: O(log n), a few atomic loads and
+//! stores, no lock. The root is the peer nginx's `least_conn` would pick.
+//!
+//! Order (best first), as nginx's `least_conn`: lowest priority tier; fewest open
+//! connections for the weight (`conns / weight`, compared exactly); among equals,
+//! the smallest pass (stride scheduling: each pick moves a peer's pass on by
+//! `STRIDE / weight`, so equal peers take turns in proportion to their weights,
+//! as nginx's weighted round robin among equals does); then the lower slot.
+//!
+//! Workers update the tree concurrently without a lock, so an inner node may
+//! briefly reflect an older count; the next update on that path repairs it. The
+//! writer rebuilds the whole tree with each new set.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::zone::PeerSlot;
+
+/// No slot (an empty subtree).
+pub const NONE: u32 = u32::MAX;
+
+/// How far a pick moves a peer of weight 1 on; heavier peers move less.
+pub const STRIDE: u64 = 1 << 24;
+
+/// Nodes a tree over `slots` slots takes (the root is node 1; node 0 is unused).
+pub fn nodes_for(slots: usize) -> usize {
+    2 * slots.max(1).next_power_of_two()
+}
+
+/// What a slot's rank depends on, read once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Key {
+    slot: u32,
+    priority: u32,
+    conns: u64,
+    weight: u64,
+    pass: u64,
+}
+
+impl Key {
+    fn of(slots: &[PeerSlot], slot: u32) -> Option<Key> {
+        let s = slots.get(slot as usize)?;
+        let weight = u64::from(s.weight.load(Ordering::Relaxed));
+        if weight == 0 {
+            // Not in the set.
+            return None;
+        }
+        Some(Key {
+            slot,
+            priority: s.priority.load(Ordering::Relaxed),
+            conns: u64::from(s.conns.load(Ordering::Relaxed)),
+            weight,
+            pass: s.pass.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Less is better.
+    fn rank(&self, other: &Key) -> CmpOrdering {
+        self.priority
+            .cmp(&other.priority)
+            .then((self.conns * other.weight).cmp(&(other.conns * self.weight)))
+            .then(self.pass.cmp(&other.pass))
+            .then(self.slot.cmp(&other.slot))
+    }
+}
+
+/// The best of two slots (NONE loses to anything).
+fn better(slots: &[PeerSlot], a: u32, b: u32) -> u32 {
+    match (Key::of(slots, a), Key::of(slots, b)) {
+        (Some(ka), Some(kb)) => {
+            if ka.rank(&kb) == CmpOrdering::Greater {
+                b
+            } else {
+                a
+            }
+        }
+        (Some(_), None) => a,
+        (None, Some(_)) => b,
+        (None, None) => NONE,
+    }
+}
+
+/// A tree over `slots`, in `nodes` (of [`nodes_for`] length).
+#[derive(Clone, Copy)]
+pub struct Tree<'a> {
+    nodes: &'a [AtomicU32],
+    slots: &'a [PeerSlot],
+    leaves: usize,
+}
+
+/// A candidate in the best-first search, with its key as read when found.
+struct Candidate {
+    node: usize,
+    key: Key,
+}
+
+impl PartialEq for Candidate {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == CmpOrdering::Equal
+    }
+}
+
+impl Eq for Candidate {}
+
+impl Ord for Candidate {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        // BinaryHeap is a max-heap: the best key must compare greatest.
+        other.key.rank(&self.key).then(other.node.cmp(&self.node))
+    }
+}
+
+impl PartialOrd for Candidate {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<'a> Tree<'a> {
+    pub fn new(nodes: &'a [AtomicU32], slots: &'a [PeerSlot]) -> Tree<'a> {
+        let leaves = (nodes.len() / 2).max(1);
+        Tree {
+            nodes,
+            slots,
+            leaves,
+        }
+    }
+
+    /// The slot a node stands for: a leaf's own slot, an inner node's winner.
+    fn value(&self, node: usize) -> u32 {
+        if node >= self.leaves {
+            let slot = node - self.leaves;
+            if slot < self.slots.len() {
+                slot as u32
+            } else {
+                NONE
+            }
+        } else {
+            self.nodes
+                .get(node)
+                .map_or(NONE, |n| n.load(Ordering::Relaxed))
+        }
+    }
+
+    fn replay(&self, node: usize) {
+        let winner = better(self.slots, self.value(2 * node), self.value(2 * node + 1));
+        if let Some(n) = self.nodes.get(node) {
+            n.store(winner, Ordering::Relaxed);
+        }
+    }
+
+    /// Slot `slot`'s rank changed: replays its matches up to the root.
+    pub fn update(&self, slot: u32) {
+        let mut node = (self.leaves + slot as usize) / 2;
+        while node >= 1 {
+            self.replay(node);
+            node /= 2;
+        }
+    }
+
+    /// Replays every match (a new set: weights, priorities, slots changed).
+    pub fn rebuild(&self) {
+        for node in (1..self.leaves).rev() {
+            self.replay(node);
+        }
+    }
+
+    /// The best slot that `accept` takes, best first: O(log n) when the best one
+    /// is taken, O(k log n) when k better ones are refused (down, or tried).
+    pub fn best(&self, mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
+        let mut heap = BinaryHeap::new();
+        let push = |heap: &mut BinaryHeap<Candidate>, node: usize| {
+            if let Some(key) = Key::of(self.slots, self.value(node)) {
+                heap.push(Candidate { node, key });
+            }
+        };
+        push(&mut heap, 1);
+        while let Some(c) = heap.pop() {
+            if c.node >= self.leaves || self.leaves == 1 {
+                if accept(c.key.slot) {
+                    return Some(c.key.slot);
+                }
+                continue;
+            }
+            push(&mut heap, 2 * c.node);
+            push(&mut heap, 2 * c.node + 1);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        slots: Vec<PeerSlot>,
+        nodes: Vec<AtomicU32>,
+    }
+
+    impl Fixture {
+        /// Slots with (weight, priority); weight 0 is a free slot.
+        fn new(spec: &[(u32, u32)]) -> Fixture {
+            let slots: Vec<PeerSlot> = spec
+                .iter()
+                .map(|&(w, p)| {
+                    let s = PeerSlot::default();
+                    s.weight.store(w, Ordering::Relaxed);
+                    s.priority.store(p, Ordering::Relaxed);
+                    s
+                })
+                .collect();
+            let nodes = (0..nodes_for(slots.len()))
+                .map(|_| AtomicU32::new(NONE))
+                .collect();
+            let f = Fixture { slots, nodes };
+            f.tree().rebuild();
+            f
+        }
+
+        fn tree(&self) -> Tree<'_> {
+            Tree::new(&self.nodes, &self.slots)
+        }
+
+        /// A pick as the balancer makes it: the best usable slot, counted.
+        fn pick(&self, accept: impl FnMut(u32) -> bool) -> Option<u32> {
+            let slot = self.tree().best(accept)?;
+            let s = &self.slots[slot as usize];
+            s.conns.fetch_add(1, Ordering::Relaxed);
+            s.pass.fetch_add(
+                STRIDE / u64::from(s.weight.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            self.tree().update(slot);
+            Some(slot)
+        }
+
+        fn close(&self, slot: u32) {
+            self.slots[slot as usize]
+                .conns
+                .fetch_sub(1, Ordering::Relaxed);
+            self.tree().update(slot);
+        }
+    }
+
+    #[test]
+    fn fewest_connections_first_then_turns_by_weight() {
+        let f = Fixture::new(&[(1, 1), (1, 1), (1, 1)]);
+        // Held connections: each pick goes to the least loaded peer.
+        let held: Vec<u32> = (0..6).filter_map(|_| f.pick(|_| true)).collect();
+        assert_eq!(held, [0, 1, 2, 0, 1, 2]);
+        // Short connections (closed at once): equals take turns.
+        let f = Fixture::new(&[(3, 1), (1, 1)]);
+        let mut n = [0; 2];
+        for _ in 0..40 {
+            let s = f.pick(|_| true).unwrap();
+            n[s as usize] += 1;
+            f.close(s);
+        }
+        assert_eq!(n, [30, 10], "3:1 among peers with no open connection");
+    }
+
+    #[test]
+    fn weights_scale_the_connection_counts() {
+        let f = Fixture::new(&[(2, 1), (1, 1)]);
+        let held: Vec<u32> = (0..6).filter_map(|_| f.pick(|_| true)).collect();
+        let on_0 = held.iter().filter(|&&s| s == 0).count();
+        assert_eq!(
+            on_0, 4,
+            "twice the weight, twice the open connections: {held:?}"
+        );
+    }
+
+    #[test]
+    fn a_newcomer_takes_the_next_connections_until_counts_even_out() {
+        let f = Fixture::new(&[(1, 1), (0, 1)]);
+        for _ in 0..5 {
+            f.pick(|_| true);
+        }
+        // A new peer in slot 1 (the writer sets its weight, starts its pass at
+        // the others', and rebuilds).
+        f.slots[1].weight.store(1, Ordering::Relaxed);
+        f.slots[1]
+            .pass
+            .store(f.slots[0].pass.load(Ordering::Relaxed), Ordering::Relaxed);
+        f.tree().rebuild();
+        let next: Vec<u32> = (0..6).filter_map(|_| f.pick(|_| true)).collect();
+        assert_eq!(next, [1, 1, 1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn lower_priority_tier_first_and_refused_slots_are_passed_over() {
+        let f = Fixture::new(&[(1, 2), (1, 1), (1, 1), (1, 3)]);
+        assert_eq!(f.pick(|_| true), Some(1));
+        assert_eq!(f.pick(|_| true), Some(2));
+        // Tier 1 down: tier 2, then 3.
+        assert_eq!(f.pick(|s| s != 1 && s != 2), Some(0));
+        assert_eq!(f.pick(|s| s == 3), Some(3));
+        assert_eq!(f.pick(|_| false), None);
+    }
+
+    #[test]
+    fn free_slots_never_win() {
+        let f = Fixture::new(&[(0, 1), (0, 1), (1, 5), (0, 1)]);
+        for _ in 0..3 {
+            assert_eq!(f.pick(|_| true), Some(2));
+        }
+        let empty = Fixture::new(&[(0, 1), (0, 1)]);
+        assert_eq!(empty.pick(|_| true), None);
+        let none = Fixture::new(&[]);
+        assert_eq!(none.pick(|_| true), None);
+        let one = Fixture::new(&[(1, 1)]);
+        assert_eq!(one.pick(|_| true), Some(0));
+    }
+
+    #[test]
+    fn many_slots_in_log_time_agree_with_a_scan() {
+        let spec: Vec<(u32, u32)> = (0..1000u32)
+            .map(|i| (1 + i % 3, 1 + (i % 7 == 0) as u32))
+            .collect();
+        let f = Fixture::new(&spec);
+        let mut seed = 7u64;
+        for _ in 0..3000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if seed >> 62 == 0 {
+                // close a random open connection
+                let s = (seed >> 20) as u32 % 1000;
+                if f.slots[s as usize].conns.load(Ordering::Relaxed) > 0 {
+                    f.close(s);
+                }
+                continue;
+            }
+            // the tree's choice has the least conns/weight of the best tier
+            let got = f.pick(|_| true).unwrap();
+            let g = &f.slots[got as usize];
+            let (gc, gw) = (
+                u64::from(g.conns.load(Ordering::Relaxed)) - 1,
+                u64::from(g.weight.load(Ordering::Relaxed)),
+            );
+            for (i, s) in f.slots.iter().enumerate() {
+                if i as u32 == got || s.priority.load(Ordering::Relaxed) != 1 {
+                    continue;
+                }
+                let (c, w) = (
+                    u64::from(s.conns.load(Ordering::Relaxed)),
+                    u64::from(s.weight.load(Ordering::Relaxed)),
+                );
+                assert!(
+                    gc * w <= c * gw,
+                    "slot {got} ({gc}/{gw}) was picked over {i} ({c}/{w})"
+                );
+            }
+        }
+    }
+}
