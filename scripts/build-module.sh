@@ -79,6 +79,19 @@ if [ -z "$modules_path" ]; then
     modules_path=$prefix/modules
 fi
 
+no_source() {   # what to download when there is no source to use
+    local url dir
+    case $product in
+        openresty) url="https://openresty.org/download/openresty-$version.tar.gz"; dir="openresty-$version" ;;
+        *) url="https://nginx.org/download/nginx-$version.tar.gz"; dir="nginx-$version" ;;
+    esac
+    die "no source for $product $version: download $url, unpack it (tar xzf), and run: scripts/build-module.sh --nginx $bin --source ./$dir"
+}
+# Without --source, only a Debian/Ubuntu package's nginx has a source we can fetch.
+if [ -z "$src" ] && ! { command -v dpkg >/dev/null && dpkg -S "$bin" >/dev/null 2>&1; }; then
+    no_source
+fi
+
 # ---------------------------------------------------------------- packages
 # The nginx build's own packages, from the arguments (names are Debian/Ubuntu's).
 pkgs=(build-essential libclang-dev libpcre2-dev zlib1g-dev)
@@ -180,11 +193,7 @@ if [ -n "$src" ]; then
 elif command -v dpkg >/dev/null && debian_source; then
     :
 else
-    case $product in
-        openresty) url="https://openresty.org/download/openresty-$version.tar.gz"; dir="openresty-$version" ;;
-        *) url="https://nginx.org/download/nginx-$version.tar.gz"; dir="nginx-$version" ;;
-    esac
-    die "no source for $product $version: download $url, unpack it (tar xzf), and run: scripts/build-module.sh --nginx $bin --source ./$dir"
+    no_source
 fi
 [ -f "$src/src/core/nginx.h" ] || die "$src is not an nginx source tree (no src/core/nginx.h)"
 src_version=$(tree_version "$src")
