@@ -42,9 +42,9 @@ mkdir -p "$tmp/nginx"
 "$nginx" -p "$tmp/nginx/" -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log"
 sleep 5    # warm-up: every line has answered
 
-# worker 0 is the one that logs "resolving ... every"
-w0=$(sed -n 's/.*\[info\] \([0-9]*\)#.*resolving .* every.*/\1/p' "$tmp/nginx/error.log" | head -n 1)
-[ -n "$w0" ] || { echo "fleet: no 'resolving ... every' line in the error log" >&2; exit 1; }
+# worker 0 is the one that logs discovery's start
+w0=$(grep -E "$(consul_log_started)" "$tmp/nginx/error.log" | sed -n 's/.*\[info\] \([0-9]*\)#.*/\1/p' | head -n 1)
+[ -n "$w0" ] || { echo "fleet: no \"$(consul_log_started)\" line in the error log" >&2; exit 1; }
 other=$(pgrep -P "$(cat "$tmp/nginx/nginx.pid")" | grep -vx "$w0" | head -n 1)
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)

@@ -32,12 +32,11 @@ case "${1:-}" in
     *) echo "usage: scripts/demo.sh [--short]" >&2; exit 2 ;;
 esac
 QUERY=redis.service.yunlu_office.consul
-# The module's error-log lines the demo waits for (README: "Log messages"), as grep -E patterns.
-q=${QUERY//./\\.}
-LOG_CHANGED="[0-9]+ peers? from $q"             # "2 peers from redis.service... (generation 3)"
-LOG_FAILED="resolving $q failed"                # once per failure streak
-LOG_RECOVERED="resolver recovered"              # the first answer after it
-LOG_EMPTY="$q has no healthy instances"         # NXDOMAIN / no records
+# The module's error-log lines the demo waits for (scripts/lib/standin.sh).
+LOG_CHANGED=$(consul_log_set "$QUERY")
+LOG_FAILED=$(consul_log_failed "$QUERY")
+LOG_RECOVERED=$(consul_log_recovered)
+LOG_EMPTY=$(consul_log_empty "$QUERY")
 
 if [ -t 1 ]; then bold=$'\033[1m'; dim=$'\033[2m'; off=$'\033[0m'; else bold='' dim='' off=''; fi
 heading() { printf '\n%s== %s ==%s\n' "$bold" "$*" "$off"; }

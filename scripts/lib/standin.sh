@@ -11,7 +11,16 @@
 #   standin_redis_start DIR PORT            redis-server on 127.0.0.1:PORT
 #   standin_stop_all                        stop every process started here
 #   standin_alive PID / standin_stop_pid PID [child]
+#   consul_log_* QUERY                      the module's log lines, as grep -E patterns
 # Functions return non-zero with a message on stderr when something does not start.
+
+# The module's error-log lines these scripts wait for (README: "Log messages"), in one
+# place: when a message changes, change it here.
+consul_log_set()       { echo "consul upstream \"[^\"]*\": [0-9]+ peers? from ${1//./\\.}"; }  # the set changed
+consul_log_failed()    { echo "resolving ${1//./\\.} failed"; }         # once per failure streak
+consul_log_recovered() { echo "resolver recovered"; }                    # the first answer after it
+consul_log_empty()     { echo "${1//./\\.} has no healthy instances"; } # NXDOMAIN / no records
+consul_log_started()   { echo "resolving .* every"; }                    # [info], worker 0 starts
 
 STANDIN_DNS_DIR='' STANDIN_DNS_PORT='' STANDIN_DNS_PID='' STANDIN_NAMED=''
 STANDIN_REDIS_PIDS=()
