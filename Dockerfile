@@ -5,8 +5,13 @@
 #   docker run --rm -p 6379:6379 -v "$PWD/my.conf:/etc/nginx/nginx.conf:ro" ngx-consul
 #
 # A dynamic module must be built against the exact `configure` flags of the nginx
-# binary that loads it, so this image builds nginx itself from the same configured
-# tree as the module and ships both (no distribution nginx).
+# binary that loads it, so this image builds nginx itself and then the module for
+# that binary with scripts/build-module.sh (the script users run for their own
+# nginx), and ships both (no distribution nginx).
+#
+# The nginx source: nginx-$NGINX_VERSION.tar.gz in the build context (next to this
+# file) when it is there, for builds without internet access; downloaded from
+# nginx.org otherwise. CI builds this file with buildah (scripts/ci/check-docker.sh).
 
 ARG NGINX_VERSION=1.28.3
 
@@ -17,19 +22,27 @@ ARG NGINX_VERSION
 ARG NGINX_SHA256=
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libclang-dev libpcre2-dev libssl-dev zlib1g-dev \
+ && apt-get install -y --no-install-recommends build-essential curl ca-certificates \
+        libclang-dev libpcre2-dev libssl-dev zlib1g-dev \
  && rm -rf /var/lib/apt/lists/*
 
+# Dockerfile always matches; the tarball only when it is in the context.
+COPY Dockerfile nginx-*.tar.gz /src/context/
 WORKDIR /src
-RUN curl -fsSL -o nginx.tar.gz "https://nginx.org/download/nginx-${NGINX_VERSION}.tar.gz" \
- && echo "nginx-${NGINX_VERSION}.tar.gz sha256: $(sha256sum nginx.tar.gz | cut -d' ' -f1)" \
- && if [ -n "$NGINX_SHA256" ]; then echo "$NGINX_SHA256  nginx.tar.gz" | sha256sum -c -; fi \
- && tar xzf nginx.tar.gz && rm nginx.tar.gz
+RUN tarball="/src/context/nginx-${NGINX_VERSION}.tar.gz" \
+ && if [ ! -f "$tarball" ]; then \
+        curl -fsSL -o "$tarball" "https://nginx.org/download/nginx-${NGINX_VERSION}.tar.gz"; \
+    fi \
+ && echo "nginx-${NGINX_VERSION}.tar.gz sha256: $(sha256sum "$tarball" | cut -d' ' -f1)" \
+ && if [ -n "$NGINX_SHA256" ]; then echo "$NGINX_SHA256  $tarball" | sha256sum -c -; fi \
+ && mkdir nginx && tar xzf "$tarball" -C nginx --strip-components=1 && rm -rf /src/context
 
 # --with-compat, --with-stream (static: the module needs ngx_stream_module in the
 # binary) and --with-threads are required; the rest is an ordinary layout.
-WORKDIR /src/nginx-${NGINX_VERSION}
-RUN ./configure \
+# (A release tarball has ./configure, a git tree auto/configure.)
+WORKDIR /src/nginx
+RUN configure=./configure; [ -x "$configure" ] || configure=auto/configure; \
+    "$configure" \
         --prefix=/etc/nginx \
         --sbin-path=/usr/sbin/nginx \
         --modules-path=/usr/lib/nginx/modules \
@@ -58,15 +71,15 @@ RUN ./configure \
  && make install DESTDIR=/out \
  && rm -rf /out/etc/nginx/html /out/etc/nginx/*.default
 
-# The module, against the configured tree above (not the crate's vendored nginx).
+# The module, for the nginx just built: scripts/build-module.sh reads its nginx -V,
+# builds against the configured tree above and checks the result with nginx -t.
 WORKDIR /src/ngx-consul
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY core core
 COPY src src
-RUN NGINX_BUILD_DIR=/src/nginx-${NGINX_VERSION}/objs \
-        cargo build --release --locked --no-default-features --features export-modules \
- && install -D -m 0644 target/release/libngx_stream_consul_upstream_module.so \
-        /out/usr/lib/nginx/modules/ngx_stream_consul_upstream_module.so
+COPY scripts scripts
+RUN scripts/build-module.sh --nginx /out/usr/sbin/nginx --source /src/nginx \
+        --out /out/usr/lib/nginx/modules
 
 # ---------------------------------------------------------------- runtime
 FROM debian:bookworm-slim

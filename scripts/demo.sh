@@ -8,20 +8,35 @@
 #     nginx-conf/demo.conf and balances connections across what DNS reports.
 # Each step shows which backend answered N connections (`CONFIG GET port`).
 #
-# Usage: scripts/demo.sh
+# Usage: scripts/demo.sh [--short]
+#   --short        20 connections per measurement (scripts/test.sh runs this)
 #   DEMO_CONNS=N   connections per measurement (default 40)
 #   DEMO_KEEP=1    keep the temporary directory (configs, logs) after a successful run
 #   SKIP_SETUP=1   do not run scripts/setup.sh
 # Every process the demo starts is stopped on exit, also on failure or Ctrl-C.
+# Exits non-zero when a step does not behave as described.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-export PATH="$PATH:/usr/sbin:/sbin:$HOME/.cargo/bin"
+export PATH="$PATH:/usr/sbin:/sbin"
+# shellcheck source=scripts/lib/rust.sh
+. "$root/scripts/lib/rust.sh"
+# shellcheck source=scripts/lib/standin.sh
+. "$root/scripts/lib/standin.sh"
 
 CONNS=${DEMO_CONNS:-40}
+case "${1:-}" in
+    --short) CONNS=${DEMO_CONNS:-20} ;;
+    '') ;;
+    *) echo "usage: scripts/demo.sh [--short]" >&2; exit 2 ;;
+esac
 QUERY=redis.service.yunlu_office.consul
-TARGET=7f000001.addr.yunlu_office.consul      # Consul's name for node address 127.0.0.1
+# The module's error-log lines the demo waits for (scripts/lib/standin.sh).
+LOG_CHANGED=$(consul_log_set "$QUERY")
+LOG_FAILED=$(consul_log_failed "$QUERY")
+LOG_RECOVERED=$(consul_log_recovered)
+LOG_EMPTY=$(consul_log_empty "$QUERY")
 
 if [ -t 1 ]; then bold=$'\033[1m'; dim=$'\033[2m'; off=$'\033[0m'; else bold='' dim='' off=''; fi
 heading() { printf '\n%s== %s ==%s\n' "$bold" "$*" "$off"; }
@@ -32,42 +47,15 @@ now_ms()  { date +%s%3N; }
 
 # ---------------------------------------------------------------- cleanup
 tmp=
-named_pid=
 nginx_pid=
-redis_pids=()
-
-alive() {       # PID: running (a zombie child waiting to be reaped does not count)
-    local state
-    state=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-    [ -n "$state" ] && [ "$state" != Z ]
-}
-
-stop_pid() {    # PID [child]: TERM, wait up to 5 s, then KILL; reap it if it is our child
-    local pid=$1 child=${2:-} i
-    if alive "$pid"; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 50); do
-            alive "$pid" || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    if [ -n "$child" ]; then wait "$pid" 2>/dev/null || true; fi
-}
 
 stop_nginx() {
     [ -n "$nginx_pid" ] || return 0
     local workers
     workers=$(pgrep -P "$nginx_pid" 2>/dev/null || true)
-    stop_pid "$nginx_pid" child
-    for w in $workers; do stop_pid "$w"; done
+    standin_stop_pid "$nginx_pid" child
+    for w in $workers; do standin_stop_pid "$w"; done
     nginx_pid=
-}
-
-stop_named() {
-    [ -n "$named_pid" ] || return 0
-    stop_pid "$named_pid" child
-    named_pid=
 }
 
 cleanup() {
@@ -75,8 +63,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_nginx
-    for pid in "${redis_pids[@]}"; do stop_pid "$pid"; done
-    stop_named
+    standin_stop_all
     if [ -n "$tmp" ] && [ -d "$tmp" ]; then
         if [ "$rc" -ne 0 ]; then
             for f in "$tmp"/nginx/logs/error.log "$tmp"/bind/named.log; do
@@ -126,11 +113,13 @@ elif [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null; then
 else
     "$root/scripts/setup.sh"
 fi
-for cmd in cargo named nsupdate dig redis-server redis-cli; do
-    command -v "$cmd" >/dev/null || die "$cmd not found (Rust comes from rustup; the rest from scripts/setup.sh)"
+for cmd in named nsupdate dig redis-server redis-cli; do
+    command -v "$cmd" >/dev/null || die "$cmd not found (scripts/setup.sh installs it)"
 done
+ensure_rust demo
 
-heading "2. Building the module and nginx 1.28.3 (cargo build --release)"
+ngx_version=$(sed -n '/^name = "nginx-src"/{n;s/^version = ".*+\(.*\)"/\1/p}' Cargo.lock)
+heading "2. Building the module and nginx ${ngx_version:-} (cargo build --release; a few minutes the first time)"
 cargo build --release
 target=${CARGO_TARGET_DIR:-$root/target}
 module=$target/release/libngx_stream_consul_upstream_module.so
@@ -151,61 +140,10 @@ pick_port ngx_port 6379
 
 # ---------------------------------------------------------------- 3. the Consul stand-in
 heading "3. Starting BIND 9 on 127.0.0.1:$dns_port as the Consul agent's DNS interface"
-mkdir -p "$tmp/bind"
-cat >"$tmp/bind/named.conf" <<EOF
-options {
-    directory "$tmp/bind";
-    pid-file "$tmp/bind/named.pid";
-    session-keyfile "$tmp/bind/session.key";
-    managed-keys-directory "$tmp/bind";
-    listen-on port $dns_port { 127.0.0.1; };
-    listen-on-v6 { none; };
-    recursion no;
-    dnssec-validation no;
-    notify no;
-    check-names primary ignore;     // "yunlu_office" has an underscore
-    minimal-responses no-auth;      // ADDITIONAL section, no NS authority: like Consul
-};
-controls { };
-zone "consul" {
-    type primary;
-    file "$tmp/bind/consul.zone";
-    allow-update { 127.0.0.1; };
-};
-EOF
-# Consul-shaped: TTL 0, SRV priority 1 weight 1, target <hex-ip>.addr.<dc>.consul.
-cat >"$tmp/bind/consul.zone" <<EOF
-\$TTL 0
-@   IN SOA ns.consul. hostmaster.consul. 1 3600 600 86400 0
-@   IN NS  ns.consul.
-ns  IN A   127.0.0.1
-$QUERY.  IN SRV 1 1 $r1 $TARGET.
-$TARGET. IN A   127.0.0.1
-EOF
-
-named_cmd=$(command -v named)
-# Debian/Ubuntu's AppArmor profile for /usr/sbin/named forbids reading the temp dir;
-# a copy of the binary under another path is not confined by it.
-if grep -qs 'named (enforce)' /sys/kernel/security/apparmor/profiles 2>/dev/null; then
-    cp "$named_cmd" "$tmp/bind/named"
-    named_cmd=$tmp/bind/named
-    info "(AppArmor confines $(command -v named): running a copy from the temp dir)"
-fi
-
-start_named() {
-    "$named_cmd" -4 -g -n 1 -c "$tmp/bind/named.conf" >>"$tmp/bind/named.log" 2>&1 &
-    named_pid=$!
-    local i
-    for i in $(seq 50); do
-        if dig @127.0.0.1 -p "$dns_port" +tcp +time=1 +tries=1 +short SOA consul. 2>/dev/null | grep -q .; then
-            return 0
-        fi
-        kill -0 "$named_pid" 2>/dev/null || die "named exited; see $tmp/bind/named.log"
-        sleep 0.1
-    done
-    die "named did not answer on 127.0.0.1:$dns_port within 5 s"
-}
-start_named
+standin_dns_setup "$tmp/bind" "$dns_port" "$(standin_srv "$QUERY" 1 "$r1")"
+[ "$STANDIN_NAMED" = "$(command -v named)" ] \
+    || info "(AppArmor confines $(command -v named): running a copy from the temp dir)"
+standin_dns_start || die "BIND did not start"
 
 show_dns() {    # what "Consul" answers now
     local out status
@@ -222,24 +160,16 @@ show_dns() {    # what "Consul" answers now
 dns_update() {  # nsupdate lines...; the equivalent of a Consul (de)registration
     local l
     for l in "$@"; do info "${dim}nsupdate: $l${off}"; done
-    { echo "server 127.0.0.1 $dns_port"; echo "zone consul."; echo "check-names off"
-      printf '%s\n' "$@"; echo "send"; } | nsupdate
+    standin_nsupdate "$@"
 }
-srv() { echo "$QUERY. 0 SRV 1 $1 $2 $TARGET."; }   # WEIGHT PORT
+srv() { standin_srv "$QUERY" "$1" "$2"; }   # WEIGHT PORT
 
 show_dns
 
 # ---------------------------------------------------------------- 4. backends
 heading "4. Starting redis-server on ports $r1 (redis1) and $r2 (redis2)"
 for p in "$r1" "$r2"; do
-    redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-        --dir "$tmp" --pidfile "$tmp/redis-$p.pid" --logfile "$tmp/redis-$p.log"
-    for i in $(seq 50); do
-        [ -s "$tmp/redis-$p.pid" ] && redis-cli -p "$p" ping 2>/dev/null | grep -q PONG && break
-        sleep 0.1
-    done
-    [ -s "$tmp/redis-$p.pid" ] || die "redis-server on port $p did not start; see $tmp/redis-$p.log"
-    redis_pids+=("$(cat "$tmp/redis-$p.pid")")
+    standin_redis_start "$tmp" "$p" || die "redis-server did not start"
     info "redis on 127.0.0.1:$p, pid $(cat "$tmp/redis-$p.pid")"
 done
 
@@ -257,8 +187,7 @@ sed -e "s|/usr/lib/nginx/modules/ngx_stream_consul_upstream_module.so|$module|" 
 "$nginx_bin" -p "$tmp/nginx" -c "$conf" -g 'daemon off;' 2>>"$tmp/nginx/logs/stderr.log" &
 nginx_pid=$!
 
-log_count() { grep -cF -- "$1" "$errlog" 2>/dev/null || true; }
-CHANGED="peers from $QUERY"
+log_count() { grep -cE -- "$1" "$errlog" 2>/dev/null || true; }
 
 wait_log() {    # PATTERN COUNT_BEFORE TIMEOUT_MS: wait for a new matching line; prints elapsed ms
     local pat=$1 before=$2 limit=$3 t0 t
@@ -267,12 +196,12 @@ wait_log() {    # PATTERN COUNT_BEFORE TIMEOUT_MS: wait for a new matching line;
         t=$(now_ms)
         if [ "$(log_count "$pat")" -gt "$before" ]; then echo $((t - t0)); return 0; fi
         [ $((t - t0)) -le "$limit" ] || return 1
-        alive "$nginx_pid" || die "nginx exited"
+        standin_alive "$nginx_pid" || die "nginx exited"
         sleep 0.05
     done
 }
 
-ms=$(wait_log "$CHANGED" 0 5000) || die "no \"$CHANGED\" line in the error log within 5 s"
+ms=$(wait_log "$LOG_CHANGED" 0 5000) || die "no \"$LOG_CHANGED\" line in the error log within 5 s"
 for i in $(seq 50); do
     redis-cli -h 127.0.0.1 -p "$ngx_port" ping 2>/dev/null | grep -q PONG && break
     sleep 0.1
@@ -309,10 +238,11 @@ expect() {      # A B: the last count should be about A:B (each of the 2 workers
 mismatches=0
 await_change() {    # LABEL BEFORE: wait for the module to publish the new set
     local ms
-    if ms=$(wait_log "$CHANGED" "$2" 5000); then
+    if ms=$(wait_log "$LOG_CHANGED" "$2" 5000); then
         info "nginx published the new set ${ms} ms after the change ($1)"
     else
-        warn "no new \"$CHANGED\" line within 5 s"
+        warn "no new \"$LOG_CHANGED\" line within 5 s"
+        mismatches=$((mismatches + 1))
     fi
 }
 
@@ -321,55 +251,56 @@ heading "6. One instance registered: redis1 (:$r1). $CONNS connections through n
 count "$CONNS"; expect "$CONNS" 0
 
 heading "7. Register redis2 (:$r2, weight 1): traffic splits 1:1"
-before=$(log_count "$CHANGED")
+before=$(log_count "$LOG_CHANGED")
 dns_update "update add $(srv 1 "$r2")"
 show_dns
 await_change "interval=1s" "$before"
 count "$CONNS"; expect 1 1
 
 heading "8. Re-register redis1 with weight 3 (Consul: \"Weights\": {\"Passing\": 3}): traffic 3:1"
-before=$(log_count "$CHANGED")
+before=$(log_count "$LOG_CHANGED")
 dns_update "update delete $(srv 1 "$r1")" "update add $(srv 3 "$r1")"
 show_dns
 await_change "interval=1s" "$before"
 count "$CONNS"; expect 3 1
 
 heading "9. Consul agent unreachable (BIND stopped): the last set is kept (on_error=keep)"
-failed_pat="resolving $QUERY failed"
-before=$(log_count "$failed_pat")
-stop_named
-if ms=$(wait_log "$failed_pat" "$before" 5000); then
+before=$(log_count "$LOG_FAILED")
+standin_dns_stop
+if ms=$(wait_log "$LOG_FAILED" "$before" 5000); then
     info "failure noticed after ${ms} ms"
 else
-    warn "no \"$failed_pat\" line within 5 s"
+    warn "no \"$LOG_FAILED\" line within 5 s"
+    mismatches=$((mismatches + 1))
 fi
 count "$CONNS"; expect 3 1
 info "restarting BIND (it replays its journal: the registrations are kept);"
 info "meanwhile the module retries with backoff (interval, doubling up to 10 s)"
-before=$(log_count "resolver recovered")
-start_named
-if ms=$(wait_log "resolver recovered" "$before" 15000); then
+before=$(log_count "$LOG_RECOVERED")
+standin_dns_start || die "BIND did not restart"
+if ms=$(wait_log "$LOG_RECOVERED" "$before" 15000); then
     info "\"resolver recovered\" logged ${ms} ms after BIND was back"
 else
-    warn "no \"resolver recovered\" line within 15 s"
+    warn "no \"$LOG_RECOVERED\" line within 15 s"
+    mismatches=$((mismatches + 1))
 fi
 
 heading "10. Deregister redis1: all traffic to redis2 within about a second"
-before=$(log_count "$CHANGED")
+before=$(log_count "$LOG_CHANGED")
 dns_update "update delete $(srv 3 "$r1")"
 show_dns
 await_change "interval=1s" "$before"
 count "$CONNS"; expect 0 1
 
 heading "11. Deregister redis2 too: Consul answers NXDOMAIN, the last set is kept (on_empty=keep)"
-empty_pat="$QUERY has no healthy instances"
-before=$(log_count "$empty_pat")
+before=$(log_count "$LOG_EMPTY")
 dns_update "update delete $(srv 1 "$r2")"
 show_dns
-if ms=$(wait_log "$empty_pat" "$before" 5000); then
+if ms=$(wait_log "$LOG_EMPTY" "$before" 5000); then
     info "empty answer noticed after ${ms} ms"
 else
-    warn "no \"$empty_pat\" line within 5 s"
+    warn "no \"$LOG_EMPTY\" line within 5 s"
+    mismatches=$((mismatches + 1))
 fi
 count "$CONNS"; expect 0 1
 info "(nginx's own \"server ... service=... resolve;\" would have dropped every peer now)"
@@ -377,9 +308,24 @@ info "(nginx's own \"server ... service=... resolve;\" would have dropped every 
 heading "12. The module's lines in the error log (grep consul error.log)"
 grep consul "$errlog" | sed 's/^/   /' || warn "no line mentions consul"
 
-if [ "$mismatches" -eq 0 ]; then
-    heading "Done: every step behaved as expected; stopping nginx, redis and BIND"
-else
-    heading "Done, but $mismatches step(s) did not split traffic as expected"
+if [ "$mismatches" -ne 0 ]; then
+    heading "Done, but $mismatches step(s) did not behave as described above"
     exit 1
 fi
+heading "Done: every step behaved as described; stopping nginx, redis and BIND"
+cat <<EOF
+
+${bold}Where to look next${off}
+   README.md, "With a real Consul agent"      register services, point resolver= at the agent
+   README.md, "Building for your own nginx"   scripts/build-module.sh for the nginx you run
+                                              (Debian/Ubuntu package: scripts/package-deb.sh)
+   README.md, "Directive" / "Log messages"    every parameter; what the error log says
+   nginx-conf/                                consul-agent.conf, fallback.conf, demo.conf
+   README.zh-CN.md                            中文说明
+
+${bold}Commands to try${off}
+   DEMO_KEEP=1 scripts/demo.sh                keep the demo's files (BIND zone, nginx.conf, logs)
+   scripts/test.sh                            the whole test suite (TEST_FILES=t/001-balance.t for one file)
+   scripts/build-module.sh --nginx /usr/sbin/nginx    build and check the module for that nginx
+   dig @AGENT_IP -p 8600 +tcp redis.service.yunlu_office.consul SRV   what nginx will get from your agent
+EOF

@@ -64,6 +64,13 @@ BEGIN {
 
     # Blocks run in file order (Test::Nginx shuffles them by default).
     $ENV{TEST_NGINX_NO_SHUFFLE} //= 1;
+
+    # Modules to load before anything else, e.g. the stream module of an nginx
+    # built --with-stream=dynamic (Debian's): NGX_CONSUL_EXTRA_MODULES="/usr/lib/
+    # nginx/modules/ngx_stream_module.so" (space-separated). Test::Nginx puts
+    # TEST_NGINX_LOAD_MODULES first in every nginx.conf it writes; nginx_t() too.
+    $ENV{TEST_NGINX_LOAD_MODULES} = $ENV{NGX_CONSUL_EXTRA_MODULES}
+        if $ENV{NGX_CONSUL_EXTRA_MODULES};
 }
 
 use Test::Nginx::Socket -base;
@@ -980,6 +987,9 @@ sub nginx_t {
     remove_tree($dir);
     make_path("$dir/conf", "$dir/logs");
     $text =~ s/\$(TEST_NGINX_\w+)/$ENV{$1} \/\/ die "no env $1\n"/ge;
+    # extra modules on the first line: the text's line numbers stay as written
+    $text = join('', map { "load_module $_; " } split ' ', $ENV{TEST_NGINX_LOAD_MODULES} // '')
+        . $text;
     my $conf = "$dir/conf/nginx.conf";
     _write_file($conf, $text);
     my $out = `$NginxBinary -t -p $dir/ -c $conf -e $dir/logs/error.log 2>&1`;
