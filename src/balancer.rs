@@ -14,16 +14,17 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_palloc, ngx_pcalloc, ngx_peer_connection_t, ngx_pool_t, ngx_str_t,
-    ngx_stream_session_t, ngx_stream_upstream_init_round_robin,
+    ngx_stream_complex_value, ngx_stream_session_t, ngx_stream_upstream_init_round_robin,
     ngx_stream_upstream_init_round_robin_peer, ngx_stream_upstream_rr_peer_data_t,
     ngx_stream_upstream_rr_peers_t, ngx_stream_upstream_server_t, ngx_stream_upstream_srv_conf_t,
     ngx_uint_t, sockaddr, NGX_BUSY, NGX_ERROR, NGX_OK, NGX_PEER_FAILED,
 };
 
-use consul_core::view::{HealthPolicy, PickContext, SlotRef};
+use consul_core::method::{hash64, Method};
+use consul_core::view::{Balancing, HealthPolicy, PeerView, PickContext, SlotRef};
 
 use crate::sockaddr::SockaddrBuf;
-use crate::upstream::{remove_placeholder, upstream_of, Fallback, Upstream};
+use crate::upstream::{remove_placeholder, srv_conf_of, upstream_of, Fallback, Upstream};
 use crate::{ffi, log};
 
 /// `NGX_STREAM_UPSTREAM_NOTIFY_CONNECT` (nginx 1.25+; older ones never notify).
@@ -148,9 +149,32 @@ pub unsafe extern "C" fn init_upstream(
 fn init_static(cf: &mut ngx_conf_t, us: &mut ngx_stream_upstream_srv_conf_t) -> ngx_int_t {
     ngx::ngx_log_debug!(mask: ngx::log::DebugMask::Stream, cf.log, "init consul upstream");
     // SAFETY: us is an upstream block's conf.
-    let Some(up) = (unsafe { upstream_of(us) }) else {
+    let Some(srv) = (unsafe { srv_conf_of(us) }) else {
         return NGX_ERROR as ngx_int_t;
     };
+    let Some(up) = srv.upstream.as_deref() else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    // The block is read: its method (`least_conn`, `hash`, `random` before or
+    // after `consul_upstream`) applies to the discovered peers.
+    let first = &up.first().settings;
+    let balancing = Balancing {
+        method: srv.method.map_or(Method::RoundRobin, |c| c.method),
+        health: first.health,
+        slow_start_ms: first.slow_start_ms,
+    };
+    up.hash_key.set(srv.method.map_or(ptr::null_mut(), |c| c.key));
+    match up.local.try_borrow_mut() {
+        Ok(mut local) => local.view = PeerView::new(balancing),
+        Err(_) => return NGX_ERROR as ngx_int_t,
+    }
+    ngx::ngx_log_debug!(
+        mask: ngx::log::DebugMask::Stream,
+        cf.log,
+        "consul upstream \"{}\": {}",
+        up.name,
+        balancing.method.name()
+    );
     let servers = remove_placeholder(us);
     if servers > 0 {
         // nginx's round robin needs a primary server. When every static server
@@ -246,6 +270,7 @@ fn init_session(
         ptr::addr_of_mut!((*pd).pool).write(pool);
         ptr::addr_of_mut!((*pd).generation).write(generation);
         ptr::addr_of_mut!((*pd).health).write(health);
+        ptr::addr_of_mut!((*pd).key_hash).write(key_hash(s, up));
         ptr::addr_of_mut!((*pd).current).write(Current::None);
     }
     // SAFETY: initialized above (the remaining fields are zero: valid).
@@ -285,6 +310,20 @@ fn init_session(
     }
     u.peer.tries = (discovered as ngx_uint_t + static_tries).max(1);
     NGX_OK as ngx_int_t
+}
+
+/// The hash of the session's `hash` key (0 without a key).
+fn key_hash(s: &mut ngx_stream_session_t, up: &Upstream) -> u64 {
+    let key = up.hash_key.get();
+    if key.is_null() {
+        return 0;
+    }
+    let mut value = ngx_str_t::default();
+    // SAFETY: a key compiled for this configuration, evaluated in a live session.
+    if unsafe { ngx_stream_complex_value(s, key, &mut value) } != NGX_OK as ngx_int_t {
+        return 0;
+    }
+    hash64(value.as_bytes(), 0)
 }
 
 /// `peer.get`: the next peer, or NGX_BUSY ("no live upstreams").

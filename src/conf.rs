@@ -120,7 +120,9 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
             as *mut ngx_stream_upstream_srv_conf_t)
     };
-    if uscf.peer.init_upstream.is_some() {
+    // nginx's own methods before this line were seen (and recorded) by this
+    // module; any other balancer cannot work with discovered peers.
+    if uscf.peer.init_upstream.is_some() && srv.method.is_none() {
         return Err(
             "\"consul_upstream\" cannot be combined with another load balancing method".into(),
         );
@@ -145,10 +147,6 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         None => None,
     };
     let shm_zone = zone::register(cf, &name, new.settings.zone_size)?;
-    let balancing = Balancing {
-        health: new.settings.health,
-        ..Balancing::default()
-    };
     let upstream = Box::new(Upstream {
         name,
         lines: vec![new],
@@ -156,7 +154,9 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         uscf,
         shm_zone,
         fallback: std::cell::Cell::new(Fallback::default()),
-        local: RefCell::new(Local::new(PeerView::new(balancing))),
+        hash_key: std::cell::Cell::new(ptr::null_mut()),
+        // The method is known once the block is read: see balancer::init_upstream.
+        local: RefCell::new(Local::new(PeerView::new(Balancing::default()))),
     });
     main.upstreams.push(&*upstream as *const Upstream);
     srv.upstream = Some(upstream);

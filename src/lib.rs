@@ -17,8 +17,8 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_module_t, ngx_stream_module_t, ngx_uint_t, NGX_CONF_1MORE,
-    NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPS_CONF,
+    ngx_command_t, ngx_module_t, ngx_stream_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS,
+    NGX_CONF_TAKE12, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPS_CONF,
 };
 
 mod balancer;
@@ -28,6 +28,7 @@ mod fault;
 mod ffi;
 mod listening;
 mod log;
+mod methods;
 mod resolve;
 mod runtime;
 mod sockaddr;
@@ -43,11 +44,37 @@ static mut CTX: ngx_stream_module_t = ngx_stream_module_t {
     merge_srv_conf: None,
 };
 
-static mut COMMANDS: [ngx_command_t; 2] = [
+/// `consul_upstream`, and nginx's own balancing directives, which this module
+/// sees first and hands on (see [`methods`]).
+static mut COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx::ngx_string!("consul_upstream"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
         set: Some(conf::consul_upstream),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("least_conn"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(methods::directive),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("hash"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
+        set: Some(methods::directive),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("random"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE12) as ngx_uint_t,
+        set: Some(methods::directive),
         conf: NGX_STREAM_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -66,5 +93,33 @@ pub static mut ngx_stream_consul_upstream_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
+/// What nginx reads from a dynamic module's file: its modules, their names, and
+/// where they go among the others. This module goes before nginx's balancer
+/// modules, so that their directives reach it first (see [`methods`]).
 #[cfg(feature = "export-modules")]
-ngx::ngx_modules!(ngx_stream_consul_upstream_module);
+#[allow(non_upper_case_globals)]
+mod exports {
+    use std::ffi::c_char;
+    use std::ptr;
+
+    use ngx::ffi::ngx_module_t;
+
+    #[no_mangle]
+    pub static mut ngx_modules: [*const ngx_module_t; 2] = [
+        ptr::addr_of!(crate::ngx_stream_consul_upstream_module),
+        ptr::null(),
+    ];
+
+    #[no_mangle]
+    pub static mut ngx_module_names: [*const c_char; 2] =
+        [c"ngx_stream_consul_upstream_module".as_ptr(), ptr::null()];
+
+    #[no_mangle]
+    pub static mut ngx_module_order: [*const c_char; 5] = [
+        c"ngx_stream_consul_upstream_module".as_ptr(),
+        c"ngx_stream_upstream_hash_module".as_ptr(),
+        c"ngx_stream_upstream_random_module".as_ptr(),
+        c"ngx_stream_upstream_least_conn_module".as_ptr(),
+        ptr::null(),
+    ];
+}

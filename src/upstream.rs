@@ -48,6 +48,8 @@ pub struct Upstream {
     pub uscf: *mut ngx_stream_upstream_srv_conf_t,
     pub shm_zone: *mut ngx_shm_zone_t,
     pub fallback: std::cell::Cell<Fallback>,
+    /// `hash`'s key, when the upstream balances by a hash.
+    pub hash_key: std::cell::Cell<*mut ngx::ffi::ngx_stream_complex_value_t>,
     /// This worker's copy of the discovered set.
     pub local: RefCell<Local>,
 }
@@ -158,6 +160,8 @@ impl Local {
 #[derive(Default)]
 pub struct SrvConf {
     pub upstream: Option<Box<Upstream>>,
+    /// `least_conn`, `hash` or `random` in the block.
+    pub method: Option<crate::methods::Chosen>,
 }
 
 /// Every upstream that uses `consul_upstream`, for the discovery process.
@@ -168,18 +172,24 @@ pub struct MainConf {
     pub state_paths: Vec<(String, String)>,
 }
 
+/// The module's conf of an upstream block.
+///
+/// # Safety
+/// `uscf` must be a stream upstream block's configuration.
+pub unsafe fn srv_conf_of<'a>(uscf: &ngx_stream_upstream_srv_conf_t) -> Option<&'a SrvConf> {
+    // SAFETY: per the contract; the conf lives as long as the cycle.
+    let srv = unsafe { ffi::upstream_srv_conf(uscf, ffi::module()) } as *const SrvConf;
+    // SAFETY: a non-null module conf of an upstream block is this module's SrvConf.
+    unsafe { srv.as_ref() }
+}
+
 /// The module's upstream of an upstream block, if it has `consul_upstream`.
 ///
 /// # Safety
 /// `uscf` must be a stream upstream block's configuration.
 pub unsafe fn upstream_of<'a>(uscf: &ngx_stream_upstream_srv_conf_t) -> Option<&'a Upstream> {
-    // SAFETY: per the contract; the conf lives as long as the cycle.
-    let srv = unsafe { ffi::upstream_srv_conf(uscf, ffi::module()) } as *const SrvConf;
-    if srv.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null module conf of an upstream block is this module's SrvConf.
-    unsafe { (*srv).upstream.as_deref().map(|u| &*(u as *const Upstream)) }
+    // SAFETY: per the contract.
+    unsafe { srv_conf_of(uscf) }?.upstream.as_deref()
 }
 
 /// Marks the placeholder server: its name points at this text.

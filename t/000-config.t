@@ -93,6 +93,24 @@ _EOC_
     is($rc, 0, 'a backup server beside consul_upstream: nginx -t passes') or diag $out;
     unlike($out, qr/no servers in upstream/, 'not "no servers in upstream"');
 
+    # Two methods in one upstream: nginx's own warning, as without consul_upstream.
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        least_conn;
+        consul_upstream redis.service.dc1.consul;
+        random;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+    is($rc, 0, 'two methods: nginx -t passes') or diag $out;
+    like($out, qr/\[warn\] load balancing method redefined in \Q$conf\E:7$/m, "with nginx's warning")
+        or diag $out;
+    unlike($out, qr/redefined in \Q$conf\E:6$/m, 'consul_upstream itself redefines nothing');
+
     # 33 lines: one more than the zone keeps line records for.
     my $lines = join '', map { "        consul_upstream r$_.service.consul;\n" } 1 .. 33;
     ($rc, $out, $conf) = nginx_t(<<"_EOC_");
@@ -284,66 +302,66 @@ qr/\[emerg\] \d+#\d+: "consul_upstream" directive is not allowed here in \S+ngin
 
 
 
-=== TEST 19: hash before consul_upstream
+=== TEST 19: nginx's balancing methods beside consul_upstream, before or after it, start
 --- stream_config
 upstream redis {
     hash $remote_addr;
-    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
 }
-
-
-
-=== TEST 20: hash after consul_upstream
---- stream_config
-upstream redis {
-    consul_upstream redis.service.yunlu_office.consul;
+upstream b {
+    consul_upstream b.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
     hash $remote_addr consistent;
 }
---- must_die
---- error_log eval
-qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
-
-
-
-=== TEST 21: least_conn before consul_upstream
---- stream_config
-upstream redis {
+upstream c {
     least_conn;
-    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+    consul_upstream c.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
 }
-
-
-
-=== TEST 22: least_conn after consul_upstream
---- stream_config
-upstream redis {
-    consul_upstream redis.service.yunlu_office.consul;
+upstream d {
+    consul_upstream d.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
     least_conn;
 }
---- must_die
---- error_log eval
-qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
-
-
-
-=== TEST 23: random before consul_upstream
---- stream_config
-upstream redis {
-    random two;
-    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" cannot be combined with another load balancing method
+upstream e {
+    random two least_conn;
+    consul_upstream e.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
 }
-
-
-
-=== TEST 24: random after consul_upstream
---- stream_config
-upstream redis {
-    consul_upstream redis.service.yunlu_office.consul;
+upstream f {
+    consul_upstream f.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
     random;
 }
---- must_die
---- error_log eval
-qr/\[emerg\] \d+#\d+: "consul_upstream" cannot be combined with another load balancing method in \S*\/stream\.conf:[34]\s*$/
+upstream plain_hash {
+    hash $remote_addr;
+    server 127.0.0.1:6380;
+}
+--- no_error_log
+[emerg]
+load balancing method redefined
+
+
+
+=== TEST 20: nginx still checks its directives' arguments
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    hash $remote_addr sometimes;   # emerg: invalid parameter "sometimes"
+}
+
+
+
+=== TEST 22: random's arguments are nginx's
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul;
+    random two most_conn;   # emerg: invalid parameter "most_conn"
+}
+
+
+
+=== TEST 23: slow_start= is upstream-wide
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.dc1.consul slow_start=30s;
+    consul_upstream redis.service.dc2.consul slow_start=30s;   # emerg: invalid parameter "slow_start=30s": it belongs on the first "consul_upstream" line of the upstream
+}
 
 
 

@@ -45,6 +45,8 @@ pub struct Settings {
     pub zone_size: usize,
     pub state_path: Option<String>,
     pub health: HealthPolicy,
+    /// `slow_start`: how long a joining or recovering peer ramps up (0: off).
+    pub slow_start_ms: u64,
 }
 
 /// A configuration error, worded as nginx words them (the caller adds file:line).
@@ -163,6 +165,7 @@ impl Settings {
             zone_size: DEFAULT_ZONE_SIZE,
             state_path: None,
             health: HealthPolicy::default(),
+            slow_start_ms: 0,
         };
         let mut seen: Vec<&str> = Vec::new();
 
@@ -204,6 +207,7 @@ impl Settings {
                 ("interval", v) => s.interval_ms = time(v).and_then(|t| nonzero(t, arg))?,
                 ("timeout", v) => s.timeout_ms = time(v).and_then(|t| nonzero(t, arg))?,
                 ("fail_timeout", v) => s.health.fail_timeout_ms = time(v)?,
+                ("slow_start", v) => s.slow_start_ms = time(v)?,
                 ("max_stale", Some("off")) => s.max_stale_ms = None,
                 ("max_stale", v) => s.max_stale_ms = Some(time(v).and_then(|t| nonzero(t, arg))?),
                 ("on_empty", v) => s.on_empty = policy(v)?,
@@ -282,11 +286,11 @@ fn nonzero(t: u64, arg: &str) -> Result<u64, ConfError> {
     }
 }
 
-/// Parameters that concern the whole upstream (its zone, state file and passive
-/// health) rather than one query: with several `consul_upstream` lines in one
+/// Parameters that concern the whole upstream (its zone, state file, passive
+/// health and slow start) rather than one query: with several `consul_upstream` lines in one
 /// upstream, only the first may set them. Returns the first such argument.
 pub fn upstream_wide_param<'a>(args: &[&'a str]) -> Option<&'a str> {
-    const KEYS: [&str; 4] = ["zone", "state", "max_fails", "fail_timeout"];
+    const KEYS: [&str; 5] = ["zone", "state", "max_fails", "fail_timeout", "slow_start"];
     args.iter()
         .copied()
         .find(|a| a.split_once('=').is_some_and(|(k, _)| KEYS.contains(&k)))
@@ -345,6 +349,7 @@ mod tests {
         );
         assert_eq!(s.zone_size, DEFAULT_ZONE_SIZE);
         assert_eq!(s.health, HealthPolicy::default());
+        assert_eq!(s.slow_start_ms, 0);
     }
 
     #[test]
@@ -420,7 +425,8 @@ mod tests {
 
     #[test]
     fn times_sizes_policies() {
-        let s = parse("r.service.consul interval=500ms timeout=2s max_stale=1m30s udp on_empty=fail on_error=fail zone=1m max_fails=3 fail_timeout=0 state=/tmp/x").unwrap();
+        let s = parse("r.service.consul interval=500ms timeout=2s max_stale=1m30s udp on_empty=fail on_error=fail zone=1m max_fails=3 fail_timeout=0 state=/tmp/x slow_start=30s").unwrap();
+        assert_eq!(s.slow_start_ms, 30_000);
         assert_eq!(
             (s.interval_ms, s.timeout_ms, s.max_stale_ms),
             (500, 2000, Some(90_000))
@@ -517,6 +523,10 @@ mod tests {
         assert_eq!(
             upstream_wide_param(&["r.service.consul", "fail_timeout=1s"]),
             Some("fail_timeout=1s")
+        );
+        assert_eq!(
+            upstream_wide_param(&["r.service.consul", "slow_start=10s"]),
+            Some("slow_start=10s")
         );
         assert_eq!(
             upstream_wide_param(&["r.service.consul", "interval=1s", "udp", "zone"]),

@@ -91,6 +91,7 @@ our @EXPORT = qw(
     nsupdate dig_srv
     backend_start backend_stop backend_stop_all backend_running
     probe_backend tally tally_str is_tally tally_background wait_for_backends
+    hold_connections close_held
     wait_until wait_for_log log_count error_log_text log_mark error_log_since
     worker_tally split_is_exact
     nginx_pid nginx_worker_pids nginx_reload nginx_restart nginx_stop nginx_t
@@ -675,7 +676,8 @@ sub probe_backend {
     my $port = $o{port} // stream_port();
     my $timeout = $o{timeout} // 3;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port,
-                                  Proto => 'tcp', Timeout => $timeout)
+                                  Proto => 'tcp', Timeout => $timeout,
+                                  ($o{local_addr} ? (LocalAddr => $o{local_addr}) : ()))
         or return (undef, "connect: $!");
     syswrite $s, "CLIENT INFO\r\nQUIT\r\n";
     my $buf = '';
@@ -696,6 +698,35 @@ sub probe_backend {
         return "$1:$2";
     }
     return (undef, $why // ($buf eq '' ? 'closed without an answer' : "unexpected answer: $buf"));
+}
+
+# hold_connections(N, port => P): N connections through nginx that stay open
+# (each asked CLIENT INFO once): [[socket, backend port], ...]. Close them with
+# close_held(\@held).
+sub hold_connections {
+    my ($n, %o) = @_;
+    my @held;
+    for (1 .. $n) {
+        my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $o{port} // stream_port(),
+                                      Proto => 'tcp', Timeout => 3)
+            or die "hold_connections: connect: $!\n";
+        syswrite $s, "CLIENT INFO\r\n";
+        my ($buf, $sel) = ('', IO::Select->new($s));
+        while ($buf !~ /laddr=\S+:\d+ .*\r\n/s) {
+            $sel->can_read(3) or die "hold_connections: no answer\n";
+            sysread($s, $buf, 8192, length $buf) or die "hold_connections: closed\n";
+        }
+        my ($port) = $buf =~ /\bladdr=\[?[0-9a-fA-F:.]+?\]?:(\d+)\s/;
+        push @held, [$s, $port + 0];
+    }
+    return \@held;
+}
+
+sub close_held {
+    my $held = shift;
+    close $_->[0] for @$held;
+    @$held = ();
+    return 1;
 }
 
 sub _key {
