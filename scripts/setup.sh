@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything the demo, the test suite and the benchmarks need, idempotently:
-# Debian packages (nginx build deps, BIND, redis, Perl), Test::Nginx from Debian sid.
+# Debian packages (nginx build deps, BIND, redis, Perl), Test::Nginx from Debian sid,
+# the prometheus_client Python package from PyPI (t/030-status.t parses the metrics with it).
 set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
 
 # gdb: t/015-writer-death.t and t/020-faults.t kill worker 0 at a breakpoint
 # inside a zone write.
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
       bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps gdb
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl
-      libwww-perl)
+      libwww-perl python3 python3-pip)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -38,6 +40,15 @@ if ! perl -MTest::Nginx::Socket -e1 2>/dev/null; then
     apt-get "${aptopts[@]}" update -qq
     (cd "$tmp" && apt-get "${aptopts[@]}" download libtest-nginx-perl)
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tmp"/libtest-nginx-perl_*_all.deb >/dev/null
+fi
+
+# prometheus_client, pinned, into t/python (not the system's Python: Debian's is
+# externally managed); t/lib/promparse.py puts that directory on its path.
+pydir="$root/t/python"
+if ! PYTHONPATH="$pydir" python3 -c 'import prometheus_client' 2>/dev/null; then
+    echo "setup: installing prometheus_client into $pydir"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+        --target "$pydir" 'prometheus-client==0.26.0'
 fi
 
 # BIND's and redis's packaged services are not wanted: tests start their own on loopback.

@@ -480,10 +480,13 @@ impl Group {
             log::log(log::level_of(*level), msg);
         }
         let now_unix = ffi::unix_now();
+        // Whether the line's part changed (peers, weights, priorities).
+        let mut changed = false;
         match decision.action {
             Action::Publish(peers) => {
                 if peers != self.parts[line].published {
                     self.publish(line, peers.clone());
+                    changed = self.parts[line].published == peers;
                 }
                 let part = &mut self.parts[line];
                 if part.good != peers {
@@ -495,7 +498,9 @@ impl Group {
                 part.kind = SetKind::Live;
             }
             Action::Drop => {
+                let had = !self.parts[line].published.is_empty();
                 self.publish(line, Vec::new());
+                changed = had && self.parts[line].published.is_empty();
                 self.parts[line].kind = SetKind::Dropped;
             }
             Action::Keep => {
@@ -505,7 +510,7 @@ impl Group {
                 }
             }
         }
-        self.record(line, tracker, lookup, &reason);
+        self.record(line, tracker, lookup, &reason, changed);
         self.save_state();
         decision.next_ms
     }
@@ -565,8 +570,9 @@ impl Group {
         self.parts[line].published = part;
     }
 
-    /// Updates line `line`'s record in the zone: counters, streak, set kind.
-    fn record(&self, line: usize, tracker: &Tracker, lookup: Lookup, reason: &str) {
+    /// Updates line `line`'s record in the zone: counters, streak, set kind, and
+    /// the time of the last change (`changed`: the part was just rewritten).
+    fn record(&self, line: usize, tracker: &Tracker, lookup: Lookup, reason: &str, changed: bool) {
         let part = &self.parts[line];
         let streak = tracker.streak();
         let now_ms = ffi::current_msec();
@@ -580,7 +586,7 @@ impl Group {
             .zone()
             .update_line(self.up.lines[line].tag, |rec| {
                 rec.lookups[lookup as usize] += 1;
-                if rec.peers != peers as u32 || rec.kind != kind as u32 {
+                if changed || rec.peers != peers as u32 || rec.kind != kind as u32 {
                     rec.changed_unix = now_unix;
                 }
                 rec.kind = kind as u32;

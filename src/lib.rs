@@ -8,6 +8,8 @@
 //! - [`discovery`] and [`resolve`]: worker 0's loops and lookups;
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
 //! - [`balancer`]: the per-connection peer callbacks;
+//! - [`status`]: the library's http module, `consul_upstream_status` (JSON and
+//!   Prometheus text of what the balancer sees);
 //! - [`listening`], [`sockaddr`]: nginx's own addresses, socket addresses in C form;
 //! - [`ffi`]: nginx's stream C macros, written out.
 
@@ -17,8 +19,10 @@ use std::ffi::c_void;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_module_t, ngx_stream_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE12, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF_OFFSET, NGX_STREAM_UPS_CONF,
+    ngx_command_t, ngx_http_module_t, ngx_module_t, ngx_stream_module_t, ngx_uint_t,
+    NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_CONF_TAKE12, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_STREAM_MODULE, NGX_STREAM_SRV_CONF_OFFSET,
+    NGX_STREAM_UPS_CONF,
 };
 
 mod balancer;
@@ -32,6 +36,7 @@ mod methods;
 mod resolve;
 mod runtime;
 mod sockaddr;
+mod status;
 mod upstream;
 mod zone;
 
@@ -93,9 +98,45 @@ pub static mut ngx_stream_consul_upstream_module: ngx_module_t = ngx_module_t {
     ..ngx_module_t::default()
 };
 
-/// What nginx reads from a dynamic module's file: its modules, their names, and
-/// where they go among the others. This module goes before nginx's balancer
-/// modules, so that their directives reach it first (see [`methods`]).
+// The http module: only a directive. No confs, no phase handler, nothing at
+// process start: an nginx without `consul_upstream_status` runs none of it.
+static mut HTTP_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: None,
+    init_main_conf: None,
+    create_srv_conf: None,
+    merge_srv_conf: None,
+    create_loc_conf: None,
+    merge_loc_conf: None,
+};
+
+static mut HTTP_COMMANDS: [ngx_command_t; 2] = [
+    ngx_command_t {
+        name: ngx::ngx_string!("consul_upstream_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(status::consul_upstream_status),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_http_consul_upstream_status_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of_mut!(HTTP_CTX) as *mut c_void,
+    commands: ptr::addr_of_mut!(HTTP_COMMANDS) as *mut ngx_command_t,
+    type_: NGX_HTTP_MODULE as ngx_uint_t,
+    ..ngx_module_t::default()
+};
+
+/// What nginx reads from a dynamic module's file: its modules (one `load_module`
+/// line loads both), their names, and where they go among the others. The
+/// stream module goes before nginx's balancer modules, so that their directives
+/// reach it first (see [`methods`]); the http module goes last, as usual.
+/// Written out: ngx 0.5.1's `ngx_modules!` takes one module and no order.
 #[cfg(feature = "export-modules")]
 #[allow(non_upper_case_globals)]
 mod exports {
@@ -105,14 +146,18 @@ mod exports {
     use ngx::ffi::ngx_module_t;
 
     #[no_mangle]
-    pub static mut ngx_modules: [*const ngx_module_t; 2] = [
+    pub static mut ngx_modules: [*const ngx_module_t; 3] = [
         ptr::addr_of!(crate::ngx_stream_consul_upstream_module),
+        ptr::addr_of!(crate::ngx_http_consul_upstream_status_module),
         ptr::null(),
     ];
 
     #[no_mangle]
-    pub static mut ngx_module_names: [*const c_char; 2] =
-        [c"ngx_stream_consul_upstream_module".as_ptr(), ptr::null()];
+    pub static mut ngx_module_names: [*const c_char; 3] = [
+        c"ngx_stream_consul_upstream_module".as_ptr(),
+        c"ngx_http_consul_upstream_status_module".as_ptr(),
+        ptr::null(),
+    ];
 
     #[no_mangle]
     pub static mut ngx_module_order: [*const c_char; 5] = [

@@ -7,6 +7,7 @@
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
 //! - [`state`]: the state file that carries the last good set across restarts.
+//! - [`status`]: what the balancer sees, as JSON and Prometheus text.
 
 pub mod answer;
 pub mod least;
@@ -17,6 +18,7 @@ pub mod policy;
 pub mod select;
 pub mod settings;
 pub mod state;
+pub mod status;
 pub mod view;
 pub mod zone;
 
