@@ -163,7 +163,8 @@ fn init_static(cf: &mut ngx_conf_t, us: &mut ngx_stream_upstream_srv_conf_t) -> 
         health: first.health,
         slow_start_ms: first.slow_start_ms,
     };
-    up.hash_key.set(srv.method.map_or(ptr::null_mut(), |c| c.key));
+    up.hash_key
+        .set(srv.method.map_or(ptr::null_mut(), |c| c.key));
     match up.local.try_borrow_mut() {
         Ok(mut local) => local.view = PeerView::new(balancing),
         Err(_) => return NGX_ERROR as ngx_int_t,

@@ -9,6 +9,7 @@ use ngx::core::Pool;
 use ngx::ffi::{
     ngx_command_t, ngx_conf_full_name, ngx_conf_t, ngx_int_t, ngx_log_error_core, ngx_str_t,
     ngx_stream_upstream_module, ngx_stream_upstream_srv_conf_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+    NGX_STREAM_UPSTREAM_BACKUP,
 };
 
 use consul_core::peer::source_tag;
@@ -128,6 +129,9 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         );
     }
     uscf.peer.init_upstream = Some(crate::balancer::init_upstream);
+    // Static servers are round robin's, which has backups, whatever method
+    // (hash, random) the discovered peers are balanced by.
+    uscf.flags |= NGX_STREAM_UPSTREAM_BACKUP as ngx::ffi::ngx_uint_t;
     add_placeholder(cf, uscf)?;
 
     let name = str_of(&uscf.host);

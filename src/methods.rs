@@ -16,7 +16,8 @@ use ngx::core::Pool;
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_module_t, ngx_str_t, ngx_stream_compile_complex_value,
     ngx_stream_compile_complex_value_t, ngx_stream_complex_value_t, ngx_stream_upstream_module,
-    ngx_stream_upstream_srv_conf_t, NGX_OK, NGX_STREAM_MODULE,
+    ngx_stream_upstream_srv_conf_t, ngx_uint_t, NGX_OK, NGX_STREAM_MODULE,
+    NGX_STREAM_UPSTREAM_BACKUP,
 };
 
 use consul_core::method::Method;
@@ -142,10 +143,8 @@ pub unsafe extern "C" fn directive(
     // SAFETY: nginx calls directive handlers with the configuration being parsed,
     // the command, and (NGX_STREAM_SRV_CONF_OFFSET) this module's block conf.
     let (cf, cmd, srv) = unsafe { (&mut *cf, &*cmd, &mut *(conf as *mut SrvConf)) };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        pass_on(cf, cmd, srv)
-    }))
-    .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass_on(cf, cmd, srv)))
+        .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
     match result {
         Ok(rv) => rv,
         Err(msg) => {
@@ -166,8 +165,9 @@ fn pass_on(
         "hash" => "ngx_stream_upstream_hash_module",
         _ => "ngx_stream_upstream_random_module",
     };
-    let module = stream_module(cf, owner)
-        .ok_or_else(|| format!("\"{directive}\" is not available: this nginx is built without {owner}"))?;
+    let module = stream_module(cf, owner).ok_or_else(|| {
+        format!("\"{directive}\" is not available: this nginx is built without {owner}")
+    })?;
     let theirs = command(module, &directive)
         .and_then(|c| c.set.map(|set| (c, set)))
         .ok_or_else(|| format!("\"{directive}\" is not available in {owner}"))?;
@@ -194,9 +194,17 @@ fn pass_on(
     let their_conf = unsafe { ffi::conf_srv_conf(cf, module) };
     let (their_cmd, set) = theirs;
     // SAFETY: nginx's own handler, with the arguments and confs it expects.
-    let rv = unsafe { set(cf, their_cmd as *const ngx_command_t as *mut ngx_command_t, their_conf) };
+    let rv = unsafe {
+        set(
+            cf,
+            their_cmd as *const ngx_command_t as *mut ngx_command_t,
+            their_conf,
+        )
+    };
     if ours {
         uscf.peer.init_upstream = Some(crate::balancer::init_upstream);
+        // Static servers stay round robin's, which has backups.
+        uscf.flags |= NGX_STREAM_UPSTREAM_BACKUP as ngx_uint_t;
     }
     if !rv.is_null() {
         // nginx's handler said what was wrong (and logged it, if it logs).

@@ -111,6 +111,19 @@ _EOC_
         or diag $out;
     unlike($out, qr/redefined in \Q$conf\E:6$/m, 'consul_upstream itself redefines nothing');
 
+    # The example configurations in nginx-conf/ are valid as shipped (paths
+    # moved under the test's prefix).
+    for my $file (glob("$Test::Nginx::Consul::RootDir/nginx-conf/*.conf")) {
+        open my $fh, '<', $file or die "$file: $!";
+        my $text = do { local $/; <$fh> };
+        $text =~ s{^load_module \S+;}{load_module \$TEST_NGINX_CONSUL_MODULE;}m;
+        $text =~ s{/var/log/nginx/}{logs/}g;
+        $text =~ s{/run/nginx\.pid}{logs/nginx.pid}g;
+        $text =~ s{/var/lib/nginx/}{logs/}g;
+        ($rc, $out, $conf) = nginx_t($text);
+        is($rc, 0, "nginx-conf/" . ($file =~ s{.*/}{}r) . ' passes nginx -t') or diag $out;
+    }
+
     # 33 lines: one more than the zone keeps line records for.
     my $lines = join '', map { "        consul_upstream r$_.service.consul;\n" } 1 .. 33;
     ($rc, $out, $conf) = nginx_t(<<"_EOC_");

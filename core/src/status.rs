@@ -118,11 +118,10 @@ pub fn down_until_ms(
     now_ms: u64,
     single: bool,
 ) -> Option<u64> {
-    if single || policy.max_fails == 0 || fails < policy.max_fails {
+    if single {
         return None;
     }
-    let until = checked_ms.saturating_add(policy.fail_timeout_ms);
-    (now_ms <= until).then_some(until)
+    policy.down_until(fails, checked_ms, now_ms)
 }
 
 /// `max_stale` left for a line: seconds until its peers are dropped if no

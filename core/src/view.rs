@@ -20,6 +20,19 @@ pub struct HealthPolicy {
     pub fail_timeout_ms: u64,
 }
 
+impl HealthPolicy {
+    /// Until when a peer is down (nginx's rule): `max_fails` failures in the
+    /// window that started at `checked_ms` keep it out for `fail_timeout` from
+    /// there. `None`: the peer may be tried.
+    pub fn down_until(&self, fails: u32, checked_ms: u64, now_ms: u64) -> Option<u64> {
+        if self.max_fails == 0 || fails < self.max_fails {
+            return None;
+        }
+        let until = checked_ms.saturating_add(self.fail_timeout_ms);
+        (now_ms <= until).then_some(until)
+    }
+}
+
 impl Default for HealthPolicy {
     fn default() -> Self {
         HealthPolicy {
@@ -84,9 +97,14 @@ impl<'z> SlotRef<'z> {
 
     /// Not down: fewer than `max_fails` failures, or the window has passed.
     fn usable(&self, policy: &HealthPolicy, now_ms: u64) -> bool {
-        !self.down(policy)
-            || now_ms.saturating_sub(self.slot.checked_ms.load(Ordering::Relaxed))
-                > policy.fail_timeout_ms
+        let s = self.slot;
+        policy
+            .down_until(
+                s.fails.load(Ordering::Relaxed),
+                s.checked_ms.load(Ordering::Relaxed),
+                now_ms,
+            )
+            .is_none()
     }
 
     /// Takes the peer for a connection. A new `fail_timeout` window starts when the
@@ -287,8 +305,8 @@ impl<'z> PeerView<'z> {
             return Some(0);
         }
         // Slow start passes over ramping peers now and then; if that leaves no
-        // peer at all, they are taken anyway.
-        let ramp = self.balancing.slow_start_ms > 0;
+        // peer at all, they are taken anyway. A hash keeps a key on its peer.
+        let ramp = self.balancing.slow_start_ms > 0 && !self.balancing.method.uses_key();
         if let Some(i) = self.pick(&tried, now_ms, ctx, ramp) {
             return Some(i);
         }
