@@ -337,7 +337,16 @@ class Nginx:
         self.p = None
 
     @staticmethod
-    def upstream(setup, n, name="redis", qname=QNAME, shards=0, zone="256k"):
+    def upstream(setup, n, name="redis", qname=QNAME, shards=0, zone="256k", method=""):
+        """An upstream of n peers for a setup; `method` (e.g. "least_conn;") is nginx's
+        balancing directive, written in the block for (a) and (c) alike."""
+        text = Nginx._upstream(setup, n, name, qname, shards, zone)
+        if method:
+            text = text.replace(" {\n", f" {{\n    {method}\n", 1)
+        return text
+
+    @staticmethod
+    def _upstream(setup, n, name, qname, shards, zone):
         if setup == "a":
             body = "\n".join(f"    server {peer_ip(i)}:{PEER_PORT};" for i in range(n))
         elif setup == "b":
@@ -353,7 +362,7 @@ class Nginx:
             # goes on the first line only.
             body = "\n".join(
                 f"    consul_upstream redis.service.s{k}.{DC}.consul resolver={DNS_HOST}:{DNS_PORT} interval=1s"
-                + (" zone=1m;" if k == 0 else ";")
+                + (" zone=2m;" if k == 0 else ";")
                 for k in range(shards))
         else:
             body = f"    consul_upstream {qname} resolver={DNS_HOST}:{DNS_PORT} interval=1s zone={zone};"
@@ -530,7 +539,7 @@ def summarize(slices, lat=None):
     return out
 
 
-def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a", profile_conns=0):
+def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a", profile_conns=0, method=""):
     """`base` and `other` run side by side as two nginx instances and are measured in
     alternating slices (a o o a a o o a ...; only one has load at a time), so that the
     drifts of a shared 2-core VM fall on both alike. With profile_conns, each is then also
@@ -538,8 +547,8 @@ def pairing(insts, other, n, shards, bind, resp, secs, pairs, base="a", profile_
     A, O = insts[base], insts[other]
     out = {"base": base, "other": other, "peers": n}
     try:
-        A.start(A.conf(base, Nginx.upstream(base, n)))
-        O.start(O.conf(other[0], Nginx.upstream(other[0], n, shards=shards)))
+        A.start(A.conf(base, Nginx.upstream(base, n, method=method)))
+        O.start(O.conf(other[0], Nginx.upstream(other[0], n, shards=shards, method=method)))
         for inst, s in ((A, base), (O, other)):
             # (b) with 10,000 targets needs a while before its first peers are installed
             if not wait_ready(inst, s[0], n, 45 if shards else 30):
@@ -769,7 +778,10 @@ def read_criterion(sizes):
     and 4.4 ns), so the fastest sample is the figure that compares sizes fairly."""
     base = TARGET / "criterion"
     res = {}
-    for group, func in (("pick", "selector"), ("pick", "view"), ("pick", "nginx_swrr"), ("rebuild", "selector")):
+    funcs = (("pick", "selector"), ("pick", "view"), ("pick", "nginx_swrr"), ("rebuild", "selector"),
+             ("pick", "least_conn"), ("pick", "nginx_least_conn"), ("pick", "hash"), ("pick", "hash_consistent"),
+             ("pick", "random"), ("pick", "random_two"), ("rebuild", "ring"))
+    for group, func in funcs:
         for n in sizes:
             d = base / group / func / str(n)
             try:
@@ -1112,7 +1124,7 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
     L.append(f"- Largest answer: one DNS message over TCP carries **{max_answer}** Consul-shaped SRV records "
              f"here (46 bytes each: an SRV target is never compressed), not ≈1,900. Above that, the peers are "
              f"spread over {nsh} SRV names `redis.service.sK.{DC}.consul`: (c) uses {nsh} `consul_upstream` "
-             f"lines in the one upstream (their sets are merged; `zone=1m` on the first line), (b) uses {nsh} "
+             f"lines in the one upstream (their sets are merged; `zone=2m` on the first line), (b) uses {nsh} "
              f"`server sK.{DC}.consul service=redis.service resolve;` lines, (a) 10,000 static servers.\n")
     if not c_ok:
         L.append(f"**(c) was not measured**: `{c_msg}`\n")
@@ -1197,6 +1209,17 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
              "weight 1, priority 1. The nginx column is the algorithm (a) and (b) run per connection "
              "(every peer visited per pick); (c) runs `PeerView::select` (and `release` when the connection "
              "ends), which calls `Selector::pick`.\n")
+    L.append("### nginx's methods over discovered peers, ns per pick (and release)\n")
+    L.append("| peers | least_conn (shared tree) | nginx least_conn (re-implemented, O(n)) | hash | hash consistent | "
+             "random | random two least_conn | ring build (once per set change) |")
+    L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in [2, 100, 1000, 10000]:
+        L.append(f"| {n} | {mc(('pick', 'least_conn', n))} | {mc(('pick', 'nginx_least_conn', n), '.1f')} | "
+                 f"{mc(('pick', 'hash', n))} | {mc(('pick', 'hash_consistent', n))} | {mc(('pick', 'random', n))} | "
+                 f"{mc(('pick', 'random_two', n))} | {mc(('rebuild', 'ring', n), '.1f', 1000, ' µs')} |")
+    L.append("\nEach method's pick with its release (least_conn moves the shared tournament tree's path "
+             "twice per connection). End-to-end costs against static nginx with the same method: "
+             "[METHODS.md](METHODS.md).\n")
     L.append("## Propagation and DNS load (worker_processes 2, two upstreams, interval / valid = 1 s)\n")
     L.append("A prober opens a new connection through the proxy every ~2 ms and asks the backend for its "
              f"address. Each change is an `nsupdate` that adds or deletes the SRV record of {EXTRA_PEER} (2 "

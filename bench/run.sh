@@ -4,6 +4,9 @@
 #   bench/run.sh            full run (a few minutes on 2 cores)
 #   bench/run.sh --quick    smoke run (2 and 1,000 peers, fewer slices and changes; about
 #                           1.5 minutes; writes its report to bench/out/, not over bench/RESULTS.md)
+#   bench/run.sh --skip-methods   without the balancing methods' run (bench/methods.py: least_conn,
+#                           hash, random... static against consul_upstream at 2, 1,000 and 10,000
+#                           peers; about 10 more minutes in a full run)
 #   Extra arguments go to bench/bench.py, e.g. --sizes 2,100 --pairs 40 --slice 0.25 --changes 30 --skip-e2e
 #   BENCH_NO_BUILD=1        skip the cargo builds (use what is in target/)
 #
@@ -22,7 +25,15 @@ target=${CARGO_TARGET_DIR:-$root/target}
 case "$target" in /*) ;; *) target=$root/$target ;; esac
 
 quick=()
-for a in "$@"; do [ "$a" = --quick ] && quick=(--quick); done
+methods=1
+args=()
+for a in "$@"; do
+    case "$a" in
+        --quick) quick=(--quick); args+=("$a") ;;
+        --skip-methods) methods= ;;
+        *) args+=("$a") ;;
+    esac
+done
 
 for tool in named nsupdate dig python3 cargo; do
     command -v "$tool" >/dev/null || { echo "run.sh: $tool not found (run scripts/setup.sh)" >&2; exit 1; }
@@ -73,7 +84,12 @@ loader=$target/bench-responder/release/bench-load
 # Enough descriptors for 10,000 listeners and nginx's upstream connections.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-python3 "$here/bench.py" --nginx "$nginx" --module "$module" --responder "$responder" --loader "$loader" "$@"
+python3 "$here/bench.py" --nginx "$nginx" --module "$module" --responder "$responder" --loader "$loader" "${args[@]}"
 if [ ${#quick[@]} -gt 0 ]; then dest=$here/out; else dest=$here; fi
 python3 "$here/plot.py" "$dest"
 echo "== wrote ${dest#$root/}/RESULTS.md, results.csv, plot.png"
+if [ -n "$methods" ] && [ -n "$module" ]; then
+    echo "== balancing methods: static against consul_upstream (bench/methods.py)"
+    python3 "$here/methods.py" --nginx "$nginx" --module "$module" --responder "$responder" --loader "$loader" "${quick[@]}"
+    echo "== wrote ${dest#$root/}/METHODS.md, methods.csv"
+fi

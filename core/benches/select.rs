@@ -1,12 +1,16 @@
 //! Cost of picking a peer, at 2, 100, 1,000 and 10,000 peers.
 //!
 //! - `pick/selector`: `Selector::pick`, the O(1) schedule used by the module.
-//! - `pick/view`: `PeerView::select` + `release`, what the balancer does per connection
-//!   (passive health checks, tried filter, connection counters).
-//! - `pick/nginx_swrr`: a re-implementation of nginx's smooth weighted round robin
-//!   (`ngx_stream_upstream_get_peer`), which walks every peer on every pick: O(n).
-//! - `rebuild/selector`: building a selector for a new peer set (once per set change
-//!   per worker, not per connection).
+//! - `pick/view`: `PeerView::select` + `release` with round robin, what the balancer
+//!   does per connection (passive health in shared slots, tried filter, counters).
+//! - `pick/least_conn`, `pick/hash`, `pick/hash_consistent`, `pick/random`,
+//!   `pick/random_two`: the same for each of nginx's methods over discovered peers
+//!   (least_conn updates the shared tournament tree on pick and release).
+//! - `pick/nginx_swrr`, `pick/nginx_least_conn`: re-implementations of nginx's smooth
+//!   weighted round robin (`ngx_stream_upstream_get_peer`) and of its least_conn
+//!   (`ngx_stream_upstream_get_least_conn_peer`), which walk every peer on every pick: O(n).
+//! - `rebuild/selector`, `rebuild/ring`: what a worker builds for a new peer set (once per
+//!   set change, not per connection): the round-robin schedule, a consistent-hash ring.
 //!
 //! All peers have weight 1 and priority 1, as Consul publishes by default.
 //! The measurement times are short so that `cargo bench -p ngx-consul-core --bench select`
@@ -17,9 +21,14 @@ use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ngx_consul_core::least::{nodes_for, Tree, NONE};
+use ngx_consul_core::method::{Method, Rng, Tier};
 use ngx_consul_core::select::Selector;
-use ngx_consul_core::view::{HealthPolicy, PeerView};
+use ngx_consul_core::view::{Balancing, PeerView, PickContext, Shared, SlotRef};
+use ngx_consul_core::zone::PeerSlot;
 use ngx_consul_core::Peer;
 
 const SIZES: [usize; 4] = [2, 100, 1_000, 10_000];
@@ -112,6 +121,113 @@ impl NginxSwrr {
     }
 }
 
+/// nginx's least_conn: every pick scans all peers for the fewest connections per
+/// weight (`ngx_stream_upstream_get_least_conn_peer`), then among equals runs the
+/// smooth weighted round robin.
+struct NginxLeastConn {
+    conns: Vec<u64>,
+    weight: Vec<u64>,
+    current_weight: Vec<i64>,
+}
+
+impl NginxLeastConn {
+    fn new(n: usize) -> Self {
+        NginxLeastConn {
+            conns: vec![0; n],
+            weight: vec![1; n],
+            current_weight: vec![0; n],
+        }
+    }
+
+    fn pick(&mut self) -> usize {
+        let mut best = 0;
+        let mut many = false;
+        for i in 1..self.conns.len() {
+            let (c, w) = (self.conns[i], self.weight[i]);
+            let (bc, bw) = (self.conns[best], self.weight[best]);
+            if c * bw < bc * w {
+                best = i;
+                many = false;
+            } else if c * bw == bc * w {
+                many = true;
+            }
+        }
+        if many {
+            let (bc, bw) = (self.conns[best], self.weight[best]);
+            let mut total = 0;
+            let mut top = best;
+            for i in best..self.conns.len() {
+                if self.conns[i] * bw != bc * self.weight[i] {
+                    continue;
+                }
+                self.current_weight[i] += self.weight[i] as i64;
+                total += self.weight[i] as i64;
+                if self.current_weight[i] > self.current_weight[top] {
+                    top = i;
+                }
+            }
+            self.current_weight[top] -= total;
+            best = top;
+        }
+        self.conns[best] += 1;
+        best
+    }
+
+    fn release(&mut self, i: usize) {
+        self.conns[i] -= 1;
+    }
+}
+
+/// Shared state as the zone holds it, in ordinary memory.
+struct Zoneish {
+    slots: Vec<PeerSlot>,
+    nodes: Vec<AtomicU32>,
+    vtime: AtomicU64,
+}
+
+impl Zoneish {
+    fn new(ps: &[Peer]) -> Zoneish {
+        let slots: Vec<PeerSlot> = ps
+            .iter()
+            .map(|p| {
+                let s = PeerSlot::default();
+                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
+                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s
+            })
+            .collect();
+        let nodes = (0..nodes_for(slots.len())).map(|_| AtomicU32::new(NONE)).collect();
+        let z = Zoneish {
+            slots,
+            nodes,
+            vtime: AtomicU64::new(0),
+        };
+        Tree::new(&z.nodes, &z.slots).rebuild();
+        z
+    }
+
+    fn view(&self, ps: &[Peer], method: Method) -> PeerView<'_> {
+        let mut view = PeerView::new(Balancing {
+            method,
+            ..Balancing::default()
+        });
+        let shared = Shared {
+            tree: Tree::new(&self.nodes, &self.slots),
+            vtime: &self.vtime,
+        };
+        view.replace(
+            ps.iter()
+                .zip(&self.slots)
+                .enumerate()
+                .map(|(i, (p, s))| (*p, SlotRef::new(s, 0, i as u32)))
+                .collect(),
+            0,
+            Some(shared),
+        );
+        view
+    }
+}
+
 fn bench_pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("pick");
     g.throughput(Throughput::Elements(1));
@@ -123,15 +239,41 @@ fn bench_pick(c: &mut Criterion) {
             b.iter(|| black_box(sel.pick(|i| black_box(i) != usize::MAX)))
         });
 
-        let mut view = PeerView::new(HealthPolicy::default());
-        view.replace(ps.clone(), 0);
-        let addrs: Vec<SocketAddr> = view.peers().iter().map(|p| p.addr).collect();
-        let mut now = 1_000u64;
-        g.bench_with_input(BenchmarkId::new("view", n), &n, |b, _| {
+        let methods = [
+            ("view", Method::RoundRobin),
+            ("least_conn", Method::LeastConn),
+            ("hash", Method::Hash),
+            ("hash_consistent", Method::ConsistentHash),
+            ("random", Method::Random),
+            ("random_two", Method::RandomTwo),
+        ];
+        for (name, method) in methods {
+            let zone = Zoneish::new(&ps);
+            let mut view = zone.view(&ps, method);
+            let health = view.balancing().health;
+            let mut rng = Rng::new(7);
+            let mut now = 1_000u64;
+            let mut key = 0u64;
+            g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                b.iter(|| {
+                    now += 1;
+                    key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut ctx = PickContext {
+                        key_hash: key,
+                        rng: &mut rng,
+                    };
+                    let i = view.select(|i| black_box(i) == usize::MAX, now, &mut ctx).unwrap();
+                    view.slot(i).unwrap().release(false, &health, now);
+                    black_box(i)
+                })
+            });
+        }
+
+        let mut lc = NginxLeastConn::new(n);
+        g.bench_with_input(BenchmarkId::new("nginx_least_conn", n), &n, |b, _| {
             b.iter(|| {
-                now += 1;
-                let i = view.select(|i| black_box(i) == usize::MAX, now).unwrap();
-                view.release(i, &addrs[i], false, now);
+                let i = lc.pick();
+                lc.release(i);
                 black_box(i)
             })
         });
@@ -150,6 +292,9 @@ fn bench_rebuild(c: &mut Criterion) {
         let ps = peers(n);
         g.bench_with_input(BenchmarkId::new("selector", n), &ps, |b, ps| {
             b.iter(|| black_box(Selector::new(black_box(ps), 0)))
+        });
+        g.bench_with_input(BenchmarkId::new("ring", n), &ps, |b, ps| {
+            b.iter(|| black_box(Tier::build(black_box(ps), true)))
         });
     }
     g.finish();
