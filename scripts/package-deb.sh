@@ -9,9 +9,11 @@
 #       after 50-mod-stream.conf: the stream module must be loaded first)
 #   Depends: the nginx-abi-* package the target nginx provides, libnginx-mod-stream (when
 #   stream is a dynamic module), and the shared libraries the .so uses.
-#   The maintainer scripts are those Debian's dh_nginx writes: remove disables the module
-#   (the link becomes 70-....conf.removed, as for every libnginx-mod-*, so that a reinstall
-#   restores it), purge removes the link too.
+#   Maintainer scripts: an installation enables the module, also one after a remove;
+#   remove and purge leave no file behind (Debian's own module packages keep a
+#   "...conf.removed" link after a remove, to know on a reinstall; here preinst knows it,
+#   as dpkg tells it "install" for both). An upgrade keeps an administrator's own removal
+#   of the link.
 #
 # Usage: scripts/package-deb.sh [--nginx BIN] [--so FILE]
 #   --nginx BIN   the packaged nginx to build for (default /usr/sbin/nginx)
@@ -107,22 +109,25 @@ Description: Consul service discovery for nginx stream upstreams
  and the last good set kept while Consul has trouble.
 EOF
 
-# Maintainer scripts: those dh_nginx generates for Debian's own module packages.
+# Maintainer scripts.
+marker=/run/$name.enable
+cat >"$stage/DEBIAN/preinst" <<EOF
+#!/bin/sh
+set -e
+# dpkg says "install" for a first installation and for one after a remove, and
+# "upgrade" otherwise: only the first two enable the module (in postinst).
+if [ "\$1" = install ]; then
+	: >$marker
+fi
+EOF
 cat >"$stage/DEBIAN/postinst" <<EOF
 #!/bin/sh
 set -e
-if [ -L /etc/nginx/modules-enabled/$link.removed ]; then
-	rm /etc/nginx/modules-enabled/$link.removed
-	removed_link=true
-else
-	removed_link=false
-fi
-# Link on a fresh installation, and on a reinstallation after a remove (the
-# administrator's own removal of the link is kept across upgrades).
-if [ -z "\$2" ] || [ "\$removed_link" = true ]; then
+if [ "\$1" = configure ] && { [ -z "\$2" ] || [ -e $marker ]; }; then
 	mkdir -p /etc/nginx/modules-enabled
 	ln -sf /usr/share/nginx/modules-available/$snippet /etc/nginx/modules-enabled/$link
 fi
+rm -f $marker
 if [ "\$1" = configure ] && command -v dpkg-trigger >/dev/null 2>&1; then
 	dpkg-trigger --no-await nginx-reload
 fi
@@ -130,23 +135,22 @@ EOF
 cat >"$stage/DEBIAN/prerm" <<EOF
 #!/bin/sh
 set -e
+# nginx must not load a module file that is about to go.
 if [ "\$1" = remove ] || [ "\$1" = deconfigure ]; then
-	if [ -L /etc/nginx/modules-enabled/$link ]; then
-		mv /etc/nginx/modules-enabled/$link /etc/nginx/modules-enabled/$link.removed
-	fi
+	rm -f /etc/nginx/modules-enabled/$link
 fi
 EOF
 cat >"$stage/DEBIAN/postrm" <<EOF
 #!/bin/sh
 set -e
-if [ "\$1" = purge ]; then
-	rm -f /etc/nginx/modules-enabled/$link /etc/nginx/modules-enabled/$link.removed
+if [ "\$1" = remove ] || [ "\$1" = purge ]; then
+	rm -f /etc/nginx/modules-enabled/$link
 fi
 if [ "\$1" = remove ] && command -v dpkg-trigger >/dev/null 2>&1; then
 	dpkg-trigger --no-await nginx-reload
 fi
 EOF
-chmod 0755 "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm" "$stage/DEBIAN/postrm"
+chmod 0755 "$stage/DEBIAN/preinst" "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm" "$stage/DEBIAN/postrm"
 (cd "$stage" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) >"$stage/DEBIAN/md5sums"
 
 deb=$outdir/${name}_${version}_${arch}.deb

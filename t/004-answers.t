@@ -173,7 +173,8 @@ ok(wait_for_log(qr/consul upstream "redis": 1200 peers from redis\.service\.yunl
 
 
 
-=== TEST 9: more peers than zone= holds: error logged once, previous set kept
+=== TEST 9: more peers than zone= holds: error logged once with the size needed, which works
+--- workers: 1
 --- dns
 instance redis.service.yunlu_office.consul 127.0.0.1:6380
 instance redis.service.yunlu_office.consul 127.0.0.1:6381
@@ -185,6 +186,8 @@ upstream redis {
 }
 --- check
 ok(wait_for_backends([6380, 6381]), 'both discovered');
+my ($holds) = error_log_text() =~ /zone=32k holds (\d+) peers/;
+ok($holds, "the info line says what zone=32k holds: $holds peers");
 # Right after a query, so that the next one sees all 1,200 at once
 # (an update message holds ~1,000 records: three of them).
 my $q0 = dns_queries(qr/$NAME IN SRV/);
@@ -192,11 +195,21 @@ wait_until(sub { dns_queries(qr/$NAME IN SRV/) > $q0 }, 3);
 my @rr = map { "update add $NAME. 0 IN SRV 1 1 $_ 7f000001.addr.yunlu_office.consul." } 20003 .. 21200;
 nsupdate(@rr[0 .. 399], 'send', @rr[400 .. 799], 'send', @rr[800 .. $#rr]);
 is(scalar(dig_srv($NAME)), 1200, 'BIND now has 1,200');
-ok(wait_for_log(qr/\[error\] .*consul upstream "redis": 1200 peers do not fit in zone=32k \(max \d+ peers\), zone=\d+k needed, keeping 2 peers/, 5),
-   'error logged');
+ok(wait_for_log(qr/\[error\] .*consul upstream "redis": 1200 peers do not fit in zone=32k \(max $holds peers\), zone=\d+k needed, keeping 2 peers/, 5),
+   'error logged, with the capacity the info line gave');
 is_tally(tally(10), {6380 => 5, 6381 => 5}, 'previous set kept');
 sleep 2.5;
 is(log_count(qr/peers do not fit in zone/), 1, 'logged once, not every interval');
+# The size it asks for is enough.
+my ($need) = error_log_text() =~ /zone=(\d+)k needed/;
+stream_config_set(<<"_EOC_");
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:\$TEST_NGINX_DNS_PORT
+                    interval=2s zone=${need}k;
+}
+_EOC_
+ok(nginx_reload(), "reloaded with zone=${need}k");
+ok(wait_for_log(qr/1200 peers from redis\.service\.yunlu_office\.consul/, 6), "zone=${need}k holds the 1,200");
 --- error_log
 do not fit in zone=32k
 

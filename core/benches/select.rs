@@ -196,7 +196,9 @@ impl Zoneish {
                 s
             })
             .collect();
-        let nodes = (0..nodes_for(slots.len())).map(|_| AtomicU32::new(NONE)).collect();
+        let nodes = (0..nodes_for(slots.len()))
+            .map(|_| AtomicU32::new(NONE))
+            .collect();
         let z = Zoneish {
             slots,
             nodes,
@@ -262,7 +264,9 @@ fn bench_pick(c: &mut Criterion) {
                         key_hash: key,
                         rng: &mut rng,
                     };
-                    let i = view.select(|i| black_box(i) == usize::MAX, now, &mut ctx).unwrap();
+                    let i = view
+                        .select(|i| black_box(i) == usize::MAX, now, &mut ctx)
+                        .unwrap();
                     view.slot(i).unwrap().release(false, &health, now);
                     black_box(i)
                 })

@@ -171,16 +171,26 @@ impl<'a> Tree<'a> {
     /// The best slot that `accept` takes, best first: O(log n) when the best one
     /// is taken, O(k log n) when k better ones are refused (down, or tried).
     pub fn best(&self, mut accept: impl FnMut(u32) -> bool) -> Option<u32> {
+        // The usual case: the root's peer is taken. No search, no allocation.
+        let root = Key::of(self.slots, self.value(1))?;
+        if accept(root.slot) {
+            return Some(root.slot);
+        }
+        if self.leaves == 1 {
+            return None;
+        }
         let mut heap = BinaryHeap::new();
         let push = |heap: &mut BinaryHeap<Candidate>, node: usize| {
             if let Some(key) = Key::of(self.slots, self.value(node)) {
                 heap.push(Candidate { node, key });
             }
         };
-        push(&mut heap, 1);
+        push(&mut heap, 2);
+        push(&mut heap, 3);
         while let Some(c) = heap.pop() {
-            if c.node >= self.leaves || self.leaves == 1 {
-                if accept(c.key.slot) {
+            if c.node >= self.leaves {
+                // The root's peer was refused already.
+                if c.key.slot != root.slot && accept(c.key.slot) {
                     return Some(c.key.slot);
                 }
                 continue;

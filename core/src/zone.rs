@@ -36,7 +36,7 @@ pub const LAYOUT: u32 = 3;
 pub const MAX_LINES: usize = 32;
 /// Text kept of a line's last failure reason.
 pub const REASON_MAX: usize = 8 * REASON_WORDS;
-const REASON_WORDS: usize = 24;
+const REASON_WORDS: usize = 16;
 /// Reads that find the buffer being rewritten twice in a row give up (the caller
 /// keeps its copy and asks again on its next connection).
 const READ_TRIES: usize = 64;

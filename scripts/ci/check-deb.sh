@@ -97,9 +97,17 @@ dpkg -r "$name" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 check "removed: no $so_path" test ! -e "$so_path"
 check "removed: no $snippet" test ! -e "$snippet"
 check "removed: the module is not enabled" test ! -e "$link" -a ! -L "$link"
+left=$(ls -d /etc/nginx/modules-enabled/*consul* /usr/share/doc/$name 2>/dev/null || true)
+check "removed: nothing left${left:+ (left: $left)}" test -z "$left"
+check "removed: no marker left in /run" test -z "$(ls /run/*consul* 2>/dev/null)"
 check "removed: nginx -t passes with Debian's nginx.conf" /usr/sbin/nginx -t -q
 dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 check "reinstalled: enabled again" test "$(readlink "$link")" = "$snippet"
+check "reinstalled: no marker left in /run" test -z "$(ls /run/*consul* 2>/dev/null)"
+# An upgrade (the same version again) keeps the administrator's own disabling.
+rm "$link"
+dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
+check "upgraded: still disabled, as the administrator left it" test ! -e "$link" -a ! -L "$link"
 dpkg -P "$name" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 left=$(ls -d "$so_path" "$snippet" /etc/nginx/modules-enabled/*consul* /usr/share/doc/$name 2>/dev/null || true)
 check "purged: nothing left${left:+ (left: $left)}" test -z "$left"
