@@ -169,18 +169,7 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
 
 /// `path` under nginx's prefix when relative, as nginx resolves its own files.
 fn full_name(cf: &mut ngx_conf_t, path: &str) -> Result<String, String> {
-    // SAFETY: the configuration's pool lives as long as the cycle.
-    let pool = unsafe { Pool::from_ngx_pool(cf.pool) };
-    let data = pool.alloc(path.len()) as *mut u8;
-    if data.is_null() {
-        return Err("out of memory".into());
-    }
-    // SAFETY: data holds path.len() bytes.
-    unsafe { ptr::copy_nonoverlapping(path.as_ptr(), data, path.len()) };
-    let mut name = ngx_str_t {
-        len: path.len(),
-        data,
-    };
+    let mut name = ffi::pool_str(cf, path).ok_or("out of memory")?;
     // SAFETY: cf.cycle is the cycle being configured; nginx allocates the full
     // name from its pool.
     if unsafe { ngx_conf_full_name(cf.cycle, &mut name, 0) } != NGX_OK as ngx_int_t {

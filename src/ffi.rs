@@ -60,6 +60,22 @@ pub unsafe fn cycle_main_conf(cycle: &ngx_cycle_t, module: &ngx_module_t) -> *mu
     }
 }
 
+/// `text` copied into the configuration's pool, as nginx's own strings are.
+pub fn pool_str(cf: &ngx_conf_t, text: &str) -> Option<ngx::ffi::ngx_str_t> {
+    // SAFETY: the configuration's pool lives as long as the cycle.
+    let pool = unsafe { ngx::core::Pool::from_ngx_pool(cf.pool) };
+    let data = pool.alloc(text.len()) as *mut u8;
+    if data.is_null() {
+        return None;
+    }
+    // SAFETY: data holds text.len() bytes.
+    unsafe { std::ptr::copy_nonoverlapping(text.as_ptr(), data, text.len()) };
+    Some(ngx::ffi::ngx_str_t {
+        len: text.len(),
+        data,
+    })
+}
+
 /// This module's own `ngx_module_t` (its `ctx_index` locates its confs).
 pub fn module() -> &'static ngx_module_t {
     // SAFETY: the module's own static; nginx writes its indexes while loading the

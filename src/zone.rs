@@ -10,11 +10,10 @@ use std::ffi::c_void;
 use std::mem::size_of;
 use std::ptr;
 
-use ngx::core::Pool;
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
     ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_calloc, ngx_slab_page_t, ngx_slab_pool_t,
-    ngx_slab_stat_t, ngx_str_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
+    ngx_slab_stat_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
 };
 
 use std::sync::atomic::AtomicU32;
@@ -159,18 +158,7 @@ pub fn register(
     size: usize,
 ) -> Result<*mut ngx_shm_zone_t, String> {
     let text = format!("consul_upstream:v{LAYOUT}:{upstream}");
-    // SAFETY: the configuration's pool lives as long as the cycle.
-    let pool = unsafe { Pool::from_ngx_pool(cf.pool) };
-    let data = pool.alloc(text.len()) as *mut u8;
-    if data.is_null() {
-        return Err("out of memory".into());
-    }
-    // SAFETY: data holds text.len() bytes.
-    unsafe { ptr::copy_nonoverlapping(text.as_ptr(), data, text.len()) };
-    let mut name = ngx_str_t {
-        len: text.len(),
-        data,
-    };
+    let mut name = ffi::pool_str(cf, &text).ok_or("out of memory")?;
     let tag = ptr::addr_of_mut!(ngx_stream_upstream_module) as *mut c_void;
     // SAFETY: cf is the configuration being parsed.
     let shm_zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, tag) };

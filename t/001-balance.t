@@ -270,12 +270,9 @@ ok(wait_for_log(qr/consul upstream "redis": 3 peers from/), 'three peers');
 # The weight-3 peer holds 3 of every 5 slots: a retry that took the next slot
 # would often meet it again and run out of its three tries.
 is_tally(tally(25), {6380 => 25}, 'every connection ends at the live peer within three tries');
-my %tries;
-for (split /\n/, error_log_text()) {
-    $tries{$1}{$2}++ if /\*(\d+) connect\(\) failed .* upstream: "127\.0\.0\.1:(\d+)"/;
-}
-ok(!grep({ grep { $_ > 1 } values %$_ } values %tries), 'no connection tried a dead peer twice')
-    or diag Test::More::explain(\%tries);
+my $tries = failed_tries();
+ok(!grep({ grep { $_ > 1 } values %$_ } values %$tries), 'no connection tried a dead peer twice')
+    or diag Test::More::explain($tries);
 --- error_log
 connect() failed (111: Connection refused) while connecting to upstream
 
@@ -296,13 +293,10 @@ upstream redis {
 --- check
 ok(wait_for_log(qr/consul upstream "redis": 71 peers from/), '71 peers, 70 of them dead');
 is_tally(tally(8), {6380 => 8}, 'every connection ends at the live peer');
-my %tries;
-for (split /\n/, error_log_text()) {
-    $tries{$1}{$2}++ if /\*(\d+) connect\(\) failed .* upstream: "127\.0\.0\.1:(\d+)"/;
-}
-my ($most) = sort { $b <=> $a } map { scalar keys %$_ } values %tries;
+my $tries = failed_tries();
+my ($most) = sort { $b <=> $a } map { scalar keys %$_ } values %$tries;
 ok($most > 64, "one connection tried $most dead peers");
-ok(!grep({ grep { $_ > 1 } values %$_ } values %tries), 'none of them twice')
-    or diag Test::More::explain(\%tries);
+ok(!grep({ grep { $_ > 1 } values %$_ } values %$tries), 'none of them twice')
+    or diag Test::More::explain($tries);
 --- error_log
 connect() failed (111: Connection refused) while connecting to upstream

@@ -4,7 +4,7 @@
 //! them per set (weighted tiers, consistent-hash rings) is built once per set
 //! change, off the connection path; a pick is O(log n).
 
-use crate::peer::Peer;
+use crate::peer::{tiers, Peer};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Method {
@@ -105,35 +105,28 @@ pub struct Tier {
 impl Tier {
     /// The tiers of `peers` (canonical order: by priority), with rings if `ring`.
     pub fn build(peers: &[Peer], ring: bool) -> Vec<Tier> {
-        let mut tiers = Vec::new();
-        let mut i = 0;
-        while i < peers.len() {
-            let priority = peers[i].priority;
-            let end = i + peers[i..]
-                .iter()
-                .take_while(|p| p.priority == priority)
-                .count();
-            let mut total = 0;
-            let cumulative = peers[i..end]
-                .iter()
-                .map(|p| {
-                    total += u64::from(p.weight);
-                    total
-                })
-                .collect();
-            let ring = if ring {
-                build_ring(&peers[i..end], i)
-            } else {
-                Vec::new()
-            };
-            tiers.push(Tier {
-                start: i,
-                cumulative,
-                ring,
-            });
-            i = end;
-        }
-        tiers
+        tiers(peers)
+            .map(|range| {
+                let mut total = 0;
+                let cumulative = peers[range.clone()]
+                    .iter()
+                    .map(|p| {
+                        total += u64::from(p.weight);
+                        total
+                    })
+                    .collect();
+                let ring = if ring {
+                    build_ring(&peers[range.clone()], range.start)
+                } else {
+                    Vec::new()
+                };
+                Tier {
+                    start: range.start,
+                    cumulative,
+                    ring,
+                }
+            })
+            .collect()
     }
 
     pub fn len(&self) -> usize {

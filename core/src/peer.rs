@@ -70,6 +70,26 @@ pub fn canonicalize_by<T>(items: &mut Vec<T>, peer: impl Fn(&T) -> &Peer) {
     });
 }
 
+/// The priority tiers of peers in canonical order: each tier's index range, lowest
+/// priority value first.
+pub fn tiers(peers: &[Peer]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= peers.len() {
+            return None;
+        }
+        let priority = peers[start].priority;
+        let end = start
+            + peers[start..]
+                .iter()
+                .take_while(|p| p.priority == priority)
+                .count();
+        let range = start..end;
+        start = end;
+        Some(range)
+    })
+}
+
 /// A short, stable tag for the query a peer came from (FNV-1a), kept with the peer
 /// in the shared zone so that a new worker 0 knows which query holds which peers.
 pub fn source_tag(query: &str) -> u32 {
@@ -143,6 +163,17 @@ mod tests {
             source_tag("redis.service.dc2.consul")
         );
         assert_eq!(source_tag(""), 0x811c_9dc5);
+    }
+
+    #[test]
+    fn tiers_are_runs_of_one_priority() {
+        let v = vec![
+            p("127.0.0.1:1", 1, 1),
+            p("127.0.0.2:1", 1, 1),
+            p("127.0.0.3:1", 1, 4),
+        ];
+        assert_eq!(tiers(&v).collect::<Vec<_>>(), [0..2, 2..3]);
+        assert_eq!(tiers(&[]).count(), 0);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use crate::peer::Peer;
+use crate::peer::{tiers, Peer};
 
 /// A tier's schedule holds at most this many slots (or one per peer, if more):
 /// weights whose sum is larger are scaled down, keeping their proportions.
@@ -101,29 +101,26 @@ impl Selector {
     /// Builds the schedule for peers sorted by priority (lowest value first).
     /// `start` staggers the cursors so that workers do not all begin with the same peer.
     pub fn new(peers: &[Peer], start: usize) -> Selector {
-        let mut tiers = Vec::new();
-        let mut i = 0;
-        while i < peers.len() {
-            let priority = peers[i].priority;
-            let end = i + peers[i..]
-                .iter()
-                .take_while(|p| p.priority == priority)
-                .count();
-            let indices: Vec<u32> = (i as u32..end as u32).collect();
-            let weights: Vec<u64> = peers[i..end].iter().map(|p| u64::from(p.weight)).collect();
-            let order = smooth_order(&indices, &weights);
-            let cursor = if order.is_empty() {
-                0
-            } else {
-                start % order.len()
-            };
-            tiers.push(Tier {
-                priority,
-                order,
-                cursor,
-            });
-            i = end;
-        }
+        let tiers = tiers(peers)
+            .map(|range| {
+                let indices: Vec<u32> = (range.start as u32..range.end as u32).collect();
+                let weights: Vec<u64> = peers[range.clone()]
+                    .iter()
+                    .map(|p| u64::from(p.weight))
+                    .collect();
+                let order = smooth_order(&indices, &weights);
+                let cursor = if order.is_empty() {
+                    0
+                } else {
+                    start % order.len()
+                };
+                Tier {
+                    priority: peers[range.start].priority,
+                    order,
+                    cursor,
+                }
+            })
+            .collect();
         Selector { tiers }
     }
 

@@ -93,7 +93,7 @@ our @EXPORT = qw(
     probe_backend tally tally_str is_tally tally_background wait_for_backends
     hold_connections close_held
     wait_until wait_for_log log_count error_log_text log_mark error_log_since
-    worker_tally split_is_exact
+    worker_tally split_is_exact failed_tries
     nginx_pid nginx_worker_pids nginx_reload nginx_restart nginx_stop nginx_t
     stream_config_set dead_port
     stream_port block_name
@@ -887,6 +887,17 @@ sub worker_tally {
         $t{$1}{$2}++;
     }
     return \%t;
+}
+
+# Failed connects per client connection since MARK, from nginx's error lines
+# "*N connect() failed ... upstream: "ADDR:PORT"": { N => { PORT => tries } }.
+sub failed_tries {
+    my $mark = shift;
+    my %tries;
+    for (split /\n/, error_log_since($mark)) {
+        $tries{$1}{$2}++ if /\*(\d+) connect\(\) failed .* upstream: "\[?[0-9a-fA-F:.]+?\]?:(\d+)"/;
+    }
+    return \%tries;
 }
 
 # Whether every worker split its connections by WEIGHTS ({ port => weight })
