@@ -20,13 +20,6 @@ use consul_core::zone::MAX_LINES;
 use crate::upstream::{add_placeholder, Fallback, Line, Local, MainConf, SrvConf, Upstream};
 use crate::{ffi, zone};
 
-const CONF_OK: *mut c_char = ptr::null_mut();
-
-fn conf_error() -> *mut c_char {
-    // NGX_CONF_ERROR is (char *) -1.
-    usize::MAX as *mut c_char
-}
-
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     // SAFETY: nginx passes the configuration being parsed; its pool lives as long
     // as the cycle, and `allocate` registers a cleanup that drops the value.
@@ -65,10 +58,10 @@ pub unsafe extern "C" fn consul_upstream(
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| directive(cf_ref, srv)))
         .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
     match result {
-        Ok(()) => CONF_OK,
+        Ok(()) => ffi::CONF_OK,
         Err(msg) => {
             conf_log(cf, &msg);
-            conf_error()
+            ffi::conf_error()
         }
     }
 }

@@ -60,6 +60,14 @@ pub unsafe fn cycle_main_conf(cycle: &ngx_cycle_t, module: &ngx_module_t) -> *mu
     }
 }
 
+/// What a directive handler returns when all is well (`NGX_CONF_OK`)...
+pub const CONF_OK: *mut std::ffi::c_char = std::ptr::null_mut();
+
+/// ... and when it is not (`NGX_CONF_ERROR`, `(char *) -1`).
+pub fn conf_error() -> *mut std::ffi::c_char {
+    usize::MAX as *mut std::ffi::c_char
+}
+
 /// `text` copied into the configuration's pool, as nginx's own strings are.
 pub fn pool_str(cf: &ngx_conf_t, text: &str) -> Option<ngx::ffi::ngx_str_t> {
     // SAFETY: the configuration's pool lives as long as the cycle.

@@ -33,12 +33,6 @@ pub struct Chosen {
     pub key: *mut ngx_stream_complex_value_t,
 }
 
-const CONF_OK: *mut c_char = ptr::null_mut();
-
-fn conf_error() -> *mut c_char {
-    usize::MAX as *mut c_char
-}
-
 /// nginx's stream module named `name`, if this nginx has it.
 fn stream_module(cf: &ngx_conf_t, name: &str) -> Option<&'static ngx_module_t> {
     // SAFETY: the cycle being configured has its module list.
@@ -149,7 +143,7 @@ pub unsafe extern "C" fn directive(
         Ok(rv) => rv,
         Err(msg) => {
             ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{}", msg);
-            conf_error()
+            ffi::conf_error()
         }
     }
 }
@@ -218,5 +212,5 @@ fn pass_on(
         ptr::null_mut()
     };
     srv.method = Some(Chosen { method, key });
-    Ok(CONF_OK)
+    Ok(ffi::CONF_OK)
 }

@@ -28,13 +28,6 @@ use consul_core::status::{
 use crate::upstream::MainConf;
 use crate::{ffi, log};
 
-const CONF_OK: *mut c_char = ptr::null_mut();
-
-fn conf_error() -> *mut c_char {
-    // NGX_CONF_ERROR is (char *) -1.
-    usize::MAX as *mut c_char
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
     Json,
@@ -54,10 +47,10 @@ pub unsafe extern "C" fn consul_upstream_status(
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| directive(cf_ref)))
         .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
     match result {
-        Ok(()) => CONF_OK,
+        Ok(()) => ffi::CONF_OK,
         Err(msg) => {
             ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", msg);
-            conf_error()
+            ffi::conf_error()
         }
     }
 }
