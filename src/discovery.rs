@@ -315,6 +315,9 @@ impl Group {
         let tags: Vec<u32> = up.lines.iter().map(|l| l.tag).collect();
         let guard = zone.lock();
         z.retain_lines(&tags);
+        // The previous configuration may have balanced otherwise (least_conn's
+        // tree is kept up to date only under least_conn).
+        z.tree().rebuild();
         for (l, part) in up.lines.iter().zip(&g.parts) {
             let s = &l.settings;
             let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
