@@ -84,7 +84,10 @@ sub gdb_run {
     my ($target, $points, @commands) = @_;
     my $cmd = join ' ', 'timeout 60 gdb -q -nx -batch', $target,
         map { ('-ex', _sh_quote($_)) } 'set breakpoint pending off',
-            (map { "break $_" } @$points), @commands;
+            # `break` finds a function by its debug info (debug builds); release
+            # builds have none, and only `rbreak` matches their symbols (which carry
+            # a hash suffix). Whichever fails just says so.
+            (map { ("break $_", "rbreak ^$_") } @$points), @commands;
     return scalar `$cmd 2>&1`;
 }
 
