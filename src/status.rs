@@ -139,7 +139,13 @@ fn serve(r: &mut ngx_http_request_t, format: Format) -> ngx_int_t {
     r.headers_out.content_length_n = body.len() as off_t;
     // SAFETY: a live request whose headers are set.
     let rc = unsafe { ngx_http_send_header(r) };
-    if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || r.header_only() != 0 {
+    // The method, not r->header_only (which nginx sets for HEAD): on nginx 1.29
+    // an in_port_t precedes the request's bit-fields and bindgen places them 2
+    // bits off, so header_only() reads `pipeline` there.
+    if rc == NGX_ERROR as ngx_int_t
+        || rc > NGX_OK as ngx_int_t
+        || r.method == NGX_HTTP_HEAD as usize
+    {
         return rc;
     }
     // SAFETY: the request's pool lives as long as the request.
