@@ -319,8 +319,10 @@ ${bold}Where to look next${off}
    README.md, "With a real Consul agent"      register services, point resolver= at the agent
    README.md, "Building for your own nginx"   scripts/build-module.sh for the nginx you run
                                               (Debian/Ubuntu package: scripts/package-deb.sh)
-   README.md, "Directive" / "Log messages"    every parameter; what the error log says
-   nginx-conf/                                consul-agent.conf, fallback.conf, demo.conf
+   README.md, "Directive" / "Log messages"    every parameter, balancing methods; what the error log says
+   README.md, "Status and metrics"            the balancer's view as JSON or Prometheus metrics
+   nginx-conf/                                consul-agent.conf, fallback.conf, demo.conf,
+                                              methods.conf (least_conn, hash, status endpoint)
    README.zh-CN.md                            中文说明
 
 ${bold}Commands to try${off}
