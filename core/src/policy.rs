@@ -261,11 +261,29 @@ impl Tracker {
             };
         }
         let (action, log) = self.check_stale(action, log, current, now_ms);
+        let next_ms = match self.stale_in_ms(&action, current, now_ms) {
+            Some(left) => self.next_ms(jitter_ms).min(left),
+            None => self.next_ms(jitter_ms),
+        };
         Decision {
             action,
             log,
-            next_ms: self.next_ms(jitter_ms),
+            next_ms,
         }
+    }
+
+    /// While a kept set waits for `max_stale`: the time left, so that the next
+    /// query comes no later than that moment (a backoff of up to 10 s would
+    /// otherwise drop the set up to 10 s late).
+    fn stale_in_ms(&self, action: &Action, current: usize, now_ms: u64) -> Option<u64> {
+        let (Action::Keep, Some(max), Some(good)) = (action, self.max_stale_ms, self.last_good_ms)
+        else {
+            return None;
+        };
+        if current == 0 || self.stale_dropped {
+            return None;
+        }
+        Some((good + max).saturating_sub(now_ms).max(1))
     }
 
     fn apply(&self, policy: Policy, current: usize) -> (Action, &'static str) {
@@ -491,5 +509,32 @@ mod tests {
         t.on_outcome(Outcome::Peers(peers(1)), 0, 400, 0);
         assert_eq!(t.streak().since_ms, None);
         assert_eq!(t.last_good_ms(), Some(400));
+    }
+
+    #[test]
+    fn backoff_never_runs_past_max_stale() {
+        let mut t = tracker("max_stale=8s");
+        t.on_outcome(Outcome::Peers(peers(1)), 0, 0, 0);
+        // Failures from 1 s on: the backoff alone would query at about 1, 2, 4,
+        // 8, 16 s and drop the set at 16 s; max_stale ends it at 8 s.
+        let mut now = 1_000;
+        let mut d = t.on_outcome(failed(), 1, now, 0);
+        while d.action == Action::Keep {
+            assert!(
+                now + d.next_ms <= 8_000,
+                "next query at {} ms",
+                now + d.next_ms
+            );
+            now += d.next_ms;
+            d = t.on_outcome(failed(), 1, now, 0);
+        }
+        assert_eq!((d.action, now), (Action::Drop, 8_000));
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .contains("no successful answer for 8s (max_stale)"));
+        // Once dropped, the backoff is the backoff again.
+        assert!(d.next_ms > 1_000);
     }
 }
