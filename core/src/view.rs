@@ -732,12 +732,12 @@ mod tests {
         let s = slots_for(&ps);
         let n = nodes(s.len());
         let vtime = AtomicU64::new(0);
-        let shared = Some(Shared {
+        let shared = Shared {
             tree: Tree::new(&n, &s),
             vtime: &vtime,
-        });
-        shared.unwrap().tree.rebuild();
-        let mut w = Worker::new(view(&ps, &s, method(Method::LeastConn), shared));
+        };
+        shared.tree.rebuild();
+        let mut w = Worker::new(view(&ps, &s, method(Method::LeastConn), Some(shared)));
         let a = w.select(|_| false, 0).unwrap();
         w.fail(a, 0);
         for _ in 0..5 {
