@@ -261,8 +261,8 @@ impl Tracker {
             };
         }
         let (action, log) = self.check_stale(action, log, current, now_ms);
-        let next_ms = match self.stale_in_ms(&action, current, now_ms) {
-            Some(left) => self.next_ms(jitter_ms).min(left),
+        let next_ms = match self.stale_left_ms(&action, current, now_ms) {
+            Some(left) => self.next_ms(jitter_ms).min(left.max(1)),
             None => self.next_ms(jitter_ms),
         };
         Decision {
@@ -272,10 +272,10 @@ impl Tracker {
         }
     }
 
-    /// While a kept set waits for `max_stale`: the time left, so that the next
-    /// query comes no later than that moment (a backoff of up to 10 s would
-    /// otherwise drop the set up to 10 s late).
-    fn stale_in_ms(&self, action: &Action, current: usize, now_ms: u64) -> Option<u64> {
+    /// While a kept set waits for `max_stale`: the time left (0 once it is
+    /// due). The next query comes no later than that moment: a backoff of up to
+    /// 10 s would otherwise drop the set up to 10 s late.
+    fn stale_left_ms(&self, action: &Action, current: usize, now_ms: u64) -> Option<u64> {
         let (Action::Keep, Some(max), Some(good)) = (action, self.max_stale_ms, self.last_good_ms)
         else {
             return None;
@@ -283,7 +283,7 @@ impl Tracker {
         if current == 0 || self.stale_dropped {
             return None;
         }
-        Some((good + max).saturating_sub(now_ms).max(1))
+        Some((good + max).saturating_sub(now_ms))
     }
 
     fn apply(&self, policy: Policy, current: usize) -> (Action, &'static str) {
@@ -301,13 +301,10 @@ impl Tracker {
         current: usize,
         now_ms: u64,
     ) -> (Action, Option<(Level, String)>) {
-        let (Action::Keep, Some(max), Some(good)) = (&action, self.max_stale_ms, self.last_good_ms)
-        else {
-            return (action, log);
-        };
-        if current == 0 || now_ms.saturating_sub(good) < max || self.stale_dropped {
+        if self.stale_left_ms(&action, current, now_ms) != Some(0) {
             return (action, log);
         }
+        let good = self.last_good_ms.unwrap_or(now_ms);
         self.stale_dropped = true;
         let secs = now_ms.saturating_sub(good) / 1000;
         let line = format!(
