@@ -67,6 +67,9 @@ struct PeerData {
     /// Round robin's callbacks, when the block has static servers.
     static_servers: Option<RoundRobin>,
     upstream: *const Upstream,
+    /// The upstream block's name (its `host`): `pc.name` whenever no peer is
+    /// picked, as nginx's round robin sets it.
+    upstream_name: *mut ngx_str_t,
     pool: *mut ngx_pool_t,
     generation: u64,
     health: HealthPolicy,
@@ -268,6 +271,7 @@ fn init_session(
     unsafe {
         ptr::addr_of_mut!((*pd).static_servers).write(None);
         ptr::addr_of_mut!((*pd).upstream).write(up);
+        ptr::addr_of_mut!((*pd).upstream_name).write(&mut us.host);
         ptr::addr_of_mut!((*pd).pool).write(pool);
         ptr::addr_of_mut!((*pd).generation).write(generation);
         ptr::addr_of_mut!((*pd).health).write(health);
@@ -337,7 +341,14 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         "get consul peer, try: {}",
         pc.tries
     );
-    guarded(NGX_ERROR as ngx_int_t, || pick(pc, pd))
+    let rc = guarded(NGX_ERROR as ngx_int_t, || pick(pc, pd));
+    if rc == NGX_BUSY as ngx_int_t || rc == NGX_ERROR as ngx_int_t {
+        // No peer: name the upstream, as nginx's balancers do. With nginx's
+        // `zone` in the block, ngx_stream_proxy_connect copies `pc->name` even
+        // for "no live upstreams", and a new connection has none yet (NULL).
+        pc.name = pd.upstream_name;
+    }
+    rc
 }
 
 fn pick(pc: &mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {

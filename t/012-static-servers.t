@@ -6,6 +6,53 @@ use Time::HiRes qw(time sleep);
 
 our $NAME = 'redis.service.yunlu_office.consul';
 
+# TEST 6: upstreams with nginx's `zone` line and no peer to give, one per
+# (what DNS says) x (method) x (directive order), each behind its own port.
+our @NO_PEER;
+{
+    my %state = (
+        down  => ['redis.service.yunlu_office.consul', '127.0.0.1:1'],    # nothing listens
+        empty => ['empty.service.yunlu_office.consul'],                   # NOERROR, no records
+        nx    => ['gone.service.yunlu_office.consul'],                    # NXDOMAIN
+        dead  => ['dead.service.yunlu_office.consul'],                    # 2 peers, both refuse
+    );
+    my %method = (
+        rr => '', least_conn => 'least_conn;', hash => 'hash $remote_addr;',
+        chash => 'hash $remote_addr consistent;', random => 'random;',
+        random2 => 'random two least_conn;',
+    );
+    my $port = 7100;
+    for my $st (sort keys %state) {
+        for my $m (sort keys %method) {
+            for my $order (qw(zone_first zone_last)) {
+                my ($q, $r) = @{ $state{$st} };
+                $r //= '127.0.0.1:$TEST_NGINX_DNS_PORT';
+                my $cu = "consul_upstream $q resolver=$r interval=1s;";
+                my $zone = "zone z_${st}_${m}_$order 64k;";
+                my @body = $order eq 'zone_first' ? ($zone, $method{$m}, $cu)
+                                                  : ($cu, $method{$m}, $zone);
+                push @NO_PEER, { name => "${st}_${m}_$order", port => $port++,
+                                 body => join(' ', grep { length } @body) };
+            }
+        }
+    }
+    # static servers that are all down: nginx's round robin answers
+    push @NO_PEER, { name => 'static_down', port => $port++,
+                     body => 'zone z_static_down 64k; consul_upstream gone.service.yunlu_office.consul'
+                           . ' resolver=127.0.0.1:$TEST_NGINX_DNS_PORT; server 127.0.0.1:6382 down;' };
+    push @NO_PEER, { name => 'static_down_hash', port => $port++,
+                     body => 'hash $remote_addr; server 127.0.0.1:6382 down; zone z_static_down_hash 64k;'
+                           . ' consul_upstream gone.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;' };
+}
+
+sub no_peer_config {
+    return join '', map {
+        "upstream $_->{name} { $_->{body} }\n"
+        . "server { listen 127.0.0.1:$_->{port}; proxy_pass $_->{name}; }\n"
+    } @NO_PEER;
+}
+
+worker_connections(1024);    # TEST 6: 50 listening sockets and 50 lines' DNS connections
 run_tests();
 
 __DATA__
@@ -124,3 +171,43 @@ my $refused = () = error_log_since($mark) =~ /connect\(\) failed \(111: Connecti
 is($refused, 18, 'after trying each of the three discovered peers once (6 x 3)');
 --- error_log
 connect() failed (111: Connection refused)
+
+
+
+=== TEST 6: nginx's zone line and no peer to give: connections fail cleanly, no worker dies
+Consul down, an empty answer, NXDOMAIN, or two discovered peers that both
+refuse; every method, `zone` before and after `consul_upstream`; static
+servers all `down`. With nginx's `zone` the upstream carries the modify flag,
+and nginx reads the peer's name even for "no live upstreams": worker crash
+(SIGSEGV) on every such connection before the fix.
+--- workers: 2
+--- dns
+instance primary.empty.service.yunlu_office.consul 127.0.0.1:6380
+instance dead.service.yunlu_office.consul 127.0.0.1:20001
+instance dead.service.yunlu_office.consul 127.0.0.1:20002
+--- stream_config eval
+main::no_peer_config()
+--- stream_server_config
+    proxy_pass static_down;
+--- check
+my $n = scalar @::NO_PEER;
+my @fails = map { my $u = $_; [map { (probe_backend(port => $u->{port}, timeout => 2))[1] } 1 .. 2] } @::NO_PEER;
+ok(wait_for_log(qr/\(NXDOMAIN\)$/m, 5, 14), 'NXDOMAIN answers seen');
+ok(wait_for_log(qr/\(no records\)$/m, 5, 12), 'empty answers seen');
+ok(wait_for_log(qr/2 peers from dead\.service/, 5, 12), 'the dead peers discovered');
+ok(wait_for_log(qr/resolving redis\.service\.yunlu_office\.consul failed/, 5, 12), 'Consul down seen');
+for my $i (0 .. $#::NO_PEER) {
+    my $u = $::NO_PEER[$i];
+    push @{ $fails[$i] }, map { (probe_backend(port => $u->{port}, timeout => 2))[1] } 1 .. 3;
+}
+# Closed by nginx (a reset when it had not read what was sent): no answer.
+my @bad = grep { grep { !defined $_ || $_ !~ /^(closed without an answer|read: Connection reset by peer)$/ } @{ $fails[$_] } } 0 .. $#::NO_PEER;
+is(join(' ', map { "$::NO_PEER[$_]{name}: @{ $fails[$_] }" } @bad), '',
+   "each of $n upstreams: 5 connections closed without an answer");
+my $log = error_log_text();
+my @unnamed = grep { $log !~ /no live upstreams while connecting to upstream, .*upstream: "\Q$_->{name}\E"/ } @::NO_PEER;
+is(join(' ', map { $_->{name} } @unnamed), '', '"no live upstreams" with the upstream\'s name, for each');
+--- error_log
+no live upstreams
+--- no_error_log
+exited on signal
