@@ -1121,8 +1121,10 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
              f"setup's slices; p50/p99 over all its connections, from connect() to the reply; worker CPU = "
              f"utime+stime of the nginx worker from /proc/PID/stat at each slice boundary, divided by the "
              f"connections (user part in brackets; the exact schedstat figure is in results.csv).")
-    L.append(f"- Largest answer: one DNS message over TCP carries **{max_answer}** Consul-shaped SRV records "
-             f"here (46 bytes each: an SRV target is never compressed), not ≈1,900. Above that, the peers are "
+    L.append(f"- Largest answer: one DNS message over TCP from BIND carries **{max_answer}** Consul-shaped SRV records "
+             f"here (46 bytes each: an SRV target is never compressed), not ≈1,900; a Consul agent sends at "
+             f"most 1,024 and trims by size before that (about 870 to 1,000 instances with `.addr.` targets, "
+             f"README's Limitations). Above that, the peers are "
              f"spread over {nsh} SRV names `redis.service.sK.{DC}.consul`: (c) uses {nsh} `consul_upstream` "
              f"lines in the one upstream (their sets are merged; `zone=2m` on the first line), (b) uses {nsh} "
              f"`server sK.{DC}.consul service=redis.service resolve;` lines, (a) 10,000 static servers.\n")

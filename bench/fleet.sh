@@ -3,7 +3,8 @@
 # consul_upstream line each, at interval=I, against BIND standing in for the agent.
 # Prints the SRV queries per second BIND received and the CPU time of worker 0 (the
 # querying worker) and of the other worker, as % of one core, over D seconds after
-# a warm-up, read from /proc/<pid>/stat (utime + stime).
+# a warm-up, read from /proc/<pid>/stat (utime + stime), and the TCP connections
+# nginx holds to the resolver (ss, in the private network namespace).
 #
 # Usage: bench/fleet.sh [UPSTREAMS [INTERVAL [SECONDS]]]    (default: 200 1s 30)
 # Uses the release build (cargo build --release); runs in a private network namespace.
@@ -53,13 +54,15 @@ t0=$(date +%s.%N)
 sleep "$secs"
 q1=$(grep -c 'query:' "$tmp/bind/named.log" || true); a1=$(ticks "$w0"); b1=$(ticks "$other"); n1=$(ticks "$STANDIN_DNS_PID")
 t1=$(date +%s.%N)
+conns=$(ss -Htn state established '( dport = :8600 )' | wc -l)
 awk -v n="$n" -v iv="$interval" -v dq=$((q1 - q0)) -v da=$((a1 - a0)) -v db=$((b1 - b0)) -v dn=$((n1 - n0)) \
-    -v hz="$hz" -v t0="$t0" -v t1="$t1" 'BEGIN {
+    -v hz="$hz" -v t0="$t0" -v t1="$t1" -v conns="$conns" 'BEGIN {
     dt = t1 - t0
     printf "%d upstreams, interval=%s, %.1f s measured (nginx %s)\n", n, iv, dt, "'"$("$nginx" -v 2>&1 | sed 's/.*\///')"'"
     printf "  SRV queries received by BIND: %.1f /s\n", dq / dt
     printf "  worker 0 (queries):           %.2f %% of one core\n", 100 * da / hz / dt
     printf "  other worker:                 %.2f %% of one core\n", 100 * db / hz / dt
     printf "  BIND (answering):             %.2f %% of one core\n", 100 * dn / hz / dt
+    printf "  TCP connections to BIND:      %d\n", conns
 }'
 grep -cE '\[(alert|crit|error)\]' "$tmp/nginx/error.log" | sed 's/^/  error log lines at error or above: /'

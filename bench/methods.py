@@ -116,8 +116,8 @@ def write(rows, quick, started, took, pairs, secs, max_answer):
              "CPU time per connection; the ratio is (a)/(c) with a 95 % interval: above 1, "
              "consul_upstream costs less. Hash keys are `$remote_port` (one client address spread "
              f"as many clients). At 10,000 peers (c) has {math.ceil(10000 / max_answer)} "
-             "`consul_upstream` lines in the upstream (one DNS answer carries about "
-             f"{max_answer}).")
+             "`consul_upstream` lines in the upstream (one DNS answer from BIND carries about "
+             f"{max_answer}; a Consul agent's, fewer: README's Limitations).")
     L.append("")
     L.append("| method | peers | static µs/conn | consul_upstream µs/conn | static / consul_upstream CPU | target |")
     L.append("|---|---:|---:|---:|---|---|")

@@ -25,7 +25,8 @@ use consul_core::state::{self, Saved, SavedSource};
 use consul_core::zone::{Lookup, SetKind, StreakKind};
 use consul_core::Peer;
 
-use crate::resolve::{LineResolver, Resolved};
+use crate::exchange::Exchanges;
+use crate::resolve::{LineResolver, Resolved, Truncation};
 use crate::upstream::{MainConf, Upstream};
 use crate::zone::{self, SharedZone};
 use crate::{fault, ffi, listening, log, runtime};
@@ -35,16 +36,23 @@ use crate::{fault, ffi, listening, log, runtime};
 /// knows the set's age to within that.
 const STATE_CONFIRM_LAG_S: u64 = 60;
 
+/// What a user can do about an answer that cannot carry every instance.
+const SEE_EVERY_INSTANCE: &str =
+    "to see every instance, use several consul_upstream lines (by tag)";
+
 /// Discovery of one cycle in this process.
 struct Running {
     cycle: *const ngx_cycle_t,
     /// One loop per line; dropping a task stops its loop.
     loops: Vec<Task<()>>,
+    /// The lines' DNS connections, one per resolver.
+    exchanges: Rc<Exchanges>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.loops.clear();
+        self.exchanges.close();
         runtime::shutdown();
     }
 }
@@ -106,6 +114,7 @@ fn start(cycle: &ngx_cycle_t) {
         return;
     }
     let own = Rc::new(listening::own_addresses(cycle));
+    let exchanges = Rc::new(Exchanges::default());
     let mut loops = Vec::new();
     for &up in &main.upstreams {
         // SAFETY: upstream confs live as long as the cycle that runs discovery.
@@ -115,7 +124,13 @@ fn start(cycle: &ngx_cycle_t) {
         };
         let group = Rc::new(RefCell::new(group));
         for line in 0..up.lines.len() {
-            let task = runtime::spawn(line_loop(group.clone(), line, own.clone(), cycle));
+            let task = runtime::spawn(line_loop(
+                group.clone(),
+                line,
+                own.clone(),
+                exchanges.clone(),
+                cycle,
+            ));
             loops.push(task);
         }
     }
@@ -124,7 +139,13 @@ fn start(cycle: &ngx_cycle_t) {
     if pool.allocate(CycleGuard { cycle }).is_null() {
         log::alert("consul upstream: no memory to tie discovery to its cycle");
     }
-    RUNNING.with(|r| *r.borrow_mut() = Some(Running { cycle, loops }));
+    RUNNING.with(|r| {
+        *r.borrow_mut() = Some(Running {
+            cycle,
+            loops,
+            exchanges,
+        })
+    });
 }
 
 /// Under `master_process off`, a reload (HUP) builds a new cycle in the same
@@ -151,6 +172,7 @@ async fn line_loop(
     group: Rc<RefCell<Group>>,
     line: usize,
     own: Rc<OwnAddresses>,
+    exchanges: Rc<Exchanges>,
     cycle: *const ngx_cycle_t,
 ) {
     let (up, mut tracker) = {
@@ -158,7 +180,7 @@ async fn line_loop(
         (g.up, g.tracker(line))
     };
     let settings = &up.lines[line].settings;
-    let mut resolver = LineResolver::new(settings, own.clone());
+    let mut resolver = LineResolver::new(settings, own.clone(), &exchanges);
     let mut delay_ms = 0;
     loop {
         if delay_ms > 0 {
@@ -180,7 +202,7 @@ async fn line_loop(
             .await
             .unwrap_or_else(|_| {
                 // hickory's state may be broken after a panic: start afresh.
-                resolver = LineResolver::new(settings, own.clone());
+                resolver = LineResolver::new(settings, own.clone(), &exchanges);
                 Resolved::Failed("internal error in the DNS client (panic)".into())
             });
         let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -216,6 +238,8 @@ struct Part {
     saved_unix: u64,
     kind: SetKind,
     last_ignored: Ignored,
+    /// The last answer could not carry every instance (said once per change).
+    truncated: Option<Truncation>,
 }
 
 /// One upstream in the discovery process: its zone and its lines' parts.
@@ -300,6 +324,7 @@ impl Group {
                     saved_unix: if saved.is_some() { confirmed } else { 0 },
                     kind,
                     last_ignored: Ignored::default(),
+                    truncated: None,
                 }
             })
             .collect();
@@ -456,8 +481,32 @@ impl Group {
                 if nxdomain { "NXDOMAIN" } else { "no records" }.to_string(),
             ),
             Resolved::Failed(reason) => (Outcome::Failed(reason.clone()), Lookup::Error, reason),
-            Resolved::Peers { peers, ignored } => {
+            Resolved::Peers {
+                peers,
+                ignored,
+                truncated,
+            } => {
                 let part = &mut self.parts[line];
+                if truncated != part.truncated {
+                    let query = &settings.query;
+                    match truncated {
+                        Some(Truncation::Tc) => log::warn(&format!(
+                            "{p}Consul truncated the answer for {query} (TC set): {} came, \
+                             others are left out; {SEE_EVERY_INSTANCE}",
+                            count(peers.len())
+                        )),
+                        Some(Truncation::Full) => log::warn(&format!(
+                            "{p}the answer for {query} is as large as Consul sends ({} came): \
+                             it may leave instances out without saying so (TC is set only \
+                             with enable_truncate); {SEE_EVERY_INSTANCE}",
+                            count(peers.len())
+                        )),
+                        None => log::notice(&format!(
+                            "{p}the answer for {query} carries every instance again"
+                        )),
+                    }
+                    part.truncated = truncated;
+                }
                 if !ignored.is_empty() && ignored != part.last_ignored {
                     let msg = format!("{p}ignored records of the answer: {}", ignored.describe());
                     if ignored.needs_attention() {

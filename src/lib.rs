@@ -5,7 +5,8 @@
 //!   worker's copy of its set) and the placeholder server;
 //! - [`conf`]: the `consul_upstream` directive and the checks of `stream {}`;
 //! - [`zone`]: each upstream's shared-memory zone (layout in `consul_core::zone`);
-//! - [`discovery`] and [`resolve`]: worker 0's loops and lookups;
+//! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`exchange`]:
+//!   their DNS queries, one TCP connection per resolver;
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
 //! - [`balancer`]: the per-connection peer callbacks;
 //! - [`status`]: the library's http module, `consul_upstream_status` (JSON and
@@ -28,6 +29,7 @@ use ngx::ffi::{
 mod balancer;
 mod conf;
 mod discovery;
+mod exchange;
 mod fault;
 mod ffi;
 mod listening;

@@ -1,56 +1,85 @@
-//! One line's lookups (see [`crate::runtime`] for where they run): hickory
-//! resolvers, one per resolver address, asked in order; the SRV answer, with
-//! A/AAAA follow-ups for targets the answer gives no address for, turned into
-//! a peer set by core.
+//! One line's lookups (see [`crate::runtime`] for where they run): the SRV
+//! query to each resolver in order, over the connection [`crate::exchange`]
+//! shares between lines, and A/AAAA follow-ups for targets the answer gives no
+//! address for; core turns the answer into a peer set.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
-use hickory_resolver::Resolver;
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{Name, RecordType};
 
-use consul_core::answer::{Ignored, OwnAddresses, Record, SrvAnswer};
+use consul_core::answer::{
+    by_name, chain_addresses, may_be_trimmed, Ignored, OwnAddresses, Record, RecordData, SrvAnswer,
+};
 use consul_core::message::convert;
 use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
 
-use crate::runtime::NgxRuntime;
-
-type DnsResolver = Resolver<NgxRuntime>;
+use crate::exchange::{Exchanges, Server};
 
 /// Targets looked up at once when the answer gives no address for them (each an
-/// A and an AAAA query): well below the 32 requests hickory keeps in flight on
-/// one connection.
+/// A and an AAAA query).
 const FOLLOW_UP_TARGETS: usize = 8;
 
 pub enum Resolved {
-    Peers { peers: Vec<Peer>, ignored: Ignored },
-    Empty { nxdomain: bool },
+    Peers {
+        peers: Vec<Peer>,
+        ignored: Ignored,
+        truncated: Option<Truncation>,
+    },
+    Empty {
+        nxdomain: bool,
+    },
+    Failed(String),
+}
+
+/// Why an answer may lack instances that Consul knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Truncation {
+    /// TC set: the server trimmed the answer to fit one message.
+    Tc,
+    /// No TC, but the answer is as large as Consul sends (1,024 SRV records,
+    /// or a message near 64 KiB): Consul trims without TC unless
+    /// `enable_truncate` is on.
+    Full,
+}
+
+/// What a follow-up A/AAAA lookup for one target found.
+enum FollowUp {
+    Found(Vec<IpAddr>),
+    /// A definitive answer without an address (refused, no such name, no
+    /// address records): the target's instances are left out.
+    NoAddress(String),
+    /// A failure that may pass (timeout, SERVFAIL, lost connection): the
+    /// whole answer fails and the line keeps its set.
     Failed(String),
 }
 
 /// The resolvers of one `consul_upstream` line.
 pub struct LineResolver {
     query: String,
-    resolvers: Vec<(SocketAddr, Result<DnsResolver, String>)>,
+    servers: Vec<Rc<Server>>,
+    transport: Transport,
+    timeout: Duration,
     own: Rc<OwnAddresses>,
 }
 
 impl LineResolver {
-    pub fn new(settings: &Settings, own: Rc<OwnAddresses>) -> LineResolver {
+    pub fn new(settings: &Settings, own: Rc<OwnAddresses>, exchanges: &Exchanges) -> LineResolver {
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let resolvers = settings
+        let servers = settings
             .resolvers
             .iter()
-            .map(|&addr| (addr, build_resolver(addr, settings.transport, timeout)))
+            .map(|&addr| exchanges.server(addr))
             .collect();
         LineResolver {
             query: settings.query.clone(),
-            resolvers,
+            servers,
+            transport: settings.transport,
+            timeout,
             own,
         }
     }
@@ -64,25 +93,51 @@ impl LineResolver {
             Err(e) => return Resolved::Failed(format!("invalid name: {e}")),
         };
         let mut errors = Vec::new();
-        for (addr, resolver) in &self.resolvers {
-            let resolver = match resolver {
-                Ok(r) => r,
-                Err(e) => {
-                    errors.push(format!("{addr}: {e}"));
+        for server in &self.servers {
+            let addr = server.addr();
+            let answer = match server
+                .query(&name, RecordType::SRV, self.transport, self.timeout)
+                .await
+            {
+                Ok(answer) => answer,
+                Err(failure) => {
+                    errors.push(failure.describe(addr));
                     continue;
                 }
             };
-            match resolver.lookup(name.clone(), RecordType::SRV).await {
-                Ok(lookup) => {
-                    let answers: Vec<Record> = lookup.answers().iter().map(convert).collect();
-                    let additionals: Vec<Record> =
-                        lookup.additionals().iter().map(convert).collect();
-                    return self.peers_of(&answers, &additionals, resolver, addr).await;
+            let response = &answer.response;
+            match response.response_code {
+                ResponseCode::NoError => {}
+                ResponseCode::NXDomain => return Resolved::Empty { nxdomain: true },
+                code => {
+                    errors.push(format!("{addr} answered {}", rcode_name(code)));
+                    continue;
                 }
-                Err(e) if e.is_nx_domain() => return Resolved::Empty { nxdomain: true },
-                Err(e) if e.is_no_records_found() => return Resolved::Empty { nxdomain: false },
-                Err(e) => errors.push(describe(&e, addr)),
             }
+            if response.answers.is_empty() {
+                if answer.truncated {
+                    errors.push(format!("{addr} sent a truncated answer without records"));
+                    continue;
+                }
+                return Resolved::Empty { nxdomain: false };
+            }
+            let answers: Vec<Record> = response.answers.iter().map(convert).collect();
+            let additionals: Vec<Record> = response.additionals.iter().map(convert).collect();
+            let srv_records = answers
+                .iter()
+                .filter(|r| matches!(r.data, RecordData::Srv { .. }))
+                .count();
+            let bytes = response.as_buffer().len();
+            let truncated = if answer.truncated {
+                Some(Truncation::Tc)
+            } else if answer.over_tcp && may_be_trimmed(srv_records, bytes, true, 0) {
+                Some(Truncation::Full)
+            } else {
+                None
+            };
+            return self
+                .peers_of(&answers, &additionals, server, truncated)
+                .await;
         }
         if errors.is_empty() {
             errors.push("no usable resolver".into());
@@ -95,8 +150,8 @@ impl LineResolver {
         &self,
         answers: &[Record],
         additionals: &[Record],
-        resolver: &DnsResolver,
-        addr: &SocketAddr,
+        server: &Server,
+        truncated: Option<Truncation>,
     ) -> Resolved {
         let mut answer = SrvAnswer::parse(&self.query, answers, additionals);
         if answer.srvs.is_empty() && answer.ignored.is_empty() {
@@ -105,11 +160,12 @@ impl LineResolver {
         let targets = answer.unresolved_targets();
         let mut failed = Vec::new();
         for chunk in targets.chunks(FOLLOW_UP_TARGETS) {
-            let found = join_all(chunk.iter().map(|t| addresses(resolver, t, addr))).await;
+            let found = join_all(chunk.iter().map(|t| self.addresses(server, t))).await;
             for (target, result) in chunk.iter().zip(found) {
                 match result {
-                    Ok(ips) => answer.add_addresses(target, ips),
-                    Err(e) => failed.push(format!("{target}: {e}")),
+                    FollowUp::Found(ips) => answer.add_addresses(target, ips),
+                    FollowUp::NoAddress(why) => answer.no_address(target, &why),
+                    FollowUp::Failed(e) => failed.push(format!("{target}: {e}")),
                 }
             }
         }
@@ -132,55 +188,56 @@ impl LineResolver {
         Resolved::Peers {
             peers,
             ignored: answer.ignored,
+            truncated,
         }
     }
-}
 
-fn build_resolver(
-    addr: SocketAddr,
-    transport: Transport,
-    timeout: Duration,
-) -> Result<DnsResolver, String> {
-    let mut ns = match transport {
-        // Consul trims UDP answers to 3 records without setting TC: TCP by default.
-        Transport::Tcp => NameServerConfig::tcp(addr.ip()),
-        Transport::Udp => NameServerConfig::udp_and_tcp(addr.ip()),
-    };
-    for c in &mut ns.connections {
-        c.port = addr.port();
-    }
-    let mut opts = ResolverOpts::default();
-    opts.timeout = timeout;
-    opts.attempts = 0;
-    opts.cache_size = 0;
-    opts.ndots = 0;
-    opts.use_hosts_file = ResolveHosts::Never;
-    opts.preserve_intermediates = true;
-    opts.positive_max_ttl = Some(Duration::ZERO);
-    opts.negative_max_ttl = Some(Duration::ZERO);
-    Resolver::builder_with_config(ResolverConfig::from_name_servers(vec![ns]), NgxRuntime)
-        .with_options(opts)
-        .build()
-        .map_err(|e| e.to_string())
-}
-
-/// hickory's words for a failed exchange, as a user reads them in error.log.
-fn describe(e: &NetError, addr: &SocketAddr) -> String {
-    match e {
-        NetError::NoConnections => format!("cannot connect to {addr}"),
-        NetError::Timeout => format!("{addr} timed out"),
-        NetError::Truncated => {
-            format!("{addr} sent a truncated answer (too large for one DNS message)")
+    /// A target's addresses (A and AAAA, through a CNAME chain in the answer).
+    async fn addresses(&self, server: &Server, target: &str) -> FollowUp {
+        let addr = server.addr();
+        let name = match Name::from_ascii(format!("{}.", target.trim_end_matches('.'))) {
+            Ok(n) => n,
+            Err(e) => return FollowUp::NoAddress(format!("invalid name: {e}")),
+        };
+        let (v4, v6) = futures_util::join!(
+            server.query(&name, RecordType::A, self.transport, self.timeout),
+            server.query(&name, RecordType::AAAA, self.transport, self.timeout)
+        );
+        let mut ips = Vec::new();
+        // The strongest reason of the two answers: a refusal says more than a
+        // missing name, which says more than a name without address records.
+        let mut why = (0, String::from("no A or AAAA records"));
+        for result in [v4, v6] {
+            let answer = match result {
+                Ok(answer) => answer,
+                Err(failure) => return FollowUp::Failed(failure.describe(addr)),
+            };
+            let response = &answer.response;
+            let reason = match response.response_code {
+                ResponseCode::NoError => {
+                    let records: Vec<Record> = response.answers.iter().map(convert).collect();
+                    ips.extend(chain_addresses(target, &by_name(&records)));
+                    continue;
+                }
+                ResponseCode::NXDomain => (1, format!("{addr} answered NXDOMAIN")),
+                ResponseCode::Refused => (2, format!("{addr} answered REFUSED")),
+                code => return FollowUp::Failed(format!("{addr} answered {}", rcode_name(code))),
+            };
+            if reason.0 > why.0 {
+                why = reason;
+            }
         }
-        NetError::Dns(DnsError::ResponseCode(code)) => {
-            format!("{addr} answered {}", rcode_name(u16::from(*code)))
+        if ips.is_empty() {
+            FollowUp::NoAddress(why.1)
+        } else {
+            FollowUp::Found(ips)
         }
-        other => format!("{other} from {addr}"),
     }
 }
 
 /// A response code as dig shows it (RFC 1035, 2136).
-fn rcode_name(code: u16) -> String {
+fn rcode_name(code: ResponseCode) -> String {
+    let code = u16::from(code);
     let name = match code {
         1 => "FORMERR",
         2 => "SERVFAIL",
@@ -195,32 +252,4 @@ fn rcode_name(code: u16) -> String {
         _ => return format!("rcode {code}"),
     };
     name.to_string()
-}
-
-/// A target's addresses (A and AAAA); a name that does not exist or has no
-/// address records has none; any other failure is an error.
-async fn addresses(
-    resolver: &DnsResolver,
-    target: &str,
-    addr: &SocketAddr,
-) -> Result<Vec<IpAddr>, String> {
-    let name = Name::from_ascii(format!("{}.", target.trim_end_matches('.')))
-        .map_err(|e| format!("invalid name: {e}"))?;
-    let (v4, v6) = futures_util::join!(
-        resolver.lookup(name.clone(), RecordType::A),
-        resolver.lookup(name, RecordType::AAAA)
-    );
-    let mut ips = Vec::new();
-    for result in [v4, v6] {
-        match result {
-            Ok(lookup) => ips.extend(lookup.answers().iter().filter_map(|r| match &r.data {
-                RData::A(a) => Some(IpAddr::V4(a.0)),
-                RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                _ => None,
-            })),
-            Err(e) if e.is_nx_domain() || e.is_no_records_found() => {}
-            Err(e) => return Err(describe(&e, addr)),
-        }
-    }
-    Ok(ips)
 }

@@ -210,7 +210,7 @@ impl Spawn for NgxHandle {
 }
 
 /// `future`, or a TimedOut error once `duration` has passed.
-async fn with_timeout<F: Future>(duration: Duration, future: F) -> io::Result<F::Output> {
+pub async fn with_timeout<F: Future>(duration: Duration, future: F) -> io::Result<F::Output> {
     let mut future = pin!(future);
     let mut sleep = pin!(ngx::async_::sleep(duration));
     poll_fn(|cx| {

@@ -9,9 +9,33 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::peer::{canonicalize, Peer};
 
-/// More SRV records than one DNS message over TCP can carry (64 KiB ≈ 1,900
-/// Consul-shaped records): anything above is hostile and is cut, not processed.
+/// More SRV records than one DNS message over TCP can carry (64 KiB: about 1,900
+/// records with `.addr.` targets and no ADDITIONAL; Consul itself sends at most
+/// 1,024): anything above is hostile and is cut, not processed.
 pub const MAX_SRV_RECORDS: usize = 10_000;
+/// The most SRV records Consul puts into one answer over TCP (it cuts there
+/// before it counts bytes; over UDP it sends far fewer).
+pub const CONSUL_TCP_SRV_RECORDS: usize = 1024;
+/// The largest DNS message, over TCP.
+pub const TCP_MESSAGE_BYTES: usize = 65_535;
+
+/// Whether an answer of `bytes` (over TCP when `tcp`, else over UDP to a query
+/// that offered `limit` bytes) with `srv_records` may lack instances Consul left
+/// out. Consul trims an answer that does not fit (TCP: 1,024 SRV records, then
+/// 65,523 bytes; UDP: the size the query offered) by dropping whole instances,
+/// and sets TC only with `dns_config.enable_truncate`: a trimmed answer ends
+/// within about one instance of the limit (a few hundred bytes with a CNAME
+/// chain), so an answer that close to it may have been trimmed.
+pub fn may_be_trimmed(srv_records: usize, bytes: usize, tcp: bool, limit: usize) -> bool {
+    const UDP_MARGIN: usize = 256;
+    const TCP_MARGIN: usize = 1024;
+    if tcp {
+        // More records than Consul's cut: another server (BIND sends about 1,420).
+        srv_records == CONSUL_TCP_SRV_RECORDS || bytes + TCP_MARGIN > TCP_MESSAGE_BYTES
+    } else {
+        bytes + UDP_MARGIN > limit
+    }
+}
 /// Addresses accepted for one SRV target.
 pub const MAX_ADDRS_PER_TARGET: usize = 16;
 
@@ -65,7 +89,10 @@ pub struct Ignored {
     /// Target `.`: RFC 2782's "the service is not available here".
     pub no_service: usize,
     pub over_limit: usize,
+    /// Records whose target has no address (no A/AAAA in the answer, and the
+    /// follow-up found none or was refused), with the first one and why.
     pub unresolved: usize,
+    pub unresolved_example: Option<String>,
     /// Addresses no connection should go to, with the first one met.
     pub unusable: usize,
     pub unusable_example: Option<SocketAddr>,
@@ -82,7 +109,7 @@ impl Ignored {
     /// Whether a user must act (the set misses instances Consul calls healthy
     /// because of where they are registered), rather than a shape of the answer.
     pub fn needs_attention(&self) -> bool {
-        self.unusable > 0 || self.own > 0
+        self.unusable > 0 || self.own > 0 || self.unresolved > 0
     }
 
     /// "2 records for other names, 1 with port 0"; empty when nothing was ignored.
@@ -96,12 +123,16 @@ impl Ignored {
             "pointing at nginx's own listening socket ({})",
             self.own_example.map_or(String::new(), |a| a.to_string())
         );
+        let unresolved = match &self.unresolved_example {
+            Some(example) => format!("with targets that have no address ({example})"),
+            None => "with targets that have no address".to_string(),
+        };
         let parts = [
             (self.other_owner, "for other names"),
             (self.port_zero, "with port 0"),
             (self.no_service, "with target \".\" (no service)"),
             (self.over_limit, "over the limit of records"),
-            (self.unresolved, "with targets that have no address"),
+            (self.unresolved, unresolved.as_str()),
             (self.unusable, unusable.as_str()),
             (self.own, own.as_str()),
         ];
@@ -161,6 +192,8 @@ pub fn takes_connections(ip: IpAddr) -> bool {
 pub struct SrvAnswer {
     pub srvs: Vec<Srv>,
     addrs: HashMap<String, Vec<IpAddr>>,
+    /// Why a target has no address, as its follow-up found (for the log).
+    no_address: HashMap<String, String>,
     pub ignored: Ignored,
 }
 
@@ -199,17 +232,13 @@ impl SrvAnswer {
             }
         }
         let targets: HashSet<String> = out.srvs.iter().map(|s| s.target.clone()).collect();
-        for rec in answers.iter().chain(additionals) {
-            let ip = match rec.data {
-                RecordData::A(ip) => IpAddr::V4(ip),
-                RecordData::Aaaa(ip) => IpAddr::V6(ip),
-                _ => continue,
-            };
-            if targets.contains(&rec.name) {
-                out.add_address(&rec.name, ip);
-            }
-        }
+        let records = by_name(answers.iter().chain(additionals));
         for target in targets {
+            // A hostname target comes with what the agent's recursors gave:
+            // a CNAME chain and the addresses of its end.
+            for ip in chain_addresses(&target, &records) {
+                out.add_address(&target, ip);
+            }
             if !out.addrs.contains_key(&target) {
                 if let Some(ip) = decode_addr_target(&target, query) {
                     out.add_address(&target, ip);
@@ -245,25 +274,42 @@ impl SrvAnswer {
         }
     }
 
+    /// Records why a target's follow-up gave no address (a definitive answer:
+    /// refused, no such name, no address records): its instances are left out.
+    pub fn no_address(&mut self, target: &str, why: &str) {
+        self.no_address.insert(normalize(target), why.to_string());
+    }
+
     /// One peer per SRV record and address, canonical order, no duplicates;
-    /// addresses that take no connections and nginx's own are left out.
+    /// addresses that take no connections and nginx's own are left out. The
+    /// examples of what was left out are the least ones, not the first met:
+    /// Consul shuffles its records, and the same answer must log the same line.
     pub fn peers(&mut self, own: &OwnAddresses) -> Vec<Peer> {
+        fn least<T: Ord>(example: &mut Option<T>, new: T) {
+            if example.as_ref().is_none_or(|e| new < *e) {
+                *example = Some(new);
+            }
+        }
         let mut peers = Vec::with_capacity(self.srvs.len());
         let mut unresolved = 0;
         let ignored = &mut self.ignored;
         for srv in &self.srvs {
             let Some(ips) = self.addrs.get(&srv.target) else {
                 unresolved += 1;
+                let why = self.no_address.get(&srv.target);
+                let why = why.map_or("no address", String::as_str);
+                let example = format!("{}:{}: {why}", srv.target, srv.port);
+                least(&mut ignored.unresolved_example, example);
                 continue;
             };
             for ip in ips {
                 let addr = SocketAddr::new(*ip, srv.port);
                 if !takes_connections(*ip) {
                     ignored.unusable += 1;
-                    ignored.unusable_example.get_or_insert(addr);
+                    least(&mut ignored.unusable_example, addr);
                 } else if own.contains(&addr) {
                     ignored.own += 1;
-                    ignored.own_example.get_or_insert(addr);
+                    least(&mut ignored.own_example, addr);
                 } else {
                     peers.push(Peer::new(addr, srv.weight, srv.priority));
                 }
@@ -292,21 +338,64 @@ fn owner_chain(query: &str, answers: &[Record]) -> Vec<String> {
     chain
 }
 
-/// Consul names node addresses `<hex>.addr.<dc>.<domain>`: 8 hex digits for IPv4,
-/// 32 for IPv6. Decoding them saves one A and one AAAA query per target. Only
-/// names under the query's own domain are decoded: anyone can make up a name
-/// that looks like one elsewhere.
+/// Records by owner name, to follow names through an answer in one lookup each.
+pub type ByName<'a> = HashMap<&'a str, Vec<&'a RecordData>>;
+
+/// Indexes `records` by owner name.
+pub fn by_name<'a>(records: impl IntoIterator<Item = &'a Record>) -> ByName<'a> {
+    let mut index: ByName<'a> = HashMap::new();
+    for rec in records {
+        index.entry(rec.name.as_str()).or_default().push(&rec.data);
+    }
+    index
+}
+
+/// The addresses `name` has in an answer: its own A/AAAA records, or those of
+/// the end of a CNAME chain from it (bounded, loops stop). Used for SRV targets
+/// (ADDITIONAL: what the agent's recursors gave for a hostname) and for the
+/// answer to a follow-up A/AAAA query.
+pub fn chain_addresses(name: &str, records: &ByName<'_>) -> Vec<IpAddr> {
+    let mut chain = vec![normalize(name)];
+    let mut ips = Vec::new();
+    for _ in 0..8 {
+        let mut next = None;
+        let last = &chain[chain.len() - 1];
+        for data in records.get(last.as_str()).into_iter().flatten() {
+            match data {
+                RecordData::A(ip) => ips.push(IpAddr::V4(*ip)),
+                RecordData::Aaaa(ip) => ips.push(IpAddr::V6(*ip)),
+                RecordData::Cname(t) => {
+                    next.get_or_insert_with(|| normalize(t));
+                }
+                _ => {}
+            }
+        }
+        match next {
+            Some(t) if ips.is_empty() && !chain.contains(&t) => chain.push(t),
+            _ => break,
+        }
+    }
+    ips
+}
+
+/// Consul names node addresses `<hex>.addr.<dc>.<domain>`, or `<hex>.addr.<domain>`
+/// for an instance of a cluster peer (peering drops the datacenter): 8 hex digits
+/// for IPv4, 32 for IPv6. Decoding them saves one A and one AAAA query per
+/// target. Only names under the query's own domain are decoded: anyone can make
+/// up a name that looks like one elsewhere.
 pub fn decode_addr_target(target: &str, query: &str) -> Option<IpAddr> {
     let target = normalize(target);
-    let mut labels = target.splitn(4, '.');
+    let mut labels = target.splitn(3, '.');
     let hex = labels.next()?;
     if labels.next()? != "addr" {
         return None;
     }
-    let _dc = labels.next()?;
-    let domain = labels.next()?;
+    // `<dc>.<domain>` or `<domain>`: either way, a domain the query is under.
+    let rest = labels.next()?;
     let query = normalize(query);
-    if !(query == domain || query.ends_with(&format!(".{domain}"))) {
+    let under = |domain: &str| !domain.is_empty() && query.ends_with(&format!(".{domain}"));
+    let without_dc = rest.split_once('.').map_or("", |(_, d)| d);
+    if !(under(rest) || under(without_dc)) {
         return None;
     }
     if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -407,6 +496,40 @@ mod tests {
     }
 
     #[test]
+    fn answers_near_consuls_limits_may_be_trimmed() {
+        // Over UDP, to a query offering 1,232 bytes (hickory's EDNS size):
+        // Consul trims to 1,224, without TC.
+        assert!(!may_be_trimmed(3, 400, false, 1232));
+        assert!(may_be_trimmed(17, 1222, false, 1232));
+        // Over TCP: 1,024 SRV records, or a message near 64 KiB.
+        assert!(!may_be_trimmed(40, 4898, true, 0));
+        assert!(may_be_trimmed(874, 65_449, true, 0));
+        assert!(may_be_trimmed(1024, 45_112, true, 0));
+        assert!(!may_be_trimmed(1200, 55_312, true, 0), "not Consul's");
+    }
+
+    #[test]
+    fn peering_addr_targets_without_datacenter_decode() {
+        // Cluster peering: `<hex>.addr.<domain>.`, no datacenter label.
+        let q = "redis.service.peer1.peer.consul";
+        assert_eq!(
+            decode_addr_target("0a00000b.addr.consul.", q),
+            Some("10.0.0.11".parse().unwrap())
+        );
+        assert_eq!(
+            decode_addr_target("20010db8000000000000000000000001.addr.consul", q),
+            Some("2001:db8::1".parse().unwrap())
+        );
+        let q = "redis.service.dc1.consul.example.org";
+        assert_eq!(
+            decode_addr_target("0a00000b.addr.consul.example.org", q),
+            Some("10.0.0.11".parse().unwrap())
+        );
+        assert_eq!(decode_addr_target("0a00000b.addr.example.net", q), None);
+        assert_eq!(decode_addr_target("0a00000b.addr.", q), None);
+    }
+
+    #[test]
     fn decode_rejects_non_addr_names() {
         let q = "redis.service.dc1.consul";
         assert_eq!(decode_addr_target("7f000001.node.dc1.consul", q), None);
@@ -451,9 +574,110 @@ mod tests {
             ]
         );
         assert_eq!(ans.ignored.unresolved, 1);
+        assert!(ans.ignored.needs_attention(), "an instance is missing");
         assert_eq!(
             ans.ignored.describe(),
-            "1 with targets that have no address"
+            "1 with targets that have no address (node2.node.dc.consul:6382: no address)"
+        );
+    }
+
+    #[test]
+    fn a_definitive_follow_up_leaves_its_instances_out_and_says_why() {
+        let answers = [
+            srv(Q, 1, 1, 6380, "7f000001.addr.yunlu_office.consul."),
+            srv(Q, 1, 1, 6381, "Redis-Ext.Example.com."),
+        ];
+        let mut ans = SrvAnswer::parse(Q, &answers, &[]);
+        assert_eq!(ans.unresolved_targets(), ["redis-ext.example.com"]);
+        ans.no_address("redis-ext.example.com.", "127.0.0.1:8600 answered REFUSED");
+        let got = ans.peers(&OwnAddresses::default());
+        assert_eq!(got.len(), 1, "the other instance stays");
+        assert_eq!(
+            ans.ignored.describe(),
+            "1 with targets that have no address \
+             (redis-ext.example.com:6381: 127.0.0.1:8600 answered REFUSED)"
+        );
+    }
+
+    #[test]
+    fn what_is_left_out_is_described_alike_in_any_record_order() {
+        // Consul shuffles the records of every answer: the log line must not
+        // change with the order (it is said when it changes).
+        let mut answers = vec![
+            srv(Q, 1, 1, 6380, "b.example."),
+            srv(Q, 1, 1, 6381, "a.example."),
+            srv(Q, 1, 1, 6382, "00000000.addr.dc.consul."),
+            srv(Q, 1, 1, 6383, "00000000.addr.dc.consul."),
+            srv(Q, 1, 1, 6384, "7f000001.addr.dc.consul."),
+        ];
+        let described = |answers: &[Record]| {
+            let mut ans = SrvAnswer::parse(Q, answers, &[]);
+            ans.no_address("a.example", "REFUSED");
+            ans.no_address("b.example", "NXDOMAIN");
+            ans.peers(&OwnAddresses::default());
+            ans.ignored
+        };
+        let first = described(&answers);
+        assert_eq!(
+            first.describe(),
+            "2 with targets that have no address (a.example:6381: REFUSED), \
+             2 with an address that takes no connections (0.0.0.0:6382)"
+        );
+        answers.reverse();
+        assert_eq!(described(&answers), first);
+    }
+
+    #[test]
+    fn cname_chain_in_additional_gives_a_hostname_target_its_address() {
+        // Consul with recursors: the hostname target, and in ADDITIONAL the chain
+        // its recursors returned.
+        let answers = [srv(Q, 1, 1, 6381, "redis-ext.example.com.")];
+        let additionals = [
+            Record::new(
+                "redis-ext.example.com.",
+                RecordData::Cname("Edge.Example.NET.".into()),
+            ),
+            Record::new(
+                "edge.example.net.",
+                RecordData::Cname("host7.example.net.".into()),
+            ),
+            a("host7.example.net.", "127.0.0.7"),
+            Record::new("redis-ext.example.com.", RecordData::Other),
+        ];
+        let mut ans = SrvAnswer::parse(Q, &answers, &additionals);
+        assert!(ans.unresolved_targets().is_empty(), "no follow-up query");
+        let got: Vec<String> = ans
+            .peers(&OwnAddresses::default())
+            .iter()
+            .map(|p| p.addr.to_string())
+            .collect();
+        assert_eq!(got, ["127.0.0.7:6381"]);
+    }
+
+    #[test]
+    fn chain_addresses_stop_at_loops_and_length() {
+        let looped = [
+            Record::new("a.example", RecordData::Cname("b.example".into())),
+            Record::new("b.example", RecordData::Cname("a.example".into())),
+        ];
+        assert!(chain_addresses("a.example", &by_name(&looped)).is_empty());
+        let mut long: Vec<Record> = (0..20)
+            .map(|i| {
+                Record::new(
+                    &format!("n{i}.example"),
+                    RecordData::Cname(format!("n{}.example", i + 1)),
+                )
+            })
+            .collect();
+        long.push(a("n20.example", "127.0.0.20"));
+        assert!(
+            chain_addresses("n0.example", &by_name(&long)).is_empty(),
+            "20 hops are too many"
+        );
+        long.push(a("n3.example", "127.0.0.3"));
+        assert_eq!(
+            chain_addresses("N2.example.", &by_name(&long)),
+            ["127.0.0.3".parse::<IpAddr>().unwrap()]
         );
     }
 
@@ -544,11 +768,15 @@ mod tests {
             srv(Q, 1, 1, 6380, "7f000001.addr.yunlu_office.consul."),
             srv(Q, 1, 1, 6381, "7f000002.addr.dc.evil.example."),
             srv(Q, 1, 1, 6382, "7f000003.addr.consul."),
+            srv(Q, 1, 1, 6383, "7f000004.addr.evil.example."),
         ];
         let mut ans = SrvAnswer::parse(Q, &answers, &[]);
         assert_eq!(
             ans.unresolved_targets(),
-            ["7f000002.addr.dc.evil.example", "7f000003.addr.consul"],
+            [
+                "7f000002.addr.dc.evil.example",
+                "7f000004.addr.evil.example"
+            ],
             "only Consul's own domain is decoded; the others need A/AAAA queries"
         );
         let got: Vec<String> = ans
@@ -556,7 +784,7 @@ mod tests {
             .iter()
             .map(|p| p.addr.to_string())
             .collect();
-        assert_eq!(got, ["127.0.0.1:6380"]);
+        assert_eq!(got, ["127.0.0.1:6380", "127.0.0.3:6382"]);
         assert_eq!(
             decode_addr_target("0a000001.addr.dc1.example.org", "r.service.dc1.example.org"),
             Some("10.0.0.1".parse().unwrap())

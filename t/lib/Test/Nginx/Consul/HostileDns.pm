@@ -40,6 +40,11 @@ package Test::Nginx::Consul::HostileDns;
 #   close_mid      TCP: the length prefix and half the message, then close;
 #                  UDP: half the message
 #   servfail, nxdomain   that response code, no records
+#   consul         answers exactly as Consul's agent does, hostname targets,
+#                  node-meta TXT records, trimming and TC included, and TCP
+#                  connections closed after 128 queries or 8 s idle: see
+#                  Test::Nginx::Consul::ConsulDns for the instance lines and
+#                  hostile_consul() for the agent's settings
 
 use strict;
 use warnings;
@@ -51,9 +56,11 @@ use POSIX ();
 use Time::HiRes qw(time sleep);
 use File::Path qw(make_path);
 
+use Test::Nginx::Consul::ConsulDns qw(consul_config consul_data consul_query consul_answer);
+
 our @EXPORT = qw(
     hostile_start hostile_stop hostile_mode hostile_instances hostile_queries
-    hostile_port hostile_running hostile_dir
+    hostile_port hostile_running hostile_dir hostile_consul hostile_connections
 );
 
 our $Port = $ENV{NGX_CONSUL_HOSTILE_PORT} || 8653;
@@ -81,6 +88,25 @@ sub _write {
 sub hostile_mode { _write(_dir() . '/mode', shift . "\n") }
 sub hostile_instances { _write(_dir() . '/instances', shift // '') }
 
+# The Consul agent's DNS settings for mode "consul" (ConsulDns.pm lists them),
+# from the next query on: hostile_consul(enable_truncate => 1, recursors => 1).
+sub hostile_consul {
+    my %o = @_;
+    _write(_dir() . '/consul', join '', map { "$_=$o{$_}\n" } sort keys %o);
+}
+
+# TCP connections the server accepted so far (open => 1: still open).
+sub hostile_connections {
+    my %o = @_;
+    open my $fh, '<', _dir() . '/connections.log' or return 0;
+    my ($accepted, $closed) = (0, 0);
+    while (my $l = <$fh>) {
+        $accepted++ if $l =~ / accept$/;
+        $closed++ if $l =~ / close /;
+    }
+    return $o{open} ? $accepted - $closed : $accepted;
+}
+
 # Queries received: all, or those of one mode / transport / type / name.
 sub hostile_queries {
     my %o = @_;
@@ -104,7 +130,8 @@ sub hostile_start {
     $Port = $o{port} if $o{port};
     my $dir = _dir();
     make_path($dir);
-    unlink "$dir/queries.log";
+    unlink "$dir/queries.log", "$dir/connections.log";
+    hostile_consul(%{ $o{consul} // {} });
     hostile_mode($o{mode} // 'ok');
     hostile_instances($o{instances} // '');
     my $udp = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $Port,
@@ -330,6 +357,15 @@ sub _serve {
     my $serial = 0;
     open my $log, '>>', "$dir/queries.log" or die "$dir/queries.log: $!";
     $log->autoflush(1);
+    open my $clog, '>>', "$dir/connections.log" or die "$dir/connections.log: $!";
+    $clog->autoflush(1);
+    my $close = sub {
+        my ($fd, $why) = @_;
+        my $c = delete $conn{$fd} or return;
+        $sel->remove($c->{sock});
+        close $c->{sock};
+        printf $clog "%.3f close %s\n", time, $why;
+    };
 
     my $respond = sub {
         my ($transport, $q) = @_;
@@ -345,6 +381,12 @@ sub _serve {
         my $inst = _instances(_read_file("$dir/instances"));
         return { mode => $mode, arg => $arg, id => $id } if $mode eq 'never';
         my $msg;
+        if ($mode eq 'consul') {
+            my $cq = consul_query($q) or return;
+            my $cfg = consul_config(_read_file("$dir/consul"));
+            $msg = consul_answer($cq, $transport, $cfg, consul_data(_read_file("$dir/instances")));
+            return { mode => $mode, msg => $msg, cfg => $cfg };
+        }
         if ($mode eq 'random') {
             $msg = join '', map { chr int rand 256 } 1 .. 1 + int rand 600;
         } else {
@@ -358,8 +400,11 @@ sub _serve {
         POSIX::_exit(0) if getppid() != $parent;
         my $now = time;
         my $wait = 0.05;
-        for my $c (values %conn) {
+        for my $fd (keys %conn) {
+            my $c = $conn{$fd};
             $wait = 0.005 if @{ $c->{out} };
+            # miekg/dns closes a connection idle for its idle timeout.
+            $close->($fd, 'idle') if $c->{idle} && !@{ $c->{out} } && $now - $c->{last} > $c->{idle};
         }
         $wait = 0.005 if @udp_later;
         for my $s ($sel->can_read($wait)) {
@@ -372,7 +417,7 @@ sub _serve {
                 my $mode = $r->{mode};
                 if ($mode eq 'close_mid' || $mode eq 'long_prefix') {
                     $m = substr $m, 0, int(length($m) / 2);
-                } elsif (length $m > 512 && $mode ne 'random') {
+                } elsif (length $m > 512 && $mode ne 'random' && $mode ne 'consul') {
                     # truncated: header and question only, TC set
                     my ($qd_end) = 12 + length((_parse_query($q))[4]);
                     $m = substr($m, 0, $qd_end);
@@ -388,18 +433,17 @@ sub _serve {
                 my $c = $tcp->accept or next;
                 $c->blocking(0);
                 $sel->add($c);
-                $conn{ fileno $c } = { sock => $c, in => '', out => [] };
+                $conn{ fileno $c } = { sock => $c, in => '', out => [], queries => 0, last => time };
+                printf $clog "%.3f accept\n", time;
             } else {
                 my $c = $conn{ fileno $s } or next;
                 my $n = sysread $s, my $buf, 65536;
                 if (!$n) {
-                    $sel->remove($s);
-                    delete $conn{ fileno $s };
-                    close $s;
+                    $close->(fileno $s, 'by client');
                     next;
                 }
                 $c->{in} .= $buf;
-                while (length $c->{in} >= 2) {
+                while (length $c->{in} >= 2 && !$c->{close_after}) {
                     my $len = unpack 'n', $c->{in};
                     last if length $c->{in} < 2 + $len;
                     my $q = substr $c->{in}, 2, $len;
@@ -407,6 +451,13 @@ sub _serve {
                     my $r = $respond->('tcp', $q) or next;
                     next unless defined $r->{msg};
                     my ($m, $mode) = ($r->{msg}, $r->{mode});
+                    $c->{last} = time;
+                    if (my $cfg = $r->{cfg}) {
+                        # miekg/dns: at most tcp_max_queries answers, then close.
+                        $c->{idle} = $cfg->{tcp_idle};
+                        $c->{close_after} = 1
+                            if $cfg->{tcp_max_queries} && ++$c->{queries} >= $cfg->{tcp_max_queries};
+                    }
                     my $t = time;
                     if ($mode eq 'slow') {
                         my $step = $r->{arg} || 0.2;
@@ -446,11 +497,7 @@ sub _serve {
                     $c->{close_after} = 1;
                 }
             }
-            if ($c->{close_after} && !@{ $c->{out} }) {
-                $sel->remove($c->{sock});
-                close $c->{sock};
-                delete $conn{$fd};
-            }
+            $close->($fd, 'by server') if $c->{close_after} && !@{ $c->{out} };
         }
         while (@udp_later && $udp_later[0][0] <= $now) {
             my $l = shift @udp_later;
