@@ -70,8 +70,8 @@ struct PeerData {
     pool: *mut ngx_pool_t,
     generation: u64,
     health: HealthPolicy,
-    /// The hash key's hash (hash methods).
-    key_hash: u64,
+    /// The hash key's hash (hash methods; `None` for an empty key).
+    key_hash: Option<u64>,
     current: Current,
     /// Discovered peers tried by this connection: the first 64 inline, the rest
     /// in a bitmap allocated from the pool on first need.
@@ -313,18 +313,21 @@ fn init_session(
     NGX_OK as ngx_int_t
 }
 
-/// The hash of the session's `hash` key (0 without a key).
-fn key_hash(s: &mut ngx_stream_session_t, up: &Upstream) -> u64 {
+/// The hash of the session's `hash` key: `None` without a key, or for an empty
+/// one (`$proxy_protocol_addr` without PROXY protocol, `$ssl_preread_server_name`
+/// without SNI), which nginx's hash methods balance by round robin.
+fn key_hash(s: &mut ngx_stream_session_t, up: &Upstream) -> Option<u64> {
     let key = up.hash_key.get();
     if key.is_null() {
-        return 0;
+        return None;
     }
     let mut value = ngx_str_t::default();
     // SAFETY: a key compiled for this configuration, evaluated in a live session.
     if unsafe { ngx_stream_complex_value(s, key, &mut value) } != NGX_OK as ngx_int_t {
-        return 0;
+        return None;
     }
-    hash64(value.as_bytes(), 0)
+    let bytes = value.as_bytes();
+    (!bytes.is_empty()).then(|| hash64(bytes, 0))
 }
 
 /// `peer.get`: the next peer, or NGX_BUSY ("no live upstreams").

@@ -199,10 +199,11 @@ impl<'z> SlotRef<'z> {
     }
 }
 
-/// What one pick needs besides the set: the key's hash (hash methods) and the
-/// worker's random numbers (random, slow start).
+/// What one pick needs besides the set: the key's hash (hash methods; `None`
+/// for an empty key, which nginx balances by round robin) and the worker's
+/// random numbers (random, slow start).
 pub struct PickContext<'a> {
-    pub key_hash: u64,
+    pub key_hash: Option<u64>,
     pub rng: &'a mut Rng,
 }
 
@@ -306,7 +307,8 @@ impl<'z> PeerView<'z> {
         }
         // Slow start passes over ramping peers now and then; if that leaves no
         // peer at all, they are taken anyway. A hash keeps a key on its peer.
-        let ramp = self.balancing.slow_start_ms > 0 && !self.balancing.method.uses_key();
+        let ramp = self.balancing.slow_start_ms > 0
+            && !(self.balancing.method.uses_key() && ctx.key_hash.is_some());
         if let Some(i) = self.pick(&tried, now_ms, ctx, ramp) {
             return Some(i);
         }
@@ -361,9 +363,13 @@ impl<'z> PeerView<'z> {
                 }
             }
             Method::Hash => {
+                // An empty key: round robin, as nginx's hash methods do.
+                let Some(key_hash) = ctx.key_hash else {
+                    return self.selector.pick(|i| open(i, ctx.rng) && take(i));
+                };
                 for tier in &self.tiers {
                     for r in 0..TRIES as u64 {
-                        let h = crate::method::hash64(&ctx.key_hash.to_le_bytes(), r);
+                        let h = crate::method::hash64(&key_hash.to_le_bytes(), r);
                         let Some(i) = tier.weighted(h) else { break };
                         if open(i, ctx.rng) && take(i) {
                             return Some(i);
@@ -372,8 +378,12 @@ impl<'z> PeerView<'z> {
                 }
             }
             Method::ConsistentHash => {
+                // An empty key: round robin, as nginx's hash methods do.
+                let Some(key_hash) = ctx.key_hash else {
+                    return self.selector.pick(|i| open(i, ctx.rng) && take(i));
+                };
                 for tier in &self.tiers {
-                    for i in tier.ring_from(ctx.key_hash) {
+                    for i in tier.ring_from(key_hash) {
                         if open(i, ctx.rng) && take(i) {
                             return Some(i);
                         }
@@ -493,7 +503,7 @@ mod tests {
     struct Worker<'z> {
         view: PeerView<'z>,
         rng: Rng,
-        key: u64,
+        key: Option<u64>,
     }
 
     impl<'z> Worker<'z> {
@@ -501,7 +511,7 @@ mod tests {
             Worker {
                 view,
                 rng: Rng::new(42),
-                key: 0,
+                key: Some(0),
             }
         }
 
@@ -769,7 +779,7 @@ mod tests {
             let mut w1 = Worker::new(view(&ps, &s, method(m), None));
             let mut spread = [0; 5];
             for key in 0..200u64 {
-                w0.key = crate::method::hash64(&key.to_le_bytes(), 9);
+                w0.key = Some(crate::method::hash64(&key.to_le_bytes(), 9));
                 w1.key = w0.key;
                 let a = w0.select(|_| false, 0).unwrap();
                 assert_eq!(
@@ -834,5 +844,22 @@ mod tests {
         // Only ramping peers: they are taken anyway.
         s[0].usable_since_ms.store(1, Ordering::Relaxed);
         assert_eq!((0..20).filter_map(|_| w.select(|_| false, 2)).count(), 20);
+    }
+
+    #[test]
+    fn an_empty_hash_key_balances_by_round_robin() {
+        let ps: Vec<Peer> = (1..=2)
+            .map(|i| peer(&format!("127.0.0.{i}:1"), 1))
+            .collect();
+        let s = slots_for(&ps);
+        for m in [Method::Hash, Method::ConsistentHash] {
+            let mut w = Worker::new(view(&ps, &s, method(m), None));
+            w.key = None;
+            let got: Vec<usize> = (0..4).filter_map(|_| w.select(|_| false, 0)).collect();
+            assert_eq!(got, [0, 1, 0, 1], "{m:?}");
+            w.key = Some(7);
+            let keyed: Vec<usize> = (0..4).filter_map(|_| w.select(|_| false, 0)).collect();
+            assert!(keyed.iter().all(|&i| i == keyed[0]), "{m:?}: {keyed:?}");
+        }
     }
 }
