@@ -191,8 +191,8 @@ impl Zoneish {
             .iter()
             .map(|p| {
                 let s = PeerSlot::default();
-                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
-                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s.weight.store(u32::from(p.share()), Ordering::Relaxed);
+                s.band.store(p.band(), Ordering::Relaxed);
                 s
             })
             .collect();

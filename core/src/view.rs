@@ -211,9 +211,11 @@ pub struct PickContext<'a> {
 pub struct PeerView<'z> {
     peers: Vec<Peer>,
     slots: Vec<SlotRef<'z>>,
-    /// Round robin's schedule: the default method, and every method's fallback.
+    /// Round robin's schedule (one tier per band): the default method, and every
+    /// method's fallback.
     selector: Selector,
-    /// Weighted tiers (and rings) for hash and random.
+    /// Weighted tiers (and rings) for hash and random, one per band: a priority
+    /// tier's weighted peers, then its weight-0 peers (asked in that order).
     tiers: Vec<Tier>,
     shared: Option<Shared<'z>>,
     /// Slot number to peer index, for least_conn (u32::MAX: not in this view).
@@ -459,8 +461,8 @@ mod tests {
             .iter()
             .map(|p| {
                 let s = PeerSlot::default();
-                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
-                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s.weight.store(u32::from(p.share()), Ordering::Relaxed);
+                s.band.store(p.band(), Ordering::Relaxed);
                 s
             })
             .collect()
@@ -860,6 +862,84 @@ mod tests {
             w.key = Some(7);
             let keyed: Vec<usize> = (0..4).filter_map(|_| w.select(|_| false, 0)).collect();
             assert!(keyed.iter().all(|&i| i == keyed[0]), "{m:?}: {keyed:?}");
+        }
+    }
+
+    fn every_method() -> [Method; 6] {
+        [
+            Method::RoundRobin,
+            Method::LeastConn,
+            Method::Hash,
+            Method::ConsistentHash,
+            Method::Random,
+            Method::RandomTwo,
+        ]
+    }
+
+    /// A view of `ps` for `b`, with the zone's least_conn tree when it needs one.
+    fn with_tree<'z>(
+        ps: &[Peer],
+        s: &'z [PeerSlot],
+        n: &'z [AtomicU32],
+        vtime: &'z AtomicU64,
+        b: Balancing,
+    ) -> Worker<'z> {
+        let shared = Shared {
+            tree: Tree::new(n, s),
+            vtime,
+        };
+        shared.tree.rebuild();
+        Worker::new(view(ps, s, b, Some(shared)))
+    }
+
+    #[test]
+    fn weight_zero_peers_serve_only_when_no_weighted_peer_of_their_tier_can() {
+        // Tier 1: 127.0.0.1 weighted, .2 and .3 weight 0; tier 2: .4.
+        let mut ps = vec![
+            Peer::new("127.0.0.2:1".parse().unwrap(), 0, 1),
+            Peer::new("127.0.0.1:1".parse().unwrap(), 1, 1),
+            Peer::new("127.0.0.4:1".parse().unwrap(), 5, 2),
+            Peer::new("127.0.0.3:1".parse().unwrap(), 0, 1),
+        ];
+        crate::peer::canonicalize(&mut ps);
+        let at = |a: &str| ps.iter().position(|p| p.addr.to_string() == a).unwrap();
+        let (w, z1, z2, t2) = (
+            at("127.0.0.1:1"),
+            at("127.0.0.2:1"),
+            at("127.0.0.3:1"),
+            at("127.0.0.4:1"),
+        );
+        for m in every_method() {
+            let s = slots_for(&ps);
+            let n = nodes(s.len());
+            let vtime = AtomicU64::new(0);
+            let mut wk = with_tree(&ps, &s, &n, &vtime, method(m));
+            for key in 0..40u64 {
+                wk.key = Some(crate::method::hash64(&key.to_le_bytes(), 3));
+                let i = wk.select(|_| false, 0).unwrap();
+                assert_eq!(i, w, "{m:?}: the weighted peer while it can");
+                wk.done(i, 0);
+            }
+            // The weighted peer tried (a retry): weight-0 peers, evenly.
+            let mut n0 = [0; 2];
+            for key in 0..400u64 {
+                wk.key = Some(crate::method::hash64(&key.to_le_bytes(), 5));
+                let i = wk.select(|i| i == w, 0).unwrap();
+                assert!(i == z1 || i == z2, "{m:?}: {i}");
+                n0[usize::from(i == z2)] += 1;
+                wk.done(i, 0);
+            }
+            assert!(
+                n0.iter().all(|&c| (120..280).contains(&c)),
+                "{m:?}: weight-0 peers share evenly: {n0:?}"
+            );
+            // The weighted peer down: the same.
+            wk.fail(w, 0);
+            let i = wk.select(|_| false, 1).unwrap();
+            assert!(i == z1 || i == z2, "{m:?}: {i}");
+            wk.done(i, 1);
+            // The whole tier unusable: tier 2.
+            assert_eq!(wk.select(|i| i == z1 || i == z2, 1), Some(t2), "{m:?}");
         }
     }
 }
