@@ -162,6 +162,7 @@ fn init_static(cf: &mut ngx_conf_t, us: &mut ngx_stream_upstream_srv_conf_t) -> 
         method: srv.method.map_or(Method::RoundRobin, |c| c.method),
         health: first.health,
         slow_start_ms: first.slow_start_ms,
+        max_conns: first.max_conns,
     };
     up.hash_key
         .set(srv.method.map_or(ptr::null_mut(), |c| c.key));

@@ -42,7 +42,7 @@ impl Default for HealthPolicy {
     }
 }
 
-/// How an upstream picks: the method, passive health, slow start.
+/// How an upstream picks: the method, passive health, slow start, connection limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Balancing {
     pub method: Method,
@@ -50,6 +50,9 @@ pub struct Balancing {
     /// `slow_start`: a peer that joins the set or comes back ramps up to its share
     /// over this time (0: off).
     pub slow_start_ms: u64,
+    /// `max_conns`: a peer with this many open connections (all workers
+    /// together) takes no more (0: no limit).
+    pub max_conns: u32,
 }
 
 /// The zone's least_conn structures.
@@ -110,8 +113,12 @@ impl<'z> SlotRef<'z> {
     /// Takes the peer for a connection. A new `fail_timeout` window starts when the
     /// last one is over (nginx's `checked`); for a peer that is down, only the
     /// worker that starts the window tries it (one probe, whichever worker).
-    fn take(&self, policy: &HealthPolicy, now_ms: u64) -> bool {
+    /// A peer at `max_conns` is passed over.
+    fn take(&self, policy: &HealthPolicy, now_ms: u64, max_conns: u32) -> bool {
         let s = self.slot;
+        if self.full(max_conns) {
+            return false;
+        }
         let checked = s.checked_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(checked) > policy.fail_timeout_ms {
             let won = s
@@ -124,20 +131,37 @@ impl<'z> SlotRef<'z> {
         } else if self.down(policy) {
             return false;
         }
-        self.count_in();
-        true
+        self.count_in(max_conns)
     }
 
-    /// One more connection, counted (and least_conn's turn moved on).
-    fn count_in(&self) {
+    /// At `max_conns` open connections (0: no limit).
+    fn full(&self, max_conns: u32) -> bool {
+        max_conns > 0 && self.slot.conns.load(Ordering::Relaxed) >= max_conns
+    }
+
+    /// One more connection, counted (and least_conn's turn moved on); under
+    /// `max_conns` only while below it, which holds for all workers together.
+    #[inline]
+    fn count_in(&self, max_conns: u32) -> bool {
         let s = self.slot;
-        s.conns.fetch_add(1, Ordering::Relaxed);
+        if max_conns == 0 {
+            s.conns.fetch_add(1, Ordering::Relaxed);
+        } else if s
+            .conns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < max_conns).then_some(c + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
         s.connections.fetch_add(1, Ordering::Relaxed);
         if let Some(tree) = self.tree {
             let weight = u64::from(s.weight.load(Ordering::Relaxed).max(1));
             s.pass.fetch_add(STRIDE / weight, Ordering::Relaxed);
             tree.update(self.index);
         }
+        true
     }
 
     /// The connection to this peer was established: the peer answers again
@@ -291,8 +315,8 @@ impl<'z> PeerView<'z> {
     }
 
     /// Picks a peer not yet tried by this connection, by the upstream's method,
-    /// skipping peers that are down. A single peer is always tried (as nginx does),
-    /// unless already tried.
+    /// skipping peers that are down or at `max_conns`. A single peer is always
+    /// tried (as nginx does), unless already tried or at `max_conns`.
     pub fn select(
         &mut self,
         tried: impl Fn(usize) -> bool,
@@ -301,10 +325,9 @@ impl<'z> PeerView<'z> {
     ) -> Option<usize> {
         if self.peers.len() == 1 {
             let s = self.slots.first()?;
-            if tried(0) {
+            if tried(0) || !s.count_in(self.balancing.max_conns) {
                 return None;
             }
-            s.count_in();
             return Some(0);
         }
         // Slow start passes over ramping peers now and then; if that leaves no
@@ -331,6 +354,7 @@ impl<'z> PeerView<'z> {
             method,
             health,
             slow_start_ms,
+            max_conns,
         } = self.balancing;
         let slots = &self.slots;
         // Whether peer i may be asked: not tried, not down, through slow start.
@@ -340,7 +364,11 @@ impl<'z> PeerView<'z> {
                     s.usable(&health, now_ms) && (!ramp || s.ramped(slow_start_ms, now_ms, rng))
                 })
         };
-        let take = |i: usize| slots.get(i).is_some_and(|s| s.take(&health, now_ms));
+        let take = |i: usize| {
+            slots
+                .get(i)
+                .is_some_and(|s| s.take(&health, now_ms, max_conns))
+        };
         match method {
             Method::RoundRobin => {}
             Method::LeastConn => {
@@ -941,5 +969,52 @@ mod tests {
             // The whole tier unusable: tier 2.
             assert_eq!(wk.select(|i| i == z1 || i == z2, 1), Some(t2), "{m:?}");
         }
+    }
+
+    #[test]
+    fn max_conns_counts_all_workers_and_passes_full_peers_over() {
+        for m in every_method() {
+            let ps = [
+                Peer::new("127.0.0.1:1".parse().unwrap(), 3, 1),
+                Peer::new("127.0.0.2:1".parse().unwrap(), 1, 1),
+                Peer::new("127.0.0.3:1".parse().unwrap(), 0, 1),
+            ];
+            let s = slots_for(&ps);
+            let n = nodes(s.len());
+            let vtime = AtomicU64::new(0);
+            let b = Balancing {
+                max_conns: 2,
+                ..method(m)
+            };
+            let mut w0 = with_tree(&ps, &s, &n, &vtime, b);
+            let mut w1 = with_tree(&ps, &s, &n, &vtime, b);
+            // Held connections from two workers: 2 per peer, then none.
+            let mut held = [0; 3];
+            for k in 0..8u64 {
+                let w = if k % 2 == 0 { &mut w0 } else { &mut w1 };
+                w.key = Some(k);
+                if let Some(i) = w.select(|_| false, 0) {
+                    held[i] += 1;
+                }
+            }
+            assert_eq!(held, [2, 2, 2], "{m:?}: weight does not move the limit");
+            assert_eq!(s[2].conns.load(Ordering::Relaxed), 2);
+            // One closes: its peer takes exactly one more.
+            w1.done(1, 0);
+            assert_eq!(w0.select(|_| false, 0), Some(1), "{m:?}");
+            assert_eq!(w0.select(|_| false, 0), None, "{m:?}");
+        }
+        // A single peer: the limit holds too (nginx fails the connection).
+        let one = [peer("127.0.0.1:1", 1)];
+        let s = slots_for(&one);
+        let b = Balancing {
+            max_conns: 1,
+            ..Balancing::default()
+        };
+        let mut w = Worker::new(view(&one, &s, b, None));
+        assert_eq!(w.select(|_| false, 0), Some(0));
+        assert_eq!(w.select(|_| false, 0), None);
+        w.done(0, 0);
+        assert_eq!(w.select(|_| false, 0), Some(0));
     }
 }
