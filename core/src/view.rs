@@ -90,7 +90,8 @@ impl<'z> SlotRef<'z> {
         }
     }
 
-    fn current(&self) -> bool {
+    /// Whether the slot still holds the peer it was found with.
+    pub fn current(&self) -> bool {
         self.slot.epoch.load(Ordering::Relaxed) == self.epoch
     }
 
