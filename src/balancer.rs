@@ -73,8 +73,8 @@ struct PeerData {
     pool: *mut ngx_pool_t,
     generation: u64,
     health: HealthPolicy,
-    /// The hash key's hash (hash methods).
-    key_hash: u64,
+    /// The hash key's hash (hash methods; `None` for an empty key).
+    key_hash: Option<u64>,
     current: Current,
     /// Discovered peers tried by this connection: the first 64 inline, the rest
     /// in a bitmap allocated from the pool on first need.
@@ -165,6 +165,7 @@ fn init_static(cf: &mut ngx_conf_t, us: &mut ngx_stream_upstream_srv_conf_t) -> 
         method: srv.method.map_or(Method::RoundRobin, |c| c.method),
         health: first.health,
         slow_start_ms: first.slow_start_ms,
+        max_conns: first.max_conns,
     };
     up.hash_key
         .set(srv.method.map_or(ptr::null_mut(), |c| c.key));
@@ -317,18 +318,21 @@ fn init_session(
     NGX_OK as ngx_int_t
 }
 
-/// The hash of the session's `hash` key (0 without a key).
-fn key_hash(s: &mut ngx_stream_session_t, up: &Upstream) -> u64 {
+/// The hash of the session's `hash` key: `None` without a key, or for an empty
+/// one (`$proxy_protocol_addr` without PROXY protocol, `$ssl_preread_server_name`
+/// without SNI), which nginx's hash methods balance by round robin.
+fn key_hash(s: &mut ngx_stream_session_t, up: &Upstream) -> Option<u64> {
     let key = up.hash_key.get();
     if key.is_null() {
-        return 0;
+        return None;
     }
     let mut value = ngx_str_t::default();
     // SAFETY: a key compiled for this configuration, evaluated in a live session.
     if unsafe { ngx_stream_complex_value(s, key, &mut value) } != NGX_OK as ngx_int_t {
-        return 0;
+        return None;
     }
-    hash64(value.as_bytes(), 0)
+    let bytes = value.as_bytes();
+    (!bytes.is_empty()).then(|| hash64(bytes, 0))
 }
 
 /// `peer.get`: the next peer, or NGX_BUSY ("no live upstreams").
@@ -495,12 +499,12 @@ unsafe extern "C" fn notify_peer(
     });
 }
 
-/// TLS sessions: round robin's cache for the static servers; none for discovered
-/// peers (every handshake is a full one).
+/// TLS sessions (`proxy_ssl on` with `proxy_ssl_session_reuse on`): the
+/// worker's session of the discovered peer, or round robin's for a static server.
 #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
 unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: as in get_peer.
-    let pd = unsafe { &mut *(data as *mut PeerData) };
+    let (pc, pd) = unsafe { (&mut *pc, &mut *(data as *mut PeerData)) };
     guarded(NGX_OK as ngx_int_t, || {
         match (pd.current, pd.static_servers) {
             (
@@ -513,26 +517,70 @@ unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_vo
                 // SAFETY: round robin's own callback with its own data.
                 unsafe { f(pc, pd.rr_data()) }
             }
+            #[cfg(ngx_feature = "ssl")]
+            (Current::Discovered(slot), _) => set_peer_session(pc, pd, &slot),
             _ => NGX_OK as ngx_int_t,
         }
     })
 }
 
+#[cfg(ngx_feature = "ssl")]
+fn set_peer_session(pc: &mut ngx_peer_connection_t, pd: &PeerData, slot: &SlotRef) -> ngx_int_t {
+    // SAFETY: the upstream conf outlives every session of its cycle.
+    let up = unsafe { &*pd.upstream };
+    let Ok(local) = up.local.try_borrow() else {
+        return NGX_OK as ngx_int_t;
+    };
+    let session = local.sessions.get(slot);
+    ngx::ngx_log_debug!(
+        mask: ngx::log::DebugMask::Stream,
+        pc.log,
+        "set consul peer session: {:p}",
+        session
+    );
+    if session.is_null() {
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: nginx calls set_session with the peer connection's TLS state just
+    // created; the session stays alive (the store holds a reference) while
+    // OpenSSL takes its own.
+    unsafe { ngx::ffi::ngx_ssl_set_session(pc.connection, session) }
+}
+
 #[cfg(any(ngx_feature = "ssl", ngx_feature = "compat"))]
 unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
     // SAFETY: as in get_peer.
-    let pd = unsafe { &mut *(data as *mut PeerData) };
-    guarded((), || {
-        if let (
+    let (pc, pd) = unsafe { (&mut *pc, &mut *(data as *mut PeerData)) };
+    guarded((), || match (pd.current, pd.static_servers) {
+        (
             Current::Static,
             Some(RoundRobin {
                 save_session: Some(f),
                 ..
             }),
-        ) = (pd.current, pd.static_servers)
-        {
+        ) => {
             // SAFETY: round robin's own callback with its own data.
             unsafe { f(pc, pd.rr_data()) }
         }
+        #[cfg(ngx_feature = "ssl")]
+        (Current::Discovered(slot), _) => save_peer_session(pc, pd, &slot),
+        _ => {}
     });
+}
+
+#[cfg(ngx_feature = "ssl")]
+fn save_peer_session(pc: &mut ngx_peer_connection_t, pd: &PeerData, slot: &SlotRef) {
+    // SAFETY: the upstream conf outlives every session of its cycle; nginx calls
+    // save_session with the peer's live connection.
+    let (up, c) = unsafe { (&*pd.upstream, pc.connection.as_ref()) };
+    let (Some(c), Ok(mut local)) = (c, up.local.try_borrow_mut()) else {
+        return;
+    };
+    let session = local.sessions.save(slot, c);
+    ngx::ngx_log_debug!(
+        mask: ngx::log::DebugMask::Stream,
+        pc.log,
+        "save consul peer session: {:p}",
+        session
+    );
 }

@@ -11,6 +11,7 @@
 //! - [`balancer`]: the per-connection peer callbacks;
 //! - [`status`]: the library's http module, `consul_upstream_status` (JSON and
 //!   Prometheus text of what the balancer sees);
+//! - [`tls`]: TLS sessions to discovered peers, per worker;
 //! - [`listening`], [`sockaddr`]: nginx's own addresses, socket addresses in C form;
 //! - [`ffi`]: nginx's stream C macros, written out.
 
@@ -39,6 +40,8 @@ mod resolve;
 mod runtime;
 mod sockaddr;
 mod status;
+#[cfg(ngx_feature = "ssl")]
+mod tls;
 mod upstream;
 mod zone;
 

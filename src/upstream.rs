@@ -113,6 +113,9 @@ pub struct Local {
     pub endpoints: Vec<Endpoint>,
     /// This worker's random numbers (random picks, slow start).
     pub rng: Rng,
+    /// TLS sessions to the discovered peers (`proxy_ssl on`).
+    #[cfg(ngx_feature = "ssl")]
+    pub sessions: crate::tls::Sessions,
 }
 
 impl Local {
@@ -122,6 +125,8 @@ impl Local {
             generation: 0,
             endpoints: Vec::new(),
             rng: Rng::new(0),
+            #[cfg(ngx_feature = "ssl")]
+            sessions: Default::default(),
         }
     }
 
@@ -152,6 +157,12 @@ impl Local {
             vtime: zone.vtime(),
         };
         self.view.replace(peers, ffi::worker_index(), Some(shared));
+        #[cfg(ngx_feature = "ssl")]
+        self.sessions.retain(
+            (0..self.view.peers().len())
+                .filter_map(|i| self.view.slot(i))
+                .map(|s| (s.index, s.epoch)),
+        );
         self.generation = snap.generation;
     }
 }

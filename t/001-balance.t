@@ -66,7 +66,7 @@ is_tally(tally(40), {6380 => 30, 6381 => 10}, '30:10');
 
 
 
-=== TEST 4: SRV weight 0 counts as 1
+=== TEST 4: SRV weight 0 (Consul: an instance in warning with Weights.Warning = 0) serves only while the weighted one cannot
 --- dns
 instance redis.service.yunlu_office.consul 127.0.0.1:6380 weight=0
 instance redis.service.yunlu_office.consul 127.0.0.1:6381 weight=1
@@ -76,10 +76,13 @@ upstream redis {
     consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
 }
 --- check
-ok(wait_for_backends([6380, 6381]), 'both discovered');
-is_tally(tally(20), {6380 => 10, 6381 => 10}, '10:10');
---- no_error_log
-[error]
+ok(wait_for_log(qr/2 peers from/), 'both discovered');
+is_tally(tally(20), {6381 => 20}, '0:20');
+backend_stop(6381);
+is_tally(tally(10), {6380 => 10}, 'the weighted one down: the weight-0 one serves');
+backend_start(6381);
+--- error_log
+connect() failed (111: Connection refused)
 
 
 

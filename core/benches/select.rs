@@ -191,8 +191,8 @@ impl Zoneish {
             .iter()
             .map(|p| {
                 let s = PeerSlot::default();
-                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
-                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s.weight.store(u32::from(p.share()), Ordering::Relaxed);
+                s.band.store(p.band(), Ordering::Relaxed);
                 s
             })
             .collect();
@@ -261,7 +261,7 @@ fn bench_pick(c: &mut Criterion) {
                     now += 1;
                     key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
                     let mut ctx = PickContext {
-                        key_hash: key,
+                        key_hash: Some(key),
                         rng: &mut rng,
                     };
                     let i = view

@@ -703,7 +703,7 @@ mod tests {
             .iter()
             .map(|p| p.to_string())
             .collect();
-        assert_eq!(got, ["127.0.0.3:6381 weight=1 priority=1"]);
+        assert_eq!(got, ["127.0.0.3:6381 weight=0 priority=1"]);
         assert_eq!(ans.ignored.other_owner, 1);
         assert_eq!(ans.ignored.port_zero, 1);
         assert_eq!(ans.ignored.describe(), "1 for other names, 1 with port 0");

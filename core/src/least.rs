@@ -4,8 +4,10 @@
 //! count and replays the matches on the way up: O(log n), a few atomic loads and
 //! stores, no lock. The root is the peer nginx's `least_conn` would pick.
 //!
-//! Order (best first), as nginx's `least_conn`: lowest priority tier; fewest open
-//! connections for the weight (`conns / weight`, compared exactly); among equals,
+//! Order (best first), as nginx's `least_conn`: lowest band (priority tier, and
+//! within it weighted peers before weight-0 ones, which count as weight 1 among
+//! themselves: [`crate::peer::Peer::band`]); fewest open connections for the
+//! weight (`conns / weight`, compared exactly); among equals,
 //! the smallest pass (stride scheduling: each pick moves a peer's pass on by
 //! `STRIDE / weight`, so equal peers take turns in proportion to their weights,
 //! as nginx's weighted round robin among equals does); then the lower slot.
@@ -35,7 +37,7 @@ pub fn nodes_for(slots: usize) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Key {
     slot: u32,
-    priority: u32,
+    band: u32,
     conns: u64,
     weight: u64,
     pass: u64,
@@ -51,7 +53,7 @@ impl Key {
         }
         Some(Key {
             slot,
-            priority: s.priority.load(Ordering::Relaxed),
+            band: s.band.load(Ordering::Relaxed),
             conns: u64::from(s.conns.load(Ordering::Relaxed)),
             weight,
             pass: s.pass.load(Ordering::Relaxed),
@@ -60,8 +62,8 @@ impl Key {
 
     /// Less is better.
     fn rank(&self, other: &Key) -> CmpOrdering {
-        self.priority
-            .cmp(&other.priority)
+        self.band
+            .cmp(&other.band)
             .then((self.conns * other.weight).cmp(&(other.conns * self.weight)))
             .then(self.pass.cmp(&other.pass))
             .then(self.slot.cmp(&other.slot))
@@ -212,14 +214,14 @@ mod tests {
     }
 
     impl Fixture {
-        /// Slots with (weight, priority); weight 0 is a free slot.
+        /// Slots with (weight, band); weight 0 is a free slot.
         fn new(spec: &[(u32, u32)]) -> Fixture {
             let slots: Vec<PeerSlot> = spec
                 .iter()
                 .map(|&(w, p)| {
                     let s = PeerSlot::default();
                     s.weight.store(w, Ordering::Relaxed);
-                    s.priority.store(p, Ordering::Relaxed);
+                    s.band.store(p, Ordering::Relaxed);
                     s
                 })
                 .collect();
@@ -353,7 +355,7 @@ mod tests {
                 u64::from(g.weight.load(Ordering::Relaxed)),
             );
             for (i, s) in f.slots.iter().enumerate() {
-                if i as u32 == got || s.priority.load(Ordering::Relaxed) != 1 {
+                if i as u32 == got || s.band.load(Ordering::Relaxed) != 1 {
                     continue;
                 }
                 let (c, w) = (

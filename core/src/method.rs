@@ -4,7 +4,7 @@
 //! them per set (weighted tiers, consistent-hash rings) is built once per set
 //! change, off the connection path; a pick is O(log n).
 
-use crate::peer::{tiers, Peer};
+use crate::peer::{bands, Peer};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Method {
@@ -91,8 +91,10 @@ impl Rng {
     }
 }
 
-/// One priority tier of a set for hash and random picks: its peers' cumulative
-/// weights (a weighted pick is a binary search) and, for `hash consistent`, its ring.
+/// One band of a set (a priority tier's weighted peers, or its weight-0 peers,
+/// which are asked after them: [`Peer::band`]) for hash and random picks: its
+/// peers' cumulative weights (a weighted pick is a binary search) and, for
+/// `hash consistent`, its ring.
 #[derive(Clone, Debug, Default)]
 pub struct Tier {
     /// Index of the tier's first peer in the set.
@@ -103,15 +105,15 @@ pub struct Tier {
 }
 
 impl Tier {
-    /// The tiers of `peers` (canonical order: by priority), with rings if `ring`.
+    /// The bands of `peers` (canonical order: by band), with rings if `ring`.
     pub fn build(peers: &[Peer], ring: bool) -> Vec<Tier> {
-        tiers(peers)
+        bands(peers)
             .map(|range| {
                 let mut total = 0;
                 let cumulative = peers[range.clone()]
                     .iter()
                     .map(|p| {
-                        total += u64::from(p.weight);
+                        total += u64::from(p.share());
                         total
                     })
                     .collect();
@@ -169,7 +171,7 @@ impl Tier {
 /// Points for `peers` (the tier starting at `start`), each peer's hashed from its
 /// address and port, so every worker builds the same ring.
 fn build_ring(peers: &[Peer], start: usize) -> Vec<(u64, u32)> {
-    let total_weight: u64 = peers.iter().map(|p| u64::from(p.weight)).sum();
+    let total_weight: u64 = peers.iter().map(|p| u64::from(p.share())).sum();
     let per_weight = if total_weight * POINTS_PER_WEIGHT <= MAX_RING_POINTS {
         POINTS_PER_WEIGHT
     } else {
@@ -178,7 +180,7 @@ fn build_ring(peers: &[Peer], start: usize) -> Vec<(u64, u32)> {
     let mut ring = Vec::with_capacity((total_weight * per_weight) as usize);
     for (i, p) in peers.iter().enumerate() {
         let name = p.addr.to_string();
-        for j in 0..u64::from(p.weight) * per_weight {
+        for j in 0..u64::from(p.share()) * per_weight {
             ring.push((hash64(name.as_bytes(), j), (start + i) as u32));
         }
     }
@@ -216,6 +218,22 @@ mod tests {
         let got: Vec<usize> = (0..4).filter_map(|r| tiers[0].weighted(r)).collect();
         assert_eq!(got, [0, 0, 0, 1]);
         assert_eq!(tiers[1].weighted(12345), Some(2));
+    }
+
+    #[test]
+    fn weight_zero_peers_are_a_band_of_their_own_with_even_shares() {
+        let ps = vec![
+            Peer::new("127.0.0.1:1".parse().unwrap(), 2, 1),
+            Peer::new("127.0.0.2:1".parse().unwrap(), 0, 1),
+            Peer::new("127.0.0.3:1".parse().unwrap(), 0, 1),
+        ];
+        let tiers = Tier::build(&ps, true);
+        assert_eq!(tiers.len(), 2);
+        assert_eq!((tiers[0].start, tiers[0].len()), (0, 1));
+        assert_eq!((tiers[1].start, tiers[1].len()), (1, 2));
+        assert_eq!(tiers[1].ring_len(), 2 * 160);
+        let got: Vec<usize> = (0..4).filter_map(|r| tiers[1].weighted(r)).collect();
+        assert_eq!(got, [1, 2, 1, 2]);
     }
 
     #[test]

@@ -13,13 +13,28 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Weight 0 is kept as it is: Consul sends it for an instance in warning
+    /// when the operator set `Weights.Warning = 0` ("no share"), and RFC 2782
+    /// gives such a record only the smallest chance beside weighted ones.
     pub fn new(addr: SocketAddr, weight: u16, priority: u16) -> Self {
-        // Consul publishes weight 0 for "no preference": treat it as 1, never as "off".
         Peer {
             addr,
-            weight: weight.max(1),
+            weight,
             priority,
         }
+    }
+
+    /// The band a peer is asked in: bands go by priority, and within a
+    /// priority a weight-0 peer comes after every weighted one, so it takes a
+    /// connection only when no weighted peer of its tier can.
+    pub fn band(&self) -> u32 {
+        u32::from(self.priority) << 1 | u32::from(self.weight == 0)
+    }
+
+    /// The weight of the peer's share within its band: weight-0 peers share
+    /// theirs evenly.
+    pub fn share(&self) -> u16 {
+        self.weight.max(1)
     }
 }
 
@@ -47,7 +62,8 @@ fn addr_order(a: &SocketAddr, b: &SocketAddr) -> Ordering {
     }
 }
 
-/// Sorts into the canonical order (priority, then address) and removes duplicate
+/// Sorts into the canonical order (band: priority, weighted peers before
+/// weight-0 ones; then address) and removes duplicate
 /// addresses, keeping the lowest priority and, within it, the highest weight.
 pub fn canonicalize(peers: &mut Vec<Peer>) {
     canonicalize_by(peers, |p| p);
@@ -64,25 +80,23 @@ pub fn canonicalize_by<T>(items: &mut Vec<T>, peer: impl Fn(&T) -> &Peer) {
     items.dedup_by(|later, first| peer(later).addr == peer(first).addr);
     items.sort_by(|a, b| {
         let (a, b) = (peer(a), peer(b));
-        a.priority
-            .cmp(&b.priority)
-            .then(addr_order(&a.addr, &b.addr))
+        a.band().cmp(&b.band()).then(addr_order(&a.addr, &b.addr))
     });
 }
 
-/// The priority tiers of peers in canonical order: each tier's index range, lowest
-/// priority value first.
-pub fn tiers(peers: &[Peer]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+/// The bands of peers in canonical order (see [`Peer::band`]): each band's
+/// index range, in the order a pick asks them.
+pub fn bands(peers: &[Peer]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
     let mut start = 0;
     std::iter::from_fn(move || {
         if start >= peers.len() {
             return None;
         }
-        let priority = peers[start].priority;
+        let band = peers[start].band();
         let end = start
             + peers[start..]
                 .iter()
-                .take_while(|p| p.priority == priority)
+                .take_while(|p| p.band() == band)
                 .count();
         let range = start..end;
         start = end;
@@ -107,8 +121,11 @@ mod tests {
     }
 
     #[test]
-    fn weight_zero_means_one() {
-        assert_eq!(p("127.0.0.1:1", 0, 1).weight, 1);
+    fn weight_zero_is_kept_and_shares_evenly_in_its_own_band() {
+        let zero = p("127.0.0.1:1", 0, 1);
+        assert_eq!((zero.weight, zero.share()), (0, 1));
+        assert!(zero.band() > p("127.0.0.2:1", 9, 1).band());
+        assert!(zero.band() < p("127.0.0.0:1", 1, 2).band());
     }
 
     #[test]
@@ -166,14 +183,34 @@ mod tests {
     }
 
     #[test]
-    fn tiers_are_runs_of_one_priority() {
+    fn bands_are_runs_of_one_priority_weighted_peers_first() {
         let v = vec![
             p("127.0.0.1:1", 1, 1),
             p("127.0.0.2:1", 1, 1),
             p("127.0.0.3:1", 1, 4),
         ];
-        assert_eq!(tiers(&v).collect::<Vec<_>>(), [0..2, 2..3]);
-        assert_eq!(tiers(&[]).count(), 0);
+        assert_eq!(bands(&v).collect::<Vec<_>>(), [0..2, 2..3]);
+        assert_eq!(bands(&[]).count(), 0);
+        let mut v = vec![
+            p("127.0.0.1:1", 0, 1),
+            p("127.0.0.2:1", 2, 1),
+            p("127.0.0.3:1", 0, 2),
+            p("127.0.0.4:1", 1, 1),
+            p("127.0.0.5:1", 0, 1),
+        ];
+        canonicalize(&mut v);
+        let got: Vec<String> = v.iter().map(|p| p.to_string()).collect();
+        assert_eq!(
+            got,
+            [
+                "127.0.0.2:1 weight=2 priority=1",
+                "127.0.0.4:1 weight=1 priority=1",
+                "127.0.0.1:1 weight=0 priority=1",
+                "127.0.0.5:1 weight=0 priority=1",
+                "127.0.0.3:1 weight=0 priority=2",
+            ]
+        );
+        assert_eq!(bands(&v).collect::<Vec<_>>(), [0..2, 2..4, 4..5]);
     }
 
     #[test]

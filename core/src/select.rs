@@ -4,12 +4,14 @@
 //! order is computed once per peer-set change: a smooth interleaving in which
 //! every peer appears in proportion to its weight (virtual deadlines
 //! `(2k+1)/2w`, the same spread as nginx's smooth algorithm). A pick reads the
-//! next slot; only unavailable peers make it look further.
+//! next slot; only unavailable peers make it look further. A tier's weight-0
+//! peers form a band of their own after its weighted ones (see
+//! [`crate::peer::Peer::band`]): reached only when no weighted peer is usable.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
-use crate::peer::{tiers, Peer};
+use crate::peer::{bands, Peer};
 
 /// A tier's schedule holds at most this many slots (or one per peer, if more):
 /// weights whose sum is larger are scaled down, keeping their proportions.
@@ -98,15 +100,16 @@ fn smooth_order(indices: &[u32], weights: &[u64]) -> Vec<u32> {
 }
 
 impl Selector {
-    /// Builds the schedule for peers sorted by priority (lowest value first).
+    /// Builds the schedule for peers in canonical order (by band: priority,
+    /// weighted peers before weight-0 ones), one tier per band.
     /// `start` staggers the cursors so that workers do not all begin with the same peer.
     pub fn new(peers: &[Peer], start: usize) -> Selector {
-        let tiers = tiers(peers)
+        let tiers = bands(peers)
             .map(|range| {
                 let indices: Vec<u32> = (range.start as u32..range.end as u32).collect();
                 let weights: Vec<u64> = peers[range.clone()]
                     .iter()
-                    .map(|p| u64::from(p.weight))
+                    .map(|p| u64::from(p.share()))
                     .collect();
                 let order = smooth_order(&indices, &weights);
                 let cursor = if order.is_empty() {
@@ -258,6 +261,24 @@ mod tests {
             seen[sel.pick(|_| true).unwrap()] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn weight_zero_peers_only_when_no_weighted_peer_of_their_tier_is_usable() {
+        // Tier 1: 0 and 1 weighted, 2 and 3 weight 0; tier 2: 4.
+        let ps = peers(&[(3, 1), (1, 1), (0, 1), (0, 1), (1, 2)]);
+        let mut sel = Selector::new(&ps, 0);
+        assert_eq!(picks(&mut sel, 8, |_| true), [0, 0, 1, 0, 0, 0, 1, 0]);
+        assert_eq!(
+            picks(&mut sel, 6, |i| i >= 2),
+            [2, 3, 2, 3, 2, 3],
+            "weighted peers down: the weight-0 ones, evenly"
+        );
+        assert_eq!(picks(&mut sel, 2, |i| i == 3 || i == 4), [3, 3]);
+        assert_eq!(picks(&mut sel, 2, |i| i == 4), [4, 4], "then tier 2");
+        let all_zero = peers(&[(0, 1), (0, 1)]);
+        let mut sel = Selector::new(&all_zero, 0);
+        assert_eq!(picks(&mut sel, 4, |_| true), [0, 1, 0, 1], "as weight 1");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct Settings {
     pub health: HealthPolicy,
     /// `slow_start`: how long a joining or recovering peer ramps up (0: off).
     pub slow_start_ms: u64,
+    /// `max_conns`: open connections per peer, all workers together (0: no limit).
+    pub max_conns: u32,
 }
 
 /// A configuration error, worded as nginx words them (the caller adds file:line).
@@ -166,6 +168,7 @@ impl Settings {
             state_path: None,
             health: HealthPolicy::default(),
             slow_start_ms: 0,
+            max_conns: 0,
         };
         let mut seen: Vec<&str> = Vec::new();
 
@@ -215,6 +218,7 @@ impl Settings {
                 ("max_fails", Some(v)) => {
                     s.health.max_fails = v.parse().map_err(|_| invalid(arg))?
                 }
+                ("max_conns", Some(v)) => s.max_conns = v.parse().map_err(|_| invalid(arg))?,
                 ("zone", Some(v)) => {
                     let size = parse_size(v).ok_or_else(|| invalid(arg))?;
                     if size < MIN_ZONE_SIZE {
@@ -287,10 +291,17 @@ fn nonzero(t: u64, arg: &str) -> Result<u64, ConfError> {
 }
 
 /// Parameters that concern the whole upstream (its zone, state file, passive
-/// health and slow start) rather than one query: with several `consul_upstream` lines in one
+/// health, slow start and connection limit) rather than one query: with several `consul_upstream` lines in one
 /// upstream, only the first may set them. Returns the first such argument.
 pub fn upstream_wide_param<'a>(args: &[&'a str]) -> Option<&'a str> {
-    const KEYS: [&str; 5] = ["zone", "state", "max_fails", "fail_timeout", "slow_start"];
+    const KEYS: [&str; 6] = [
+        "zone",
+        "state",
+        "max_fails",
+        "fail_timeout",
+        "slow_start",
+        "max_conns",
+    ];
     args.iter()
         .copied()
         .find(|a| a.split_once('=').is_some_and(|(k, _)| KEYS.contains(&k)))
@@ -531,6 +542,29 @@ mod tests {
         assert_eq!(
             upstream_wide_param(&["r.service.consul", "interval=1s", "udp", "zone"]),
             None
+        );
+    }
+
+    #[test]
+    fn max_conns_is_a_count_per_peer_for_the_whole_upstream() {
+        assert_eq!(parse("r.service.consul").unwrap().max_conns, 0);
+        assert_eq!(parse("r.service.consul max_conns=3").unwrap().max_conns, 3);
+        assert_eq!(parse("r.service.consul max_conns=0").unwrap().max_conns, 0);
+        for bad in [
+            "max_conns=-1",
+            "max_conns=x",
+            "max_conns=",
+            "max_conns",
+            "max_conns=4294967296",
+        ] {
+            assert_eq!(
+                err(&format!("r.service.consul {bad}")),
+                format!("invalid parameter \"{bad}\"")
+            );
+        }
+        assert_eq!(
+            upstream_wide_param(&["r.service.consul", "max_conns=2"]),
+            Some("max_conns=2")
         );
     }
 

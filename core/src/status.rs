@@ -54,6 +54,8 @@ pub struct UpstreamReport {
     /// Peers the zone holds.
     pub capacity: usize,
     pub health: HealthPolicy,
+    /// `max_conns` per peer (0: no limit).
+    pub max_conns: u32,
     pub fallback_servers: usize,
     /// The set could not be read (being rewritten on every try, or no zone):
     /// no peers are reported rather than a wrong set.
@@ -147,6 +149,7 @@ impl UpstreamReport {
             .lines
             .first()
             .map_or_else(HealthPolicy::default, |l| l.settings.health);
+        let max_conns = conf.lines.first().map_or(0, |l| l.settings.max_conns);
         let lines = conf
             .lines
             .iter()
@@ -164,6 +167,7 @@ impl UpstreamReport {
             generation: 0,
             capacity: 0,
             health,
+            max_conns,
             fallback_servers: conf.fallback_servers,
             busy: true,
             lines,
@@ -345,14 +349,15 @@ fn json_upstream(o: &mut String, u: &UpstreamReport, now_unix: u64) {
     json_str(o, &u.name);
     let _ = write!(
         o,
-        ",\"generation\":{},\"capacity\":{},\"busy\":{},\"peers_total\":{},\"usable_peers\":{},\"max_fails\":{},\"fail_timeout_ms\":{}",
+        ",\"generation\":{},\"capacity\":{},\"busy\":{},\"peers_total\":{},\"usable_peers\":{},\"max_fails\":{},\"fail_timeout_ms\":{},\"max_conns\":{}",
         u.generation,
         u.capacity,
         u.busy,
         u.peers.len(),
         u.usable(),
         u.health.max_fails,
-        u.health.fail_timeout_ms
+        u.health.fail_timeout_ms,
+        json_opt((u.max_conns > 0).then_some(u64::from(u.max_conns)))
     );
     o.push_str(",\"tiers\":[");
     for (i, t) in u.tiers().iter().enumerate() {
@@ -532,6 +537,7 @@ pub enum Metric {
     UpstreamCapacity,
     UpstreamPeers,
     UpstreamUsablePeers,
+    UpstreamMaxConns,
     UpstreamFallbackServers,
     UpstreamFallbackActive,
     LineInfo,
@@ -559,11 +565,12 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 28] = [
+    pub const ALL: [Metric; 29] = [
         Metric::UpstreamGeneration,
         Metric::UpstreamCapacity,
         Metric::UpstreamPeers,
         Metric::UpstreamUsablePeers,
+        Metric::UpstreamMaxConns,
         Metric::UpstreamFallbackServers,
         Metric::UpstreamFallbackActive,
         Metric::LineInfo,
@@ -603,6 +610,8 @@ impl Metric {
                 "Discovered peers, per priority tier."),
             UpstreamUsablePeers => ("nginx_consul_upstream_usable_peers", "gauge",
                 "Discovered peers that take connections (not down by max_fails/fail_timeout)."),
+            UpstreamMaxConns => ("nginx_consul_upstream_max_conns", "gauge",
+                "Open connections a peer takes at most, all workers together (max_conns=); present when set."),
             UpstreamFallbackServers => ("nginx_consul_upstream_fallback_servers", "gauge",
                 "Static server lines of the upstream block."),
             UpstreamFallbackActive => ("nginx_consul_upstream_fallback_active", "gauge",
@@ -677,6 +686,11 @@ fn upstream_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, now_unix:
         UpstreamGeneration => f.put(&ul, Value::N(u.generation)),
         UpstreamCapacity => f.put(&ul, Value::N(u.capacity as u64)),
         UpstreamFallbackServers => f.put(&ul, Value::N(u.fallback_servers as u64)),
+        UpstreamMaxConns => {
+            if u.max_conns > 0 {
+                f.put(&ul, Value::N(u64::from(u.max_conns)));
+            }
+        }
         // A set that could not be read has no peer numbers: absent, not 0.
         _ if u.busy
             && matches!(
@@ -1051,6 +1065,53 @@ mod tests {
         assert!(!text.contains("nginx_consul_upstream_usable_peers{"));
         let none = UpstreamReport::read(&f.conf("redis", 1), None, 0, 0);
         assert!(none.busy);
+    }
+
+    #[test]
+    fn max_conns_and_weight_zero_are_shown() {
+        let f = Fixture::new();
+        let limited = settings(&format!("{Q1} max_conns=5"));
+        let conf = UpstreamConf {
+            name: "redis",
+            lines: vec![LineConf {
+                settings: &limited,
+                tag: source_tag(Q1),
+            }],
+            fallback_servers: 0,
+        };
+        let z = f.zone.zone();
+        z.publish(
+            &[
+                (p("127.0.0.1:1", 1, 1), source_tag(Q1)),
+                (p("127.0.0.2:1", 0, 1), source_tag(Q1)),
+            ],
+            0,
+            0,
+        )
+        .unwrap();
+        let r = Report {
+            now_unix: 0,
+            upstreams: vec![UpstreamReport::read(&conf, Some(&z), 0, 0)],
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
+        let u = &v["upstreams"][0];
+        assert_eq!(u["max_conns"], 5);
+        assert_eq!(
+            (
+                u["peers"][1]["address"].as_str(),
+                u["peers"][1]["weight"].as_u64()
+            ),
+            (Some("127.0.0.2:1"), Some(0))
+        );
+        let text = prometheus(&r);
+        assert!(text.contains("nginx_consul_upstream_max_conns{upstream=\"redis\"} 5\n"));
+        assert!(
+            text.contains("nginx_consul_peer_weight{upstream=\"redis\",peer=\"127.0.0.2:1\"} 0\n")
+        );
+        let unlimited = prometheus(&scenario(&f));
+        assert!(!unlimited.contains("nginx_consul_upstream_max_conns{"));
+        let v: serde_json::Value = serde_json::from_str(&json(&scenario(&f))).unwrap();
+        assert!(v["upstreams"][0]["max_conns"].is_null());
     }
 
     #[test]

@@ -42,7 +42,7 @@ impl Default for HealthPolicy {
     }
 }
 
-/// How an upstream picks: the method, passive health, slow start.
+/// How an upstream picks: the method, passive health, slow start, connection limit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Balancing {
     pub method: Method,
@@ -50,6 +50,9 @@ pub struct Balancing {
     /// `slow_start`: a peer that joins the set or comes back ramps up to its share
     /// over this time (0: off).
     pub slow_start_ms: u64,
+    /// `max_conns`: a peer with this many open connections (all workers
+    /// together) takes no more (0: no limit).
+    pub max_conns: u32,
 }
 
 /// The zone's least_conn structures.
@@ -87,7 +90,8 @@ impl<'z> SlotRef<'z> {
         }
     }
 
-    fn current(&self) -> bool {
+    /// Whether the slot still holds the peer it was found with.
+    pub fn current(&self) -> bool {
         self.slot.epoch.load(Ordering::Relaxed) == self.epoch
     }
 
@@ -110,8 +114,12 @@ impl<'z> SlotRef<'z> {
     /// Takes the peer for a connection. A new `fail_timeout` window starts when the
     /// last one is over (nginx's `checked`); for a peer that is down, only the
     /// worker that starts the window tries it (one probe, whichever worker).
-    fn take(&self, policy: &HealthPolicy, now_ms: u64) -> bool {
+    /// A peer at `max_conns` is passed over.
+    fn take(&self, policy: &HealthPolicy, now_ms: u64, max_conns: u32) -> bool {
         let s = self.slot;
+        if self.full(max_conns) {
+            return false;
+        }
         let checked = s.checked_ms.load(Ordering::Relaxed);
         if now_ms.saturating_sub(checked) > policy.fail_timeout_ms {
             let won = s
@@ -124,20 +132,37 @@ impl<'z> SlotRef<'z> {
         } else if self.down(policy) {
             return false;
         }
-        self.count_in();
-        true
+        self.count_in(max_conns)
     }
 
-    /// One more connection, counted (and least_conn's turn moved on).
-    fn count_in(&self) {
+    /// At `max_conns` open connections (0: no limit).
+    fn full(&self, max_conns: u32) -> bool {
+        max_conns > 0 && self.slot.conns.load(Ordering::Relaxed) >= max_conns
+    }
+
+    /// One more connection, counted (and least_conn's turn moved on); under
+    /// `max_conns` only while below it, which holds for all workers together.
+    #[inline]
+    fn count_in(&self, max_conns: u32) -> bool {
         let s = self.slot;
-        s.conns.fetch_add(1, Ordering::Relaxed);
+        if max_conns == 0 {
+            s.conns.fetch_add(1, Ordering::Relaxed);
+        } else if s
+            .conns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < max_conns).then_some(c + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
         s.connections.fetch_add(1, Ordering::Relaxed);
         if let Some(tree) = self.tree {
             let weight = u64::from(s.weight.load(Ordering::Relaxed).max(1));
             s.pass.fetch_add(STRIDE / weight, Ordering::Relaxed);
             tree.update(self.index);
         }
+        true
     }
 
     /// The connection to this peer was established: the peer answers again
@@ -199,10 +224,11 @@ impl<'z> SlotRef<'z> {
     }
 }
 
-/// What one pick needs besides the set: the key's hash (hash methods) and the
-/// worker's random numbers (random, slow start).
+/// What one pick needs besides the set: the key's hash (hash methods; `None`
+/// for an empty key, which nginx balances by round robin) and the worker's
+/// random numbers (random, slow start).
 pub struct PickContext<'a> {
-    pub key_hash: u64,
+    pub key_hash: Option<u64>,
     pub rng: &'a mut Rng,
 }
 
@@ -210,9 +236,11 @@ pub struct PickContext<'a> {
 pub struct PeerView<'z> {
     peers: Vec<Peer>,
     slots: Vec<SlotRef<'z>>,
-    /// Round robin's schedule: the default method, and every method's fallback.
+    /// Round robin's schedule (one tier per band): the default method, and every
+    /// method's fallback.
     selector: Selector,
-    /// Weighted tiers (and rings) for hash and random.
+    /// Weighted tiers (and rings) for hash and random, one per band: a priority
+    /// tier's weighted peers, then its weight-0 peers (asked in that order).
     tiers: Vec<Tier>,
     shared: Option<Shared<'z>>,
     /// Slot number to peer index, for least_conn (u32::MAX: not in this view).
@@ -288,8 +316,8 @@ impl<'z> PeerView<'z> {
     }
 
     /// Picks a peer not yet tried by this connection, by the upstream's method,
-    /// skipping peers that are down. A single peer is always tried (as nginx does),
-    /// unless already tried.
+    /// skipping peers that are down or at `max_conns`. A single peer is always
+    /// tried (as nginx does), unless already tried or at `max_conns`.
     pub fn select(
         &mut self,
         tried: impl Fn(usize) -> bool,
@@ -298,15 +326,15 @@ impl<'z> PeerView<'z> {
     ) -> Option<usize> {
         if self.peers.len() == 1 {
             let s = self.slots.first()?;
-            if tried(0) {
+            if tried(0) || !s.count_in(self.balancing.max_conns) {
                 return None;
             }
-            s.count_in();
             return Some(0);
         }
         // Slow start passes over ramping peers now and then; if that leaves no
         // peer at all, they are taken anyway. A hash keeps a key on its peer.
-        let ramp = self.balancing.slow_start_ms > 0 && !self.balancing.method.uses_key();
+        let ramp = self.balancing.slow_start_ms > 0
+            && !(self.balancing.method.uses_key() && ctx.key_hash.is_some());
         if let Some(i) = self.pick(&tried, now_ms, ctx, ramp) {
             return Some(i);
         }
@@ -327,6 +355,7 @@ impl<'z> PeerView<'z> {
             method,
             health,
             slow_start_ms,
+            max_conns,
         } = self.balancing;
         let slots = &self.slots;
         // Whether peer i may be asked: not tried, not down, through slow start.
@@ -336,7 +365,11 @@ impl<'z> PeerView<'z> {
                     s.usable(&health, now_ms) && (!ramp || s.ramped(slow_start_ms, now_ms, rng))
                 })
         };
-        let take = |i: usize| slots.get(i).is_some_and(|s| s.take(&health, now_ms));
+        let take = |i: usize| {
+            slots
+                .get(i)
+                .is_some_and(|s| s.take(&health, now_ms, max_conns))
+        };
         match method {
             Method::RoundRobin => {}
             Method::LeastConn => {
@@ -361,9 +394,13 @@ impl<'z> PeerView<'z> {
                 }
             }
             Method::Hash => {
+                // An empty key: round robin, as nginx's hash methods do.
+                let Some(key_hash) = ctx.key_hash else {
+                    return self.selector.pick(|i| open(i, ctx.rng) && take(i));
+                };
                 for tier in &self.tiers {
                     for r in 0..TRIES as u64 {
-                        let h = crate::method::hash64(&ctx.key_hash.to_le_bytes(), r);
+                        let h = crate::method::hash64(&key_hash.to_le_bytes(), r);
                         let Some(i) = tier.weighted(h) else { break };
                         if open(i, ctx.rng) && take(i) {
                             return Some(i);
@@ -372,8 +409,12 @@ impl<'z> PeerView<'z> {
                 }
             }
             Method::ConsistentHash => {
+                // An empty key: round robin, as nginx's hash methods do.
+                let Some(key_hash) = ctx.key_hash else {
+                    return self.selector.pick(|i| open(i, ctx.rng) && take(i));
+                };
                 for tier in &self.tiers {
-                    for i in tier.ring_from(ctx.key_hash) {
+                    for i in tier.ring_from(key_hash) {
                         if open(i, ctx.rng) && take(i) {
                             return Some(i);
                         }
@@ -449,8 +490,8 @@ mod tests {
             .iter()
             .map(|p| {
                 let s = PeerSlot::default();
-                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
-                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s.weight.store(u32::from(p.share()), Ordering::Relaxed);
+                s.band.store(p.band(), Ordering::Relaxed);
                 s
             })
             .collect()
@@ -493,7 +534,7 @@ mod tests {
     struct Worker<'z> {
         view: PeerView<'z>,
         rng: Rng,
-        key: u64,
+        key: Option<u64>,
     }
 
     impl<'z> Worker<'z> {
@@ -501,7 +542,7 @@ mod tests {
             Worker {
                 view,
                 rng: Rng::new(42),
-                key: 0,
+                key: Some(0),
             }
         }
 
@@ -769,7 +810,7 @@ mod tests {
             let mut w1 = Worker::new(view(&ps, &s, method(m), None));
             let mut spread = [0; 5];
             for key in 0..200u64 {
-                w0.key = crate::method::hash64(&key.to_le_bytes(), 9);
+                w0.key = Some(crate::method::hash64(&key.to_le_bytes(), 9));
                 w1.key = w0.key;
                 let a = w0.select(|_| false, 0).unwrap();
                 assert_eq!(
@@ -834,5 +875,147 @@ mod tests {
         // Only ramping peers: they are taken anyway.
         s[0].usable_since_ms.store(1, Ordering::Relaxed);
         assert_eq!((0..20).filter_map(|_| w.select(|_| false, 2)).count(), 20);
+    }
+
+    #[test]
+    fn an_empty_hash_key_balances_by_round_robin() {
+        let ps: Vec<Peer> = (1..=2)
+            .map(|i| peer(&format!("127.0.0.{i}:1"), 1))
+            .collect();
+        let s = slots_for(&ps);
+        for m in [Method::Hash, Method::ConsistentHash] {
+            let mut w = Worker::new(view(&ps, &s, method(m), None));
+            w.key = None;
+            let got: Vec<usize> = (0..4).filter_map(|_| w.select(|_| false, 0)).collect();
+            assert_eq!(got, [0, 1, 0, 1], "{m:?}");
+            w.key = Some(7);
+            let keyed: Vec<usize> = (0..4).filter_map(|_| w.select(|_| false, 0)).collect();
+            assert!(keyed.iter().all(|&i| i == keyed[0]), "{m:?}: {keyed:?}");
+        }
+    }
+
+    fn every_method() -> [Method; 6] {
+        [
+            Method::RoundRobin,
+            Method::LeastConn,
+            Method::Hash,
+            Method::ConsistentHash,
+            Method::Random,
+            Method::RandomTwo,
+        ]
+    }
+
+    /// A view of `ps` for `b`, with the zone's least_conn tree when it needs one.
+    fn with_tree<'z>(
+        ps: &[Peer],
+        s: &'z [PeerSlot],
+        n: &'z [AtomicU32],
+        vtime: &'z AtomicU64,
+        b: Balancing,
+    ) -> Worker<'z> {
+        let shared = Shared {
+            tree: Tree::new(n, s),
+            vtime,
+        };
+        shared.tree.rebuild();
+        Worker::new(view(ps, s, b, Some(shared)))
+    }
+
+    #[test]
+    fn weight_zero_peers_serve_only_when_no_weighted_peer_of_their_tier_can() {
+        // Tier 1: 127.0.0.1 weighted, .2 and .3 weight 0; tier 2: .4.
+        let mut ps = vec![
+            Peer::new("127.0.0.2:1".parse().unwrap(), 0, 1),
+            Peer::new("127.0.0.1:1".parse().unwrap(), 1, 1),
+            Peer::new("127.0.0.4:1".parse().unwrap(), 5, 2),
+            Peer::new("127.0.0.3:1".parse().unwrap(), 0, 1),
+        ];
+        crate::peer::canonicalize(&mut ps);
+        let at = |a: &str| ps.iter().position(|p| p.addr.to_string() == a).unwrap();
+        let (w, z1, z2, t2) = (
+            at("127.0.0.1:1"),
+            at("127.0.0.2:1"),
+            at("127.0.0.3:1"),
+            at("127.0.0.4:1"),
+        );
+        for m in every_method() {
+            let s = slots_for(&ps);
+            let n = nodes(s.len());
+            let vtime = AtomicU64::new(0);
+            let mut wk = with_tree(&ps, &s, &n, &vtime, method(m));
+            for key in 0..40u64 {
+                wk.key = Some(crate::method::hash64(&key.to_le_bytes(), 3));
+                let i = wk.select(|_| false, 0).unwrap();
+                assert_eq!(i, w, "{m:?}: the weighted peer while it can");
+                wk.done(i, 0);
+            }
+            // The weighted peer tried (a retry): weight-0 peers, evenly.
+            let mut n0 = [0; 2];
+            for key in 0..400u64 {
+                wk.key = Some(crate::method::hash64(&key.to_le_bytes(), 5));
+                let i = wk.select(|i| i == w, 0).unwrap();
+                assert!(i == z1 || i == z2, "{m:?}: {i}");
+                n0[usize::from(i == z2)] += 1;
+                wk.done(i, 0);
+            }
+            assert!(
+                n0.iter().all(|&c| (120..280).contains(&c)),
+                "{m:?}: weight-0 peers share evenly: {n0:?}"
+            );
+            // The weighted peer down: the same.
+            wk.fail(w, 0);
+            let i = wk.select(|_| false, 1).unwrap();
+            assert!(i == z1 || i == z2, "{m:?}: {i}");
+            wk.done(i, 1);
+            // The whole tier unusable: tier 2.
+            assert_eq!(wk.select(|i| i == z1 || i == z2, 1), Some(t2), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn max_conns_counts_all_workers_and_passes_full_peers_over() {
+        for m in every_method() {
+            let ps = [
+                Peer::new("127.0.0.1:1".parse().unwrap(), 3, 1),
+                Peer::new("127.0.0.2:1".parse().unwrap(), 1, 1),
+                Peer::new("127.0.0.3:1".parse().unwrap(), 0, 1),
+            ];
+            let s = slots_for(&ps);
+            let n = nodes(s.len());
+            let vtime = AtomicU64::new(0);
+            let b = Balancing {
+                max_conns: 2,
+                ..method(m)
+            };
+            let mut w0 = with_tree(&ps, &s, &n, &vtime, b);
+            let mut w1 = with_tree(&ps, &s, &n, &vtime, b);
+            // Held connections from two workers: 2 per peer, then none.
+            let mut held = [0; 3];
+            for k in 0..8u64 {
+                let w = if k % 2 == 0 { &mut w0 } else { &mut w1 };
+                w.key = Some(k);
+                if let Some(i) = w.select(|_| false, 0) {
+                    held[i] += 1;
+                }
+            }
+            assert_eq!(held, [2, 2, 2], "{m:?}: weight does not move the limit");
+            assert_eq!(s[2].conns.load(Ordering::Relaxed), 2);
+            // One closes: its peer takes exactly one more.
+            w1.done(1, 0);
+            assert_eq!(w0.select(|_| false, 0), Some(1), "{m:?}");
+            assert_eq!(w0.select(|_| false, 0), None, "{m:?}");
+        }
+        // A single peer: the limit holds too (nginx fails the connection).
+        let one = [peer("127.0.0.1:1", 1)];
+        let s = slots_for(&one);
+        let b = Balancing {
+            max_conns: 1,
+            ..Balancing::default()
+        };
+        let mut w = Worker::new(view(&one, &s, b, None));
+        assert_eq!(w.select(|_| false, 0), Some(0));
+        assert_eq!(w.select(|_| false, 0), None);
+        w.done(0, 0);
+        assert_eq!(w.select(|_| false, 0), Some(0));
     }
 }

@@ -145,9 +145,10 @@ pub struct PeerSlot {
     pub usable_since_ms: AtomicU64,
     /// Generation that freed the slot (the writer reuses the oldest free slot first).
     freed_gen: AtomicU64,
-    /// The peer's weight and priority (weight 0: the slot is free).
+    /// The weight of the peer's share in its band, at least 1 (0: the slot is free).
     pub weight: AtomicU32,
-    pub priority: AtomicU32,
+    /// The peer's band (`Peer::band`): least_conn asks lower bands first.
+    pub band: AtomicU32,
     /// least_conn's turn among equals (see `crate::least`).
     pub pass: AtomicU64,
 }
@@ -593,8 +594,8 @@ impl<'a> Zone<'a> {
         }
         for ((p, _), slot) in peers.iter().zip(&assigned) {
             if let Some(s) = slot.and_then(|i| self.slots.get(i as usize)) {
-                s.weight.store(u32::from(p.weight), Ordering::Relaxed);
-                s.priority.store(u32::from(p.priority), Ordering::Relaxed);
+                s.weight.store(u32::from(p.share()), Ordering::Relaxed);
+                s.band.store(p.band(), Ordering::Relaxed);
             }
         }
         self.tree().rebuild();

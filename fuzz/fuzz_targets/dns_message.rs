@@ -45,10 +45,10 @@ fuzz_target!(|data: &[u8]| {
 
     // Bounded: one peer per SRV record and address of its target.
     assert!(peers.len() <= srvs * MAX_ADDRS_PER_TARGET);
-    // Usable: a port and a weight.
+    // Usable: a port (weight 0 is kept: such a peer serves when no weighted
+    // peer of its tier can).
     for p in &peers {
         assert_ne!(p.addr.port(), 0, "peer {p} has port 0");
-        assert!(p.weight >= 1, "peer {p} has weight 0");
     }
     // Deduplicated: one peer per address.
     let addrs: HashSet<_> = peers.iter().map(|p| p.addr).collect();

@@ -64,5 +64,6 @@ fn render(s: &Settings) -> Vec<String> {
     a.push(format!("max_fails={}", s.health.max_fails));
     a.push(format!("fail_timeout={}ms", s.health.fail_timeout_ms));
     a.push(format!("slow_start={}ms", s.slow_start_ms));
+    a.push(format!("max_conns={}", s.max_conns));
     a
 }
