@@ -32,6 +32,18 @@ const SERVICE_MAINT_PREFIX: &str = "_service_maintenance:";
 pub const API_PRIORITY: u16 = 1;
 /// The longest text of a malformed answer's reason (the zone keeps 128 bytes).
 const REASON_CHARS: usize = 100;
+/// Answer bytes read per peer the zone holds (a Consul entry, with its
+/// checks' output, takes a few KiB), and the least cap.
+const BODY_BYTES_PER_PEER: usize = 16 * 1024;
+const MIN_BODY_CAP: usize = 4 << 20;
+
+/// The largest answer body a line reads into memory, for a zone of `capacity`
+/// peers: 16 KiB per peer, at least 4 MiB.
+pub fn body_cap(capacity: usize) -> usize {
+    capacity
+        .saturating_mul(BODY_BYTES_PER_PEER)
+        .max(MIN_BODY_CAP)
+}
 
 #[derive(Deserialize)]
 struct EntryJson<'a> {
@@ -572,6 +584,13 @@ mod tests {
     fn escaped_strings_decode() {
         let b = br#"[{"Node":{"Address":"127.0.0.\u0031"},"Service":{"Port":1,"Address":""},"Checks":[{"Status":"pass\u0069ng"}]}]"#;
         assert_eq!(peers_of(b, true), ["127.0.0.1:1 weight=1 priority=1"]);
+    }
+
+    #[test]
+    fn body_cap_grows_with_the_zone() {
+        assert_eq!(body_cap(129), 4 << 20);
+        assert_eq!(body_cap(1543), 1543 * 16 * 1024);
+        assert_eq!(body_cap(usize::MAX), usize::MAX);
     }
 
     #[test]
