@@ -429,15 +429,24 @@ impl Group {
         for (l, part) in up.lines.iter().zip(&g.parts) {
             let s = &l.settings;
             let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
-            log::info(&format!(
-                "{p}resolving {} every {}ms via {} ({}), zone={}k holds {}",
-                s.query,
-                s.interval_ms,
-                resolvers.join(", "),
-                transport_name(s.transport),
+            let zone_text = format!(
+                "zone={}k holds {}",
                 up.first().settings.zone_size / 1024,
                 count(z.capacity())
-            ));
+            );
+            match &s.api {
+                Some(api) => log::info(&format!(
+                    "{p}watching {} (blocking queries, wait={}ms), {zone_text}",
+                    s.query, api.wait_ms
+                )),
+                None => log::info(&format!(
+                    "{p}resolving {} every {}ms via {} ({}), {zone_text}",
+                    s.query,
+                    s.interval_ms,
+                    resolvers.join(", "),
+                    transport_name(s.transport),
+                )),
+            }
             let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
             z.update_line(l.tag, |rec| {
                 rec.kind = kind as u32;

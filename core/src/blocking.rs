@@ -6,6 +6,9 @@
 //!   resets it to 0: the next request answers at once and the loop starts over;
 //! - an index of 0 (a Consul bug, seen in older versions) is never blocked on:
 //!   1 is used instead, or the loop would poll without pause;
+//! - after a failed request the next one does not block: an agent back from an
+//!   outage answers at once, so recovery (and `max_stale`'s confirmation) does
+//!   not wait for the next change;
 //! - `wait` as Consul's clients send it, less up to 1/16 at random (a fleet
 //!   restarted at once does not keep asking in step), and at most half of
 //!   `max_stale`, so that an unchanged service confirms its set in time;
@@ -40,6 +43,12 @@ impl BlockingIndex {
     /// What to send: 0 means "do not block" (the parameter is left out).
     pub fn get(&self) -> u64 {
         self.index
+    }
+
+    /// The request failed (no answer, an error status, a malformed body): the
+    /// next one asks for the current state at once.
+    pub fn failed(&mut self) {
+        self.index = 0;
     }
 
     /// A successful answer came with `X-Consul-Index: got` (`None`: missing or
@@ -148,6 +157,9 @@ mod tests {
         assert_eq!(b.get(), 1);
         assert_eq!(b.answered(Some(u64::MAX)), IndexStep::Moved);
         assert_eq!(b.get(), u64::MAX);
+        b.failed();
+        assert_eq!(b.get(), 0, "after a failure: an answer at once");
+        assert_eq!(b.answered(Some(9)), IndexStep::Moved);
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub struct Head {
     pub keep_alive: bool,
     /// `X-Consul-Index`: `None` when absent or not a number.
     pub consul_index: Option<u64>,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not read some
+    /// of the result (Consul leaves it out silently).
+    pub acl_filtered: bool,
     /// Bytes of the head (where the body starts).
     pub len: usize,
 }
@@ -68,6 +71,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut consul_index = None;
+    let mut acl_filtered = false;
     for h in resp.headers.iter() {
         let value = std::str::from_utf8(h.value).unwrap_or("").trim();
         if h.name.eq_ignore_ascii_case("content-length") {
@@ -93,6 +97,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
             }
         } else if h.name.eq_ignore_ascii_case("x-consul-index") {
             consul_index = value.parse().ok();
+        } else if h
+            .name
+            .eq_ignore_ascii_case("x-consul-results-filtered-by-acls")
+        {
+            acl_filtered = value.eq_ignore_ascii_case("true");
         } else if h.name.eq_ignore_ascii_case("content-encoding")
             && !value.eq_ignore_ascii_case("identity")
         {
@@ -118,6 +127,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, String> {
         framing,
         keep_alive,
         consul_index,
+        acl_filtered,
         len,
     }))
 }
@@ -275,6 +285,8 @@ impl Chunked {
 pub fn too_large(max: usize) -> String {
     if max >= 1 << 20 && max.is_multiple_of(1 << 20) {
         format!("answer larger than {} MiB", max >> 20)
+    } else if max >= 1 << 10 && max.is_multiple_of(1 << 10) {
+        format!("answer larger than {} KiB", max >> 10)
     } else {
         format!("answer larger than {max} bytes")
     }
@@ -310,6 +322,8 @@ mod tests {
             (h.status, h.framing, h.keep_alive, h.consul_index),
             (200, Framing::Chunked, true, Some(1234))
         );
+        let h = head("HTTP/1.1 200 OK\r\nX-Consul-Results-Filtered-By-Acls: true\r\nContent-Length: 2\r\n\r\n[]").unwrap().unwrap();
+        assert!(h.acl_filtered);
         let h = head("HTTP/1.1 403 Forbidden\r\nContent-Length: 14\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nACL not found\n").unwrap().unwrap();
         assert_eq!(
             (h.status, h.framing, h.consul_index),
@@ -439,5 +453,6 @@ mod tests {
             "chunk size line too long"
         );
         assert_eq!(too_large(8 << 20), "answer larger than 8 MiB");
+        assert_eq!(too_large(1542 * 16 * 1024), "answer larger than 24672 KiB");
     }
 }

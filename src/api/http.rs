@@ -55,6 +55,8 @@ impl Stream {
 pub struct Response {
     pub status: u16,
     pub index: Option<u64>,
+    /// ACLs left some of the result out (`X-Consul-Results-Filtered-By-ACLs`).
+    pub acl_filtered: bool,
     pub body: Vec<u8>,
 }
 
@@ -315,6 +317,7 @@ async fn read_answer(
         Response {
             status: head.status,
             index: head.consul_index,
+            acl_filtered: head.acl_filtered,
             body,
         },
         clean && head.keep_alive,

@@ -114,6 +114,8 @@ pub struct Watch {
     /// Host name addresses are resolved through `resolver=`, when given.
     resolver: Option<LineResolver>,
     last_left: Left,
+    /// The last answer said ACLs left instances out (said once until it changes).
+    last_acl_filtered: bool,
     max_body: usize,
 }
 
@@ -144,6 +146,7 @@ impl Watch {
             own,
             resolver,
             last_left: Left::default(),
+            last_acl_filtered: false,
             max_body: body_cap(capacity),
         })
     }
@@ -186,27 +189,43 @@ impl Watch {
             max_body: self.max_body,
         };
         log::debug(&format!("{}GET {target}", self.prefix));
+        let fetched = self.exchange(&request, limits).await;
+        if !fetched.answered {
+            self.index.failed();
+        }
+        fetched
+    }
+
+    /// One request and what its answer means.
+    async fn exchange(&mut self, request: &[u8], limits: http::Limits) -> Fetched {
         let failed = |why: String| Fetched {
             result: Resolved::Failed(why),
             answered: false,
         };
-        let response = match self.client.exchange(&request, limits).await {
+        let response = match self.client.exchange(request, limits).await {
             Ok(r) => r,
             Err(why) => return failed(why),
         };
         let name = self.api.agent.authority();
-        if response.status != 200 {
-            return failed(status_reason(&name, response.status, &response.body));
+        let http::Response {
+            status,
+            index,
+            acl_filtered,
+            body,
+        } = response;
+        if status != 200 {
+            return failed(status_reason(&name, status, &body));
         }
-        let mut answer = match health::parse(&response.body, self.api.only_passing) {
+        let parsed = health::parse(&body, self.api.only_passing);
+        drop(body);
+        let mut answer = match parsed {
             Ok(a) => a,
             Err(why) => return failed(format!("{name}: {why}")),
         };
-        drop(response.body);
-        let step = self.index.answered(response.index);
+        let step = self.index.answered(index);
         log::debug(&format!(
-            "{}answer: {} entries, {} critical, index {:?} ({step:?})",
-            self.prefix, answer.entries, answer.critical, response.index
+            "{}answer: {} entries, {} critical, index {index:?} ({step:?})",
+            self.prefix, answer.entries, answer.critical
         ));
         let hosts = match self.resolve_hosts(&answer.host_names()).await {
             Ok(h) => h,
@@ -214,7 +233,22 @@ impl Watch {
         };
         let peers = answer.peers(&self.own, hosts.as_ref());
         self.say_left(&answer.left);
-        let result = if !peers.is_empty() {
+        let filtered = acl_filtered;
+        if filtered && !self.last_acl_filtered && !peers.is_empty() {
+            log::warn(&format!(
+                "{}the ACL token may not read every instance of \"{}\": {name} left some out (X-Consul-Results-Filtered-By-ACLs)",
+                self.prefix, self.api.service
+            ));
+        }
+        self.last_acl_filtered = filtered;
+        let result = if peers.is_empty() && answer.entries == 0 && filtered {
+            // Default-deny ACLs answer "nothing" rather than 403: an ACL error,
+            // not a service without instances.
+            Resolved::Failed(format!(
+                "ACL: {name} left every instance out: the token may not read service \"{}\" (X-Consul-Results-Filtered-By-ACLs)",
+                self.api.service
+            ))
+        } else if !peers.is_empty() {
             Resolved::Peers {
                 peers,
                 ignored: Ignored::default(),
