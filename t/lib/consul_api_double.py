@@ -34,7 +34,8 @@ Modes (health answers only; "count": N limits a mode to N answers, then "ok"):
   half, close), malformed, wrong_types, object, huge ("bytes": N, chunked),
   huge_length (announces "bytes" in Content-Length), drip ("delay": seconds
   per byte), gzip (Content-Encoding: gzip), index_zero, no_index, http10 (no
-  length, close), bad_chunk, slow_head ("delay" before the head).
+  length, close), bad_chunk, slow_head ("delay" before the head),
+  drop_keepalive (answers, then closes the connection without saying so).
 """
 
 import argparse
@@ -55,6 +56,7 @@ STATE = {
     "services": {},          # (node, id) -> AgentService
     "checks": {},            # (node, check id) -> HealthCheck
     "service_index": {},     # service name -> index of its last change
+    "node_services": {},     # node -> {service id: service name}
     "mode": {"mode": "ok"},
     "acl": {"enabled": False, "tokens": {}, "anonymous": []},
 }
@@ -72,7 +74,7 @@ def bump(services):
 
 
 def services_of_node(node):
-    return {s["Service"] for (n, _), s in STATE["services"].items() if n == node}
+    return set(STATE["node_services"].get(node, {}).values())
 
 
 def register(req):
@@ -111,6 +113,7 @@ def register(req):
             "ModifyIndex": STATE["index"] + 1,
         }
         affected.add(svc["Service"])
+        STATE["node_services"].setdefault(node, {})[sid] = svc["Service"]
     checks = req.get("Checks") or ([req["Check"]] if req.get("Check") else [])
     for c in checks:
         cid = c.get("CheckID") or c.get("Name")
@@ -149,6 +152,7 @@ def deregister(req):
         svc = STATE["services"].pop((node, req["ServiceID"]), None)
         if svc:
             affected.add(svc["Service"])
+            STATE["node_services"].get(node, {}).pop(req["ServiceID"], None)
         for key in [k for k, c in STATE["checks"].items()
                     if k[0] == node and c["ServiceID"] == req["ServiceID"]]:
             del STATE["checks"][key]
@@ -163,6 +167,7 @@ def deregister(req):
         for key in [k for k in STATE["checks"] if k[0] == node]:
             del STATE["checks"][key]
         STATE["nodes"].pop(node, None)
+        STATE["node_services"].pop(node, None)
     bump(affected)
 
 
@@ -229,14 +234,16 @@ def eval_filter(expr, entry):
 def health_entries(name, q, token):
     """(entries, filtered_by_acl) for /v1/health/service/NAME."""
     out = []
+    by_owner = {}  # (node, service id or "") -> checks
+    for (n, _), c in sorted(STATE["checks"].items()):
+        by_owner.setdefault((n, c["ServiceID"]), []).append(c)
     for (node, sid), svc in sorted(STATE["services"].items()):
         if svc["Service"] != name:
             continue
         tags = q.get("tag", [])
         if any(t not in svc["Tags"] for t in tags):
             continue
-        checks = [c for (n, _), c in sorted(STATE["checks"].items())
-                  if n == node and c["ServiceID"] in ("", sid)]
+        checks = by_owner.get((node, ""), []) + by_owner.get((node, sid), [])
         entry = {"Node": dict(STATE["nodes"][node], CreateIndex=5, ModifyIndex=5,
                               Partition="", PeerName="", Locality=None),
                  "Service": svc, "Checks": checks}
@@ -350,6 +357,28 @@ class Handler(BaseHTTPRequestHandler):
             if ARGS.log:
                 with open(ARGS.log, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+        acl = STATE["acl"]
+        if acl["enabled"] and token and token not in acl["tokens"]:
+            # Consul resolves the token before it blocks.
+            return self.send_plain(403, "ACL not found")
+        try:
+            index = int(q.get("index", ["0"])[0] or 0)
+            wait = min(parse_wait(q["wait"][0]) if q.get("wait") else 300, 600)
+        except ValueError:
+            return self.send_plain(400, "Invalid wait time")
+        with LOCK:
+            if index > 0:
+                # Until the service's index moves past the one sent, or moves at
+                # all (a snapshot restore takes it back), or the wait runs out.
+                deadline = time.time() + wait + random.uniform(0, wait / 16)
+                start = service_index(name)
+                while service_index(name) <= index and service_index(name) == start:
+                    left = deadline - time.time()
+                    if left <= 0:
+                        break
+                    LOCK.wait(left)
+            # The mode when the answer goes out (a blocked request answers in
+            # the mode set while it waited).
             mode = dict(STATE["mode"])
             if mode.get("count") is not None:
                 if mode["count"] <= 0:
@@ -381,19 +410,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_plain(500, "No cluster leader")
         if q.get("dc") and q["dc"][0] != ARGS.dc:
             return self.send_plain(500, "No path to datacenter")
-        try:
-            index = int(q.get("index", ["0"])[0] or 0)
-            wait = min(parse_wait(q["wait"][0]) if q.get("wait") else 300, 600)
-        except ValueError:
-            return self.send_plain(400, "Invalid wait time")
         with LOCK:
-            if index > 0:
-                deadline = time.time() + wait + random.uniform(0, wait / 16)
-                while service_index(name) <= index:
-                    left = deadline - time.time()
-                    if left <= 0:
-                        break
-                    LOCK.wait(left)
             try:
                 entries, filtered = health_entries(name, q, token)
             except ValueError as e:
@@ -488,6 +505,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not chunked:
             w.write(body)
+            if m == "drop_keepalive":
+                # An agent that closes an idle keep-alive connection without
+                # saying so (its idle timeout).
+                self.close_connection = True
             return
         if m == "bad_chunk":
             w.write(b"zz\r\n[]\r\n0\r\n\r\n")
@@ -502,6 +523,8 @@ class Handler(BaseHTTPRequestHandler):
             part = body[i:i + 4096]
             w.write(b"%x\r\n%s\r\n" % (len(part), part))
         w.write(b"0\r\n\r\n")
+        if m == "drop_keepalive":
+            self.close_connection = True
 
 
 class Control(BaseHTTPRequestHandler):

@@ -44,9 +44,11 @@ our @EXPORT = qw(
     api_start api_stop api_running api_port api_control_port api_ca api_dir
     api_register api_deregister api_check api_node_check api_mode api_acl
     api_set_index api_requests api_clear_requests api_state api_cert
+    status_doc status_line health_requests
 );
 
 our $Port = $ENV{NGX_CONSUL_API_PORT} || 8500;
+our $TlsPort = $ENV{NGX_CONSUL_API_TLS_PORT} || 8501;
 our $ControlPort = $Port + 10000;
 my ($Pid, $Dir);
 my $Owner = $$;
@@ -54,6 +56,7 @@ my $Json = JSON::PP->new->canonical;
 my $Http = HTTP::Tiny->new(timeout => 10);
 
 $ENV{TEST_NGINX_API_PORT} = $Port;
+$ENV{TEST_NGINX_API_TLS_PORT} = $TlsPort;
 
 sub api_port { $Port }
 sub api_control_port { $ControlPort }
@@ -176,7 +179,8 @@ sub _port_busy {
     return $s ? 1 : 0;
 }
 
-# api_start(init => TEXT, tls => 1, log => FILE): a fresh double.
+# api_start(init => TEXT, tls => 1, addr => '127.0.0.2', log => FILE): a fresh
+# double (https on $TlsPort with tls, else http on $Port).
 sub api_start {
     my %o = @_;
     api_stop();
@@ -186,16 +190,18 @@ sub api_start {
     open my $fh, '>', $init or die "$init: $!\n";
     print $fh $Json->encode(_init_of($o{init}));
     close $fh;
+    my $port = $o{tls} ? $TlsPort : $Port;
     my @cmd = ('python3', "$Test::Nginx::Consul::RootDir/t/lib/consul_api_double.py",
-               '--port', $Port, '--control-port', $ControlPort, '--init', $init);
+               '--port', $port, '--control-port', $ControlPort, '--init', $init,
+               '--addr', $o{addr} // '127.0.0.1');
     if ($o{tls}) {
         my $d = api_cert();
         push @cmd, '--tls', "$d/server.pem", "$d/server.key";
     }
-    push @cmd, '--log', $o{log} if $o{log};
+    push @cmd, '--log', $o{log} // "$dir/requests.jsonl";
     require IO::Socket::INET;
-    die "port $Port or $ControlPort is already in use (set NGX_CONSUL_API_PORT?)\n"
-        if _port_busy($Port) || _port_busy($ControlPort);
+    die "port $port or $ControlPort is already in use (set NGX_CONSUL_API_PORT?)\n"
+        if _port_busy($port) || _port_busy($ControlPort);
     my $pid = fork();
     die "fork: $!" unless defined $pid;
     if ($pid == 0) {
@@ -300,11 +306,38 @@ sub api_state {
     return $Json->decode($r->{content});
 }
 
+# The health requests the double has seen (for NAME, by default all).
+sub health_requests {
+    my $name = shift;
+    return [grep { !defined $name || $_->{name} eq $name } @{ api_requests() }];
+}
+
+# The JSON of `location = /status { consul_upstream_status; }` on the http port.
+sub status_doc {
+    my $r = HTTP::Tiny->new(timeout => 5)
+        ->get("http://127.0.0.1:$Test::Nginx::Util::ServerPort/status");
+    die "GET /status: $r->{status} $r->{content}\n" unless $r->{success};
+    return $Json->decode($r->{content});
+}
+
+# The status of upstream UP's line whose query matches QR (first line by default).
+sub status_line {
+    my ($up, $qr) = @_;
+    my $doc = status_doc();
+    my ($u) = grep { $_->{name} eq ($up // 'redis') } @{ $doc->{upstreams} };
+    return undef unless $u;
+    my ($l) = grep { !defined $qr || $_->{query} =~ $qr } @{ $u->{lines} };
+    return wantarray ? ($l, $u) : $l;
+}
+
 # --- consul_api / --- consul_api_tls in a block
 Test::Nginx::Socket::add_block_preprocessor(sub {
     my $block = shift;
     my $name = $block->name;
     eval {
+        # The previous block's nginx would talk to the new double (and show
+        # in its request log): it goes first.
+        Test::Nginx::Consul::nginx_stop(5) if api_running() || defined $block->consul_api;
         if (defined $block->consul_api) {
             api_start(init => $block->consul_api, tls => defined $block->consul_api_tls);
         } else {
