@@ -212,7 +212,43 @@ is(scalar(keys %conns), 1, 'one connection to the agent');
 
 
 
-=== TEST 7: workers running as another user: the master read the token file, which they cannot
+=== TEST 7: reloads that add and remove an API line: the removed line's peers leave at once
+--- consul_api
+instance redis 127.0.0.1:6380
+instance other 127.0.0.1:6381
+--- backends: 6380 6381
+--- workers: 2
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT;
+}
+--- check
+ok(wait_for_backends([6380]), 'one line');
+my $two = <<'_EOC_';
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT;
+    consul_upstream service=other api=http://127.0.0.1:$TEST_NGINX_API_PORT;
+}
+_EOC_
+my $one = <<'_EOC_';
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT;
+}
+_EOC_
+stream_config_set($two);
+ok(nginx_reload(), 'reload adding a line');
+ok(wait_for_backends([6380, 6381], first_set => 0), 'both lines serve');
+stream_config_set($one);
+ok(nginx_reload(), 'reload removing it');
+ok(wait_for_backends([6380], only => 1, first_set => 0, timeout => 3), 'within 3 s only the configured line serves');
+like(error_log_text(), qr/consul upstream "redis": dropping 1 peer of removed "consul_upstream" lines, 1 peer in all/, 'said so');
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 8: workers running as another user: the master read the token file, which they cannot
 --- setup
 $Test::Nginx::Util::WorkerUser = 'nobody nogroup';
 write_token("$TOKEN\n", 0600);
