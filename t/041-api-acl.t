@@ -91,8 +91,10 @@ location = /status { consul_upstream_status; }
 --- check
 ok(wait_for_backends([6380, 6381]), 'discovered');
 ok(wait_for_backends([6380, 6381], port => 1990), 'both upstreams');
-# the token is deleted in Consul: the next request is refused
+# the token is deleted in Consul: the next request is refused (a change ends
+# the request that waits; a policy change alone does not)
 api_acl(tokens => { $OTHER => ['redis'] });
+api_check('redis', '127.0.0.1:6380', 'passing');
 ok(wait_for_log(qr/\[warn\] .*consul upstream "redis": resolving \Q$Q\E failed: ACL: 127\.0\.0\.1:\d+ answered 403: ACL not found, keeping 2 peers/, 5),
    'the warning says ACL and gives Consul\'s text');
 like(error_log_text(), qr/consul upstream "failing": resolving \Q$Q\E failed: ACL: 127\.0\.0\.1:\d+ answered 403: ACL not found, dropping 2 peers/,
@@ -103,7 +105,7 @@ my $l = status_line('redis');
 is($l->{streak}{kind}, 'error', 'the status: an error streak');
 like($l->{streak}{reason}, qr/^ACL: 127\.0\.0\.1:\d+ answered 403: ACL not found$/, '... an ACL error, as such');
 is(log_count(qr/consul upstream "redis": resolving/), 1, 'one warning for the streak');
-# the token is back
+# the token is back: the line asks again at the pace of failures, without a change
 api_acl(tokens => { $TOKEN => ['redis'] });
 ok(wait_for_log(qr/\[notice\] .*consul upstream "redis": agent recovered after \d+ failed attempts/, 15), 'recovery is said');
 ok(wait_for_backends([6380, 6381], only => 1, port => 1990, first_set => 0), 'the dropped line serves again');

@@ -241,14 +241,16 @@ impl Watch {
             ));
         }
         self.last_acl_filtered = filtered;
-        let result = if peers.is_empty() && answer.entries == 0 && filtered {
+        if peers.is_empty() && answer.entries == 0 && filtered {
             // Default-deny ACLs answer "nothing" rather than 403: an ACL error,
-            // not a service without instances.
-            Resolved::Failed(format!(
+            // not a service without instances. A policy change does not wake a
+            // blocking query: ask again at the pace of failures.
+            return failed(format!(
                 "ACL: {name} left every instance out: the token may not read service \"{}\" (X-Consul-Results-Filtered-By-ACLs)",
                 self.api.service
-            ))
-        } else if !peers.is_empty() {
+            ));
+        }
+        let result = if !peers.is_empty() {
             Resolved::Peers {
                 peers,
                 ignored: Ignored::default(),

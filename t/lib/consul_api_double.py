@@ -295,6 +295,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
+        # Go (Consul) sets TCP_NODELAY on every connection; without it the body,
+        # written after the head, would wait for the client's delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn_id = next(CONN_IDS)
 
     def send_plain(self, code, text, extra=()):
@@ -561,10 +564,10 @@ class Control(BaseHTTPRequestHandler):
                 if self.path == "/mode":
                     STATE["mode"] = req
                 elif self.path == "/acl":
+                    # As in Consul, a policy change wakes no blocking query.
                     STATE["acl"] = {"enabled": req.get("enabled", True),
                                     "tokens": req.get("tokens", {}),
                                     "anonymous": req.get("anonymous", [])}
-                    bump(set(s["Service"] for s in STATE["services"].values()))
                 elif self.path == "/index":
                     STATE["service_index"][req["service"]] = req["index"]
                     LOCK.notify_all()
