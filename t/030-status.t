@@ -144,7 +144,7 @@ ok(abs($doc->{time} - time) < 5, 'the time is now');
 my ($text, $h) = metrics();
 is($h->{'content-type'}, 'text/plain; version=0.0.4; charset=utf-8', 'Prometheus text 0.0.4');
 my $p = prom_parse($text);
-is(scalar(keys %{ $p->{families} }), 28, '28 families') or diag(Test::More::explain([sort keys %{ $p->{families} }]));
+is(scalar(keys %{ $p->{families} }), 29, '29 families') or diag(Test::More::explain([sort keys %{ $p->{families} }]));
 is(scalar(@{ $p->{samples} }), 0, 'no samples');
 is($p->{families}{nginx_consul_peer_connections}{type}, 'counter', 'counters are counters');
 my ($code) = http_get('/status?x=1');
@@ -374,7 +374,7 @@ is(scalar keys %texts, 1, 'every scrape, from either worker, the same text');
 
 my $p = prom_parse((keys %texts)[0]);
 my %f = %{ $p->{families} };
-is(scalar keys %f, 28, '28 families');
+is(scalar keys %f, 29, '29 families');
 for my $name (sort keys %f) {
     my $want = $f{$name}{type} eq 'counter' ? "${name}_total" : $name;
     my @other = grep { $_->[3] eq $name && $_->[0] ne $want } @{ $p->{samples} };
@@ -402,7 +402,7 @@ is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'error'), 0,
 is(prom_value($p, 'nginx_consul_line_set', %l, set => 'live'), 1, 'live set');
 is(prom_value($p, 'nginx_consul_line_streak', %l, kind => 'none'), 1, 'no streak');
 is(prom_value($p, 'nginx_consul_line_interval_seconds', %l), 3600, 'interval in seconds');
-is(prom_value($p, 'nginx_consul_line_info', %l, resolvers => "127.0.0.1:$DnsPort", transport => 'tcp'), 1, 'line info');
+is(prom_value($p, 'nginx_consul_line_info', %l, source => 'dns', resolvers => "127.0.0.1:$DnsPort", transport => 'tcp'), 1, 'line info');
 is(prom_value($p, 'nginx_consul_line_last_success_timestamp_seconds', %l), $u->{lines}[0]{last_success}, 'last success');
 --- no_error_log
 [error]
