@@ -1362,6 +1362,10 @@ def report(e2e, prop, zcap, micro, sizes, max_answer, c_ok, c_msg, mod_all, star
              "`bench/out/raw.json`.\n")
 
     text = "\n".join(L)
+    # bench/api.sh's section (between <!-- api --> markers) is its own: kept.
+    old = (dest / "RESULTS.md").read_text() if (dest / "RESULTS.md").exists() else ""
+    if "<!-- api -->" in old and "<!-- /api -->" in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index("<!-- api -->"):old.index("<!-- /api -->")] + "<!-- /api -->\n"
     (dest / "RESULTS.md").write_text(text)
     (OUT / "raw.json").write_text(json.dumps(
         {"e2e": {str(n): v for n, v in e2e.items()}, "prop": prop, "zone": zcap,

@@ -3,6 +3,8 @@
 #   dns_message  DNS response bytes -> hickory's parser -> core::message -> SrvAnswer -> peers
 #   settings     consul_upstream parameters -> Settings::parse (and back: round trip)
 #   state_file   state file text -> state::decode (and back: round trip)
+#   health_json  Consul's /v1/health/service JSON -> health::parse -> peers
+#   http_response  an agent's HTTP response -> parse_head and the chunked decoder
 #
 #   scripts/fuzz.sh                 600 s per target (the documented run, t/README.md)
 #   scripts/fuzz.sh 5               smoke run (scripts/test.sh does this)
@@ -22,7 +24,7 @@ export PATH RUSTC_BOOTSTRAP=1 CARGO_TERM_COLOR=never
 seconds=${1:-600}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(dns_message settings state_file)
+[ ${#targets[@]} -gt 0 ] || targets=(dns_message settings state_file health_json http_response)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"

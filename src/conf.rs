@@ -71,7 +71,8 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
     let owned: Vec<String> = args.iter().skip(1).map(str_of).collect();
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
-    let settings = Settings::parse(&words).map_err(|e| e.0)?;
+    let mut settings = Settings::parse(&words).map_err(|e| e.0)?;
+    let api = crate::api::configure(&mut settings, &mut |p| full_name(cf, p))?;
     // SAFETY: conf_file, when set, is the file being parsed.
     let (file, line) = match unsafe { cf.conf_file.as_ref() } {
         Some(f) => (str_of(&f.file.name), f.line),
@@ -82,6 +83,7 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
         settings,
         file,
         line,
+        api,
     };
 
     // A further line adds the instances of another query to the same upstream.

@@ -25,6 +25,7 @@ use consul_core::state::{self, Saved, SavedSource};
 use consul_core::zone::{Lookup, SetKind, StreakKind};
 use consul_core::Peer;
 
+use crate::api::Watch;
 use crate::exchange::Exchanges;
 use crate::resolve::{LineResolver, Resolved, Truncation};
 use crate::upstream::{MainConf, Upstream};
@@ -124,13 +125,17 @@ fn start(cycle: &ngx_cycle_t) {
         };
         let group = Rc::new(RefCell::new(group));
         for line in 0..up.lines.len() {
-            let task = runtime::spawn(line_loop(
-                group.clone(),
-                line,
-                own.clone(),
-                exchanges.clone(),
-                cycle,
-            ));
+            let task = if up.lines[line].api.is_some() {
+                runtime::spawn(api_loop(group.clone(), line, own.clone(), cycle))
+            } else {
+                runtime::spawn(line_loop(
+                    group.clone(),
+                    line,
+                    own.clone(),
+                    exchanges.clone(),
+                    cycle,
+                ))
+            };
             loops.push(task);
         }
     }
@@ -186,14 +191,7 @@ async fn line_loop(
         if delay_ms > 0 {
             ngx::async_::sleep(Duration::from_millis(delay_ms)).await;
         }
-        if ffi::exiting() {
-            return;
-        }
-        if current_cycle() != cycle {
-            follow_reload();
-            return;
-        }
-        if !group.borrow_mut().still_writer() {
+        if stops(&group, cycle) {
             return;
         }
         log::debug(&format!("{}resolving {}", up.prefix(), settings.query));
@@ -226,6 +224,113 @@ async fn line_loop(
     }
 }
 
+/// Whether a line's loop ends here: the process exits, the cycle was replaced
+/// (discovery moves to the new one), or another process writes the zone now.
+fn stops(group: &Rc<RefCell<Group>>, cycle: *const ngx_cycle_t) -> bool {
+    if ffi::exiting() {
+        return true;
+    }
+    if current_cycle() != cycle {
+        follow_reload();
+        return true;
+    }
+    !group.borrow_mut().still_writer()
+}
+
+/// How often a blocked API line checks that its loop should go on.
+const API_CHECK_MS: u64 = 1000;
+
+/// One `api=` line: a blocking query, its answer applied with the DNS lines'
+/// policies, the next query at the pace of answers (or the backoff of
+/// failures); until the loop stops as a DNS line's does. While a query waits,
+/// `max_stale` still drops the line's part on time, and the loop still notices
+/// every second that it should stop.
+async fn api_loop(
+    group: Rc<RefCell<Group>>,
+    line: usize,
+    own: Rc<OwnAddresses>,
+    cycle: *const ngx_cycle_t,
+) {
+    let (up, mut tracker) = {
+        let g = group.borrow();
+        (g.up, g.tracker(line))
+    };
+    let l = &up.lines[line];
+    let settings = &l.settings;
+    let capacity = group.borrow().zone.zone().capacity();
+    let Some(mut watch) = l.api.as_ref().and_then(|conf| {
+        Watch::new(
+            up.prefix(),
+            settings,
+            conf,
+            own,
+            capacity,
+            ffi::current_msec(),
+        )
+    }) else {
+        return;
+    };
+    let mut delay_ms = 0;
+    loop {
+        if delay_ms > 0 {
+            ngx::async_::sleep(Duration::from_millis(delay_ms)).await;
+        }
+        if stops(&group, cycle) {
+            return;
+        }
+        let fetched = {
+            let mut fetch =
+                std::pin::pin!(AssertUnwindSafe(watch.fetch(ngx_random() as u64)).catch_unwind());
+            loop {
+                let current = group.borrow().parts[line].published.len();
+                let now = ffi::current_msec();
+                let due = tracker.stale_due_ms(current).map_or(API_CHECK_MS, |due| {
+                    due.saturating_sub(now).clamp(1, API_CHECK_MS)
+                });
+                if let Some(done) = crate::api::http::within(due, fetch.as_mut()).await {
+                    break done;
+                }
+                if stops(&group, cycle) {
+                    return;
+                }
+                if let Some(decision) = tracker.expire(current, ffi::current_msec()) {
+                    group.borrow_mut().act(line, &tracker, decision, None, "");
+                }
+            }
+        };
+        let fetched = fetched.unwrap_or_else(|_| {
+            watch.abandon();
+            crate::api::Fetched {
+                result: Resolved::Failed("internal error in the HTTP client (panic)".into()),
+                answered: false,
+            }
+        });
+        let answered = fetched.answered;
+        let index = watch.index();
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            fault::inject("apply");
+            let mut g = group.borrow_mut();
+            g.parts[line].index = index;
+            g.apply(line, &mut tracker, fetched.result)
+        }));
+        let failed_ms = applied.unwrap_or_else(|_| {
+            log::alert(&format!(
+                "{}applying the answer for {} failed (panic); next query in {}ms",
+                up.prefix(),
+                settings.query,
+                settings.interval_ms
+            ));
+            settings.interval_ms
+        });
+        delay_ms = watch.pause_ms(answered, failed_ms, ffi::current_msec());
+        log::debug(&format!(
+            "{}next query for {} in {delay_ms}ms",
+            up.prefix(),
+            settings.query
+        ));
+    }
+}
+
 /// One line's part of the upstream's set.
 struct Part {
     /// What the zone holds for the line.
@@ -240,6 +345,8 @@ struct Part {
     last_ignored: Ignored,
     /// The last answer could not carry every instance (said once per change).
     truncated: Option<Truncation>,
+    /// An API line's last `X-Consul-Index`, for the status page.
+    index: u64,
 }
 
 /// One upstream in the discovery process: its zone and its lines' parts.
@@ -325,6 +432,7 @@ impl Group {
                     kind,
                     last_ignored: Ignored::default(),
                     truncated: None,
+                    index: 0,
                 }
             })
             .collect();
@@ -346,15 +454,24 @@ impl Group {
         for (l, part) in up.lines.iter().zip(&g.parts) {
             let s = &l.settings;
             let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
-            log::info(&format!(
-                "{p}resolving {} every {}ms via {} ({}), zone={}k holds {}",
-                s.query,
-                s.interval_ms,
-                resolvers.join(", "),
-                transport_name(s.transport),
+            let zone_text = format!(
+                "zone={}k holds {}",
                 up.first().settings.zone_size / 1024,
                 count(z.capacity())
-            ));
+            );
+            match &s.api {
+                Some(api) => log::info(&format!(
+                    "{p}watching {} (blocking queries, wait={}ms), {zone_text}",
+                    s.query, api.wait_ms
+                )),
+                None => log::info(&format!(
+                    "{p}resolving {} every {}ms via {} ({}), {zone_text}",
+                    s.query,
+                    s.interval_ms,
+                    resolvers.join(", "),
+                    transport_name(s.transport),
+                )),
+            }
             let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
             z.update_line(l.tag, |rec| {
                 rec.kind = kind as u32;
@@ -528,6 +645,20 @@ impl Group {
         let now_ms = ffi::current_msec();
         let current = self.parts[line].published.len();
         let decision: Decision = tracker.on_outcome(outcome, current, now_ms, jitter);
+        self.act(line, tracker, decision, Some(lookup), &reason)
+    }
+
+    /// Carries a decision out for line `line` (`lookup`: the outcome it
+    /// counts; `None` for a `max_stale` drop without an answer); returns when
+    /// to ask next (ms).
+    fn act(
+        &mut self,
+        line: usize,
+        tracker: &Tracker,
+        decision: Decision,
+        lookup: Option<Lookup>,
+        reason: &str,
+    ) -> u64 {
         if let Some((level, msg)) = &decision.log {
             log::log(log::level_of(*level), msg);
         }
@@ -562,7 +693,7 @@ impl Group {
                 }
             }
         }
-        self.record(line, tracker, lookup, &reason, changed);
+        self.record(line, tracker, lookup, reason, changed);
         self.save_state();
         decision.next_ms
     }
@@ -624,7 +755,14 @@ impl Group {
 
     /// Updates line `line`'s record in the zone: counters, streak, set kind, and
     /// the time of the last change (`changed`: the part was just rewritten).
-    fn record(&self, line: usize, tracker: &Tracker, lookup: Lookup, reason: &str, changed: bool) {
+    fn record(
+        &self,
+        line: usize,
+        tracker: &Tracker,
+        lookup: Option<Lookup>,
+        reason: &str,
+        changed: bool,
+    ) {
         let part = &self.parts[line];
         let streak = tracker.streak();
         let now_ms = ffi::current_msec();
@@ -633,11 +771,15 @@ impl Group {
             now_unix.saturating_sub(now_ms.saturating_sub(since) / 1000)
         });
         let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
+        let index = part.index;
         let _guard = self.zone.lock();
         self.zone
             .zone()
             .update_line(self.up.lines[line].tag, |rec| {
-                rec.lookups[lookup as usize] += 1;
+                if let Some(lookup) = lookup {
+                    rec.lookups[lookup as usize] += 1;
+                }
+                rec.index = index;
                 if changed || rec.peers != peers as u32 || rec.kind != kind as u32 {
                     rec.changed_unix = now_unix;
                 }

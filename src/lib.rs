@@ -7,6 +7,7 @@
 //! - [`zone`]: each upstream's shared-memory zone (layout in `consul_core::zone`);
 //! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`exchange`]:
 //!   their DNS queries, one TCP connection per resolver;
+//! - [`api`]: `api=` lines, Consul's HTTP API with blocking queries;
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
 //! - [`balancer`]: the per-connection peer callbacks;
 //! - [`status`]: the library's http module, `consul_upstream_status` (JSON and
@@ -27,6 +28,7 @@ use ngx::ffi::{
     NGX_STREAM_UPS_CONF,
 };
 
+mod api;
 mod balancer;
 mod conf;
 mod discovery;

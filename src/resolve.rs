@@ -145,6 +145,22 @@ impl LineResolver {
         Resolved::Failed(errors.join(", "))
     }
 
+    /// A host name's addresses (A and AAAA), from the first resolver that
+    /// answers: an API line's instances registered by name.
+    pub async fn host_addresses(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+        let mut errors = Vec::new();
+        for (addr, resolver) in &self.resolvers {
+            match resolver {
+                Ok(r) => match addresses(r, name, addr).await {
+                    Ok(ips) => return Ok(ips),
+                    Err(e) => errors.push(e),
+                },
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(errors.join(", "))
+    }
+
     /// The peer set of an SRV answer, with follow-ups for targets without address.
     async fn peers_of(
         &self,

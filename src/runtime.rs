@@ -498,6 +498,19 @@ impl Socket {
     }
 }
 
+impl Socket {
+    /// The nginx connection, for TLS over it (`crate::api::tls`); `None` once
+    /// [`shutdown`] closed it.
+    pub fn connection(&self) -> Option<NonNull<ngx_connection_t>> {
+        self.conn().map(|_| self.c)
+    }
+
+    /// Parks the task until nginx reports the socket readable (`write`: writable).
+    pub fn poll_ready(&self, write: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.wait(if write { Ready::Write } else { Ready::Read }, cx)
+    }
+}
+
 fn closed() -> io::Error {
     io::Error::other("DNS socket closed (discovery stopped)")
 }

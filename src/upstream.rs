@@ -28,6 +28,8 @@ pub struct Line {
     pub tag: u32,
     pub file: String,
     pub line: usize,
+    /// An `api=` line's agent addresses and TLS context.
+    pub api: Option<crate::api::ApiConf>,
 }
 
 /// Static `server` lines of the block: nginx's round robin serves them when no

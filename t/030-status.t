@@ -402,7 +402,7 @@ is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'error'), 0,
 is(prom_value($p, 'nginx_consul_line_set', %l, set => 'live'), 1, 'live set');
 is(prom_value($p, 'nginx_consul_line_streak', %l, kind => 'none'), 1, 'no streak');
 is(prom_value($p, 'nginx_consul_line_interval_seconds', %l), 3600, 'interval in seconds');
-is(prom_value($p, 'nginx_consul_line_info', %l, resolvers => "127.0.0.1:$DnsPort", transport => 'tcp'), 1, 'line info');
+is(prom_value($p, 'nginx_consul_line_info', %l, source => 'dns', resolvers => "127.0.0.1:$DnsPort", transport => 'tcp'), 1, 'line info');
 is(prom_value($p, 'nginx_consul_line_last_success_timestamp_seconds', %l), $u->{lines}[0]{last_success}, 'last success');
 --- no_error_log
 [error]

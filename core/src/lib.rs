@@ -1,6 +1,10 @@
 //! The FFI-free half of ngx-consul: everything `cargo test` can reach without nginx.
 //!
 //! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
+//! - [`api`]: an `api=` line's parameters, agent address, ACL token and request target.
+//! - [`health`]: Consul's `/v1/health/service` answer (JSON) to a peer set.
+//! - [`blocking`]: Consul's client rules for blocking queries (index, wait, pace).
+//! - [`http`]: an HTTP/1.1 GET and its response, read with bounds.
 //! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
 //! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
@@ -10,6 +14,10 @@
 //! - [`status`]: what the balancer sees, as JSON and Prometheus text.
 
 pub mod answer;
+pub mod api;
+pub mod blocking;
+pub mod health;
+pub mod http;
 pub mod least;
 pub mod message;
 pub mod method;

@@ -78,6 +78,8 @@ pub struct Tracker {
     /// When the current set was last confirmed by a non-empty answer (or loaded).
     last_good_ms: Option<u64>,
     stale_dropped: bool,
+    /// An `api=` line: an agent answers, not a resolver; an empty answer is JSON.
+    api: bool,
 }
 
 /// `consul upstream "redis": `, the start of every runtime log line.
@@ -116,6 +118,7 @@ impl Tracker {
             streak_since_ms: None,
             last_good_ms: None,
             stale_dropped: false,
+            api: settings.api.is_some(),
         }
     }
 
@@ -181,7 +184,10 @@ impl Tracker {
                 let log = match self.streak {
                     Streak::Failed(n) => Some((
                         Level::Notice,
-                        format!("{p}resolver recovered after {n} failed attempts"),
+                        format!(
+                            "{p}{} recovered after {n} failed attempts",
+                            if self.api { "agent" } else { "resolver" }
+                        ),
                     )),
                     _ => None,
                 };
@@ -193,7 +199,11 @@ impl Tracker {
             Outcome::Empty { nxdomain } => {
                 let first = self.streak != Streak::Empty;
                 self.streak = Streak::Empty;
-                let why = if nxdomain { "NXDOMAIN" } else { "no records" };
+                let why = match (nxdomain, self.api) {
+                    (_, true) => "empty answer",
+                    (true, false) => "NXDOMAIN",
+                    (false, false) => "no records",
+                };
                 let (action, verb) = self.apply(self.on_empty, current);
                 let log = first.then(|| {
                     (
@@ -286,6 +296,30 @@ impl Tracker {
         Some((good + max).saturating_sub(now_ms))
     }
 
+    /// When `max_stale` drops the line's `current` peers if no successful answer
+    /// comes first (monotonic ms); `None` without `max_stale`, peers, or once
+    /// dropped. An API line waits for a blocking answer no longer than this.
+    pub fn stale_due_ms(&self, current: usize) -> Option<u64> {
+        let (Some(max), Some(good)) = (self.max_stale_ms, self.last_good_ms) else {
+            return None;
+        };
+        (current > 0 && !self.stale_dropped).then_some(good + max)
+    }
+
+    /// No answer came before [`Tracker::stale_due_ms`] (a blocking request still
+    /// waits): the drop `max_stale` asks for, if it is due at `now_ms`.
+    pub fn expire(&mut self, current: usize, now_ms: u64) -> Option<Decision> {
+        if self.stale_due_ms(current).is_none_or(|due| due > now_ms) {
+            return None;
+        }
+        let (action, log) = self.check_stale(Action::Keep, None, current, now_ms);
+        Some(Decision {
+            action,
+            log,
+            next_ms: 0,
+        })
+    }
+
     fn apply(&self, policy: Policy, current: usize) -> (Action, &'static str) {
         match policy {
             Policy::Keep => (Action::Keep, "keeping"),
@@ -363,6 +397,54 @@ mod tests {
             ))
         );
         assert_eq!(d.next_ms, 1000 - 50);
+    }
+
+    fn api_tracker(extra: &str) -> Tracker {
+        let line = format!("service=redis api=http://127.0.0.1:8500 {extra}");
+        let args: Vec<&str> = line.split_whitespace().collect();
+        Tracker::new("redis", &Settings::parse(&args).unwrap())
+    }
+
+    #[test]
+    fn api_lines_speak_of_the_agent_and_of_empty_answers() {
+        let mut t = api_tracker("");
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 0, 0);
+        let d = t.on_outcome(failed(), 2, 1, 0);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": resolving http://127.0.0.1:8500/v1/health/service/redis failed: connection refused, keeping 2 peers"
+        );
+        let d = t.on_outcome(Outcome::Peers(peers(2)), 2, 2, 0);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": agent recovered after 1 failed attempts"
+        );
+        let d = t.on_outcome(Outcome::Empty { nxdomain: false }, 2, 3, 0);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": http://127.0.0.1:8500/v1/health/service/redis has no healthy instances (empty answer), keeping 2 peers"
+        );
+    }
+
+    #[test]
+    fn a_stale_set_expires_while_a_request_waits() {
+        let mut t = api_tracker("max_stale=30s");
+        assert_eq!(t.stale_due_ms(0), None);
+        t.on_outcome(Outcome::Peers(peers(2)), 0, 1000, 0);
+        assert_eq!(t.stale_due_ms(2), Some(31_000));
+        assert_eq!(t.stale_due_ms(0), None, "nothing to drop");
+        assert_eq!(t.expire(2, 30_999), None);
+        let d = t.expire(2, 31_000).unwrap();
+        assert_eq!(d.action, Action::Drop);
+        assert_eq!(
+            d.log.unwrap().1,
+            "consul upstream \"redis\": no successful answer for 30s (max_stale), dropping 2 peers"
+        );
+        assert_eq!(t.stale_due_ms(2), None, "dropped once");
+        assert_eq!(t.expire(2, 40_000), None);
+        t.on_outcome(Outcome::Peers(peers(1)), 0, 50_000, 0);
+        assert_eq!(t.stale_due_ms(1), Some(80_000), "a new answer starts over");
+        assert_eq!(api_tracker("").stale_due_ms(2), None, "no max_stale");
     }
 
     #[test]

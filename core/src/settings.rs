@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::api::{ApiArgs, ApiSettings, LineArgs, DEFAULT_API_TIMEOUT_MS};
 use crate::view::HealthPolicy;
 
 /// Consul's DNS port: the port of a `resolver=` given without one.
@@ -49,6 +50,9 @@ pub struct Settings {
     pub slow_start_ms: u64,
     /// `max_conns`: open connections per peer, all workers together (0: no limit).
     pub max_conns: u32,
+    /// `api=`: the line watches Consul's HTTP API instead of its DNS interface
+    /// (`query` then names the request; `resolvers` only resolve host names).
+    pub api: Option<ApiSettings>,
 }
 
 /// A configuration error, worded as nginx words them (the caller adds file:line).
@@ -144,7 +148,8 @@ fn valid_label(l: &str) -> bool {
 #[derive(Default)]
 struct Structured<'a> {
     service: Option<&'a str>,
-    tag: Option<&'a str>,
+    /// Several only on an API line.
+    tags: Vec<&'a str>,
     datacenter: Option<&'a str>,
     domain: Option<&'a str>,
 }
@@ -169,15 +174,19 @@ impl Settings {
             health: HealthPolicy::default(),
             slow_start_ms: 0,
             max_conns: 0,
+            api: None,
         };
         let mut seen: Vec<&str> = Vec::new();
+        let mut api = ApiArgs::default();
+        let mut transport: Option<&str> = None;
+        let mut timeout_given = false;
 
         for &arg in args {
             let (key, value) = match arg.split_once('=') {
                 Some((k, v)) => (k, Some(v)),
                 None => (arg, None),
             };
-            if key != "resolver" && value.is_some() {
+            if key != "resolver" && key != "tag" && value.is_some() {
                 if seen.contains(&key) {
                     return Err(ConfError(format!("duplicate parameter \"{key}=\"")));
                 }
@@ -199,16 +208,28 @@ impl Settings {
                 Some("fail") => Ok(Policy::Fail),
                 _ => Err(invalid(arg)),
             };
+            if api.take(key, value, arg)? {
+                continue;
+            }
             match (key, value) {
-                ("tcp", None) => s.transport = Transport::Tcp,
-                ("udp", None) => s.transport = Transport::Udp,
+                ("tcp", None) => {
+                    s.transport = Transport::Tcp;
+                    transport = Some(arg);
+                }
+                ("udp", None) => {
+                    s.transport = Transport::Udp;
+                    transport = Some(arg);
+                }
                 ("resolver", Some(v)) => {
                     let addr = parse_resolver(v)
                         .ok_or_else(|| ConfError(format!("invalid resolver address \"{v}\"")))?;
                     resolvers.push(addr);
                 }
                 ("interval", v) => s.interval_ms = time(v).and_then(|t| nonzero(t, arg))?,
-                ("timeout", v) => s.timeout_ms = time(v).and_then(|t| nonzero(t, arg))?,
+                ("timeout", v) => {
+                    s.timeout_ms = time(v).and_then(|t| nonzero(t, arg))?;
+                    timeout_given = true;
+                }
                 ("fail_timeout", v) => s.health.fail_timeout_ms = time(v)?,
                 ("slow_start", v) => s.slow_start_ms = time(v)?,
                 ("max_stale", Some("off")) => s.max_stale_ms = None,
@@ -234,8 +255,9 @@ impl Settings {
                     s.zone_size = size;
                 }
                 ("state", Some(v)) if !v.is_empty() => s.state_path = Some(v.to_string()),
-                ("service", v) => st.service = Some(label(v)?),
-                ("tag", v) => st.tag = Some(label(v)?),
+                // Checked below: an API line takes names DNS cannot carry.
+                ("service", Some(v)) => st.service = Some(v),
+                ("tag", Some(v)) => st.tags.push(v),
                 ("datacenter", v) => st.datacenter = Some(label(v)?),
                 ("domain", v) => {
                     st.domain = Some(
@@ -253,6 +275,38 @@ impl Settings {
             }
         }
 
+        let line = LineArgs {
+            query,
+            service: st.service,
+            tags: &st.tags,
+            datacenter: st.datacenter,
+            domain: st.domain,
+            transport,
+            has_resolver: !resolvers.is_empty(),
+        };
+        if let Some(api) = api.finish(&line)? {
+            s.query = api.query();
+            s.resolvers = resolvers;
+            if !timeout_given {
+                s.timeout_ms = DEFAULT_API_TIMEOUT_MS;
+            }
+            s.api = Some(api);
+            return Ok(s);
+        }
+        if st.tags.len() > 1 {
+            return Err(ConfError("duplicate parameter \"tag=\"".into()));
+        }
+        for (v, key) in st
+            .service
+            .iter()
+            .map(|v| (*v, "service"))
+            .chain(st.tags.iter().map(|v| (*v, "tag")))
+        {
+            if !valid_label(v) {
+                return Err(invalid(&format!("{key}={v}")));
+            }
+        }
+        let tag = st.tags.first().copied();
         s.query = match (query, st.service) {
             (Some(_), Some(_)) => {
                 return Err(ConfError(
@@ -260,14 +314,14 @@ impl Settings {
                 ))
             }
             (Some(q), None) => {
-                if st.tag.is_some() || st.datacenter.is_some() || st.domain.is_some() {
+                if tag.is_some() || st.datacenter.is_some() || st.domain.is_some() {
                     return Err(ConfError(
                         "\"tag=\", \"datacenter=\" and \"domain=\" need \"service=\"".into(),
                     ));
                 }
                 q.trim_end_matches('.').to_ascii_lowercase()
             }
-            (None, Some(service)) => consul_name(service, st.tag, st.datacenter, st.domain),
+            (None, Some(service)) => consul_name(service, tag, st.datacenter, st.domain),
             (None, None) => return Err(ConfError("a query name or \"service=\" is needed".into())),
         };
         if !valid_dns_name(&s.query) {

@@ -71,6 +71,8 @@ pub struct LineReport {
     pub transport: Transport,
     pub interval_ms: u64,
     pub max_stale_ms: Option<u64>,
+    /// An `api=` line's agent (`http://127.0.0.1:8500`); `None` for a DNS line.
+    pub api: Option<String>,
     /// The line's record in the zone (default: none yet).
     pub record: LineStatus,
 }
@@ -159,6 +161,7 @@ impl UpstreamReport {
                 transport: l.settings.transport,
                 interval_ms: l.settings.interval_ms,
                 max_stale_ms: l.settings.max_stale_ms,
+                api: l.settings.api.as_ref().map(|a| a.agent.to_string()),
                 record: zone.and_then(|z| z.line(l.tag)).unwrap_or_default(),
             })
             .collect();
@@ -396,6 +399,14 @@ fn json_line(o: &mut String, l: &LineReport, now_unix: u64) {
     let r = &l.record;
     o.push_str("\n {\"query\":");
     json_str(o, &l.query);
+    match &l.api {
+        Some(agent) => {
+            o.push_str(",\"source\":\"api\",\"api\":");
+            json_str(o, agent);
+            let _ = write!(o, ",\"index\":{}", r.index);
+        }
+        None => o.push_str(",\"source\":\"dns\""),
+    }
     o.push_str(",\"resolvers\":[");
     for (i, a) in l.resolvers.iter().enumerate() {
         if i > 0 {
@@ -552,6 +563,7 @@ pub enum Metric {
     LineStreak,
     LineStreakLookups,
     LineStreakStart,
+    LineIndex,
     PeerInfo,
     PeerWeight,
     PeerPriority,
@@ -585,6 +597,7 @@ impl Metric {
         Metric::LineStreak,
         Metric::LineStreakLookups,
         Metric::LineStreakStart,
+        Metric::LineIndex,
         Metric::PeerInfo,
         Metric::PeerWeight,
         Metric::PeerPriority,
@@ -617,7 +630,7 @@ impl Metric {
             UpstreamFallbackActive => ("nginx_consul_upstream_fallback_active", "gauge",
                 "1 while the static servers serve because no discovered peer can."),
             LineInfo => ("nginx_consul_line_info", "gauge",
-                "A consul_upstream line: its query, resolvers and transport (value 1)."),
+                "A consul_upstream line: its query, source (dns or api), resolvers, transport and, for an api line, its agent (value 1)."),
             LineInterval => ("nginx_consul_line_interval_seconds", "gauge",
                 "Time between lookups of the line (interval=)."),
             LineMaxStale => ("nginx_consul_line_max_stale_seconds", "gauge",
@@ -640,6 +653,8 @@ impl Metric {
                 "Failed lookups in the current error or oversize streak (1 in an empty streak, 0 without one)."),
             LineStreakStart => ("nginx_consul_line_streak_start_timestamp_seconds", "gauge",
                 "Unix time the current streak started; present during a streak."),
+            LineIndex => ("nginx_consul_line_index", "gauge",
+                "X-Consul-Index of an api line's last answer (0 before one); api lines only."),
             PeerInfo => ("nginx_consul_peer_info", "gauge",
                 "A discovered peer and the query it came from (value 1)."),
             PeerWeight => ("nginx_consul_peer_weight", "gauge",
@@ -719,7 +734,8 @@ fn upstream_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, now_unix:
         | LineLookups
         | LineStreak
         | LineStreakLookups
-        | LineStreakStart => {
+        | LineStreakStart
+        | LineIndex => {
             for l in &u.lines {
                 line_samples(f, m, up, l, now_unix);
             }
@@ -743,14 +759,23 @@ fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_uni
         LineInfo => {
             let resolvers: Vec<String> = l.resolvers.iter().map(|a| a.to_string()).collect();
             let resolvers = resolvers.join(",");
+            let (source, agent) = match &l.api {
+                Some(agent) => ("api", agent.as_str()),
+                None => ("dns", ""),
+            };
             let labels = [
                 ("upstream", up),
                 ("query", q),
+                ("source", source),
                 ("resolvers", resolvers.as_str()),
                 ("transport", transport_name(l.transport)),
+                ("api", agent),
             ];
-            f.put(&labels, Value::N(1));
+            // A DNS line has no agent label (rather than an empty one).
+            let n = if l.api.is_some() { 6 } else { 5 };
+            f.put(&labels[..n], Value::N(1));
         }
+        LineIndex if l.api.is_some() => f.put(&ll, Value::N(r.index)),
         LineInterval => f.put(&ll, Value::Ms(l.interval_ms)),
         LineMaxStale => {
             if let Some(ms) = l.max_stale_ms {
@@ -1260,7 +1285,7 @@ mod tests {
             Some("0")
         );
         assert_eq!(
-            v(&format!("nginx_consul_line_info{{upstream=\"redis\",{q1},resolvers=\"127.0.0.1:8600,[::1]:53\",transport=\"tcp\"}}")),
+            v(&format!("nginx_consul_line_info{{upstream=\"redis\",{q1},source=\"dns\",resolvers=\"127.0.0.1:8600,[::1]:53\",transport=\"tcp\"}}")),
             Some("1")
         );
         assert_eq!(
@@ -1380,6 +1405,65 @@ mod tests {
         let text = prometheus(&r);
         assert!(text.contains("nginx_consul_upstream_generation{upstream=\"a\\\"b\\\\c\\nd\"} 0\n"));
         parse(&text);
+    }
+
+    #[test]
+    fn api_lines_report_their_agent_and_index() {
+        let s = settings("service=redis api=http://127.0.0.1:8500 tag=a");
+        let q = s.query.clone();
+        let tag = source_tag(&q);
+        let zone = Owned::new(4);
+        let z = zone.zone();
+        z.publish(&[(p("127.0.0.1:1", 1, 1), tag)], 100, 0).unwrap();
+        z.update_line(tag, |l| {
+            l.index = 4242;
+            l.streak_kind = StreakKind::Failed as u32;
+            l.streak_count = 1;
+            l.reason = "127.0.0.1:8500 answered 403 (ACL not found)".into();
+        });
+        let conf = UpstreamConf {
+            name: "redis",
+            lines: vec![LineConf { settings: &s, tag }],
+            fallback_servers: 0,
+        };
+        let report = Report {
+            now_unix: 200,
+            upstreams: vec![UpstreamReport::read(&conf, Some(&z), 200, 0)],
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&report)).unwrap();
+        let l = &v["upstreams"][0]["lines"][0];
+        assert_eq!(
+            l["query"],
+            "http://127.0.0.1:8500/v1/health/service/redis?tag=a"
+        );
+        assert_eq!(l["source"], "api");
+        assert_eq!(l["api"], "http://127.0.0.1:8500");
+        assert_eq!(l["index"], 4242);
+        assert_eq!(l["resolvers"], serde_json::json!([]));
+        assert_eq!(
+            l["streak"]["reason"],
+            "127.0.0.1:8500 answered 403 (ACL not found)"
+        );
+        assert_eq!(v["upstreams"][0]["peers"][0]["query"], q);
+        let text = prometheus(&report);
+        let samples = parse(&text);
+        let v = |name: &str| {
+            samples
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            v(&format!(
+                "nginx_consul_line_index{{upstream=\"redis\",query=\"{q}\"}}"
+            ))
+            .as_deref(),
+            Some("4242")
+        );
+        assert_eq!(
+            v(&format!("nginx_consul_line_info{{upstream=\"redis\",query=\"{q}\",source=\"api\",resolvers=\"\",transport=\"tcp\",api=\"http://127.0.0.1:8500\"}}")).as_deref(),
+            Some("1")
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::peer::Peer;
 pub const MAGIC: u64 = 0x6e67_785f_636f_6e73;
 /// Bumped whenever the layout changes; it is also part of the zone's name, so a
 /// reload into a module with another layout gets a fresh zone instead of a misread.
-pub const LAYOUT: u32 = 3;
+pub const LAYOUT: u32 = 4;
 /// `consul_upstream` lines one upstream may have (each keeps a line record).
 pub const MAX_LINES: usize = 32;
 /// Text kept of a line's last failure reason.
@@ -219,6 +219,8 @@ pub struct LineCell {
     peers: AtomicU32,
     reason_len: AtomicU32,
     reason: [AtomicU64; REASON_WORDS],
+    /// An API line's last `X-Consul-Index` (0: none yet, or a DNS line).
+    index: AtomicU64,
 }
 
 /// A copy of one line's record.
@@ -235,6 +237,8 @@ pub struct LineStatus {
     pub lookups: [u64; 4],
     pub peers: u32,
     pub reason: String,
+    /// An API line's last `X-Consul-Index`.
+    pub index: u64,
 }
 
 /// A published peer as a reader sees it.
@@ -368,6 +372,7 @@ impl LineCell {
         }
         self.peers.store(0, Ordering::Relaxed);
         self.reason_len.store(0, Ordering::Relaxed);
+        self.index.store(0, Ordering::Relaxed);
         self.end(s);
     }
 
@@ -390,6 +395,7 @@ impl LineCell {
             lookups: [0, 1, 2, 3].map(|i| self.lookups[i].load(Ordering::Relaxed)),
             peers: self.peers.load(Ordering::Relaxed),
             reason: String::from_utf8_lossy(&bytes).into_owned(),
+            index: self.index.load(Ordering::Relaxed),
         }
     }
 
@@ -417,6 +423,7 @@ impl LineCell {
             a.store(u64::from_le_bytes(w), Ordering::Relaxed);
         }
         self.reason_len.store(text.len() as u32, Ordering::Relaxed);
+        self.index.store(st.index, Ordering::Relaxed);
         self.end(s);
     }
 }
@@ -945,7 +952,11 @@ pub(crate) mod tests {
             l.lookups[Lookup::Ok as usize] += 1;
             l.reason = "x".repeat(500);
         }));
-        assert!(z.update_line(22, |l| l.peers = 3));
+        assert!(z.update_line(22, |l| {
+            l.peers = 3;
+            l.index = 1 << 40;
+        }));
+        assert_eq!(z.line(22).unwrap().index, 1 << 40, "an API line's index");
         let l = z.line(11).unwrap();
         assert_eq!(l.lookups, [1, 0, 0, 0]);
         assert_eq!(l.reason.len(), REASON_MAX);

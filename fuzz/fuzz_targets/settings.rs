@@ -18,9 +18,22 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     };
-    assert!(!s.query.is_empty() && !s.query.ends_with('.'));
-    assert_eq!(s.query, s.query.to_ascii_lowercase());
-    assert!(!s.resolvers.is_empty());
+    assert!(!s.query.is_empty());
+    match &s.api {
+        // An API line is named by its request URL (service and tags keep their case).
+        Some(api) => {
+            assert_eq!(s.query, api.query());
+            assert!(s.query.starts_with("http://") || s.query.starts_with("https://"));
+            assert!(api.token.is_none(), "a token only comes from token_file");
+            assert!((1_000..=600_000).contains(&api.wait_ms));
+            assert!(api.ca_file.is_none() || api.agent.tls);
+        }
+        None => {
+            assert!(!s.query.ends_with('.'));
+            assert_eq!(s.query, s.query.to_ascii_lowercase());
+            assert!(!s.resolvers.is_empty());
+        }
+    }
     assert!(s.resolvers.iter().all(|r| r.port() != 0));
     assert!(s.interval_ms > 0 && s.timeout_ms > 0);
     assert!(s.max_stale_ms != Some(0));
@@ -40,17 +53,35 @@ fn render(s: &Settings) -> Vec<String> {
         Policy::Keep => "keep",
         Policy::Fail => "fail",
     };
-    let mut a = vec![format!("{}.", s.query)];
+    let mut a = match &s.api {
+        Some(api) => {
+            let mut a = vec![format!("service={}", api.service), format!("api={}", api.agent)];
+            a.extend(api.tags.iter().map(|t| format!("tag={t}")));
+            a.extend(api.datacenter.iter().map(|d| format!("datacenter={d}")));
+            a.extend(api.filter.iter().map(|f| format!("filter={f}")));
+            a.extend(api.token_file.iter().map(|f| format!("token_file={f}")));
+            a.extend(api.ca_file.iter().map(|f| format!("api_ca={f}")));
+            if api.only_passing {
+                a.push("only_passing".into());
+            }
+            a.push(format!("wait={}ms", api.wait_ms));
+            a
+        }
+        None => vec![format!("{}.", s.query)],
+    };
     a.extend(s.resolvers.iter().map(|r| format!("resolver={r}")));
     a.push(format!("interval={}ms", s.interval_ms));
     a.push(format!("timeout={}ms", s.timeout_ms));
-    a.push(
-        match s.transport {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-        .into(),
-    );
+    // An API line takes tcp/udp only for its resolvers.
+    if s.api.is_none() || !s.resolvers.is_empty() {
+        a.push(
+            match s.transport {
+                Transport::Tcp => "tcp",
+                Transport::Udp => "udp",
+            }
+            .into(),
+        );
+    }
     a.push(format!("on_empty={}", policy(s.on_empty)));
     a.push(format!("on_error={}", policy(s.on_error)));
     a.push(match s.max_stale_ms {
