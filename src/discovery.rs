@@ -126,7 +126,13 @@ fn start(cycle: &ngx_cycle_t) {
         let group = Rc::new(RefCell::new(group));
         for line in 0..up.lines.len() {
             let task = if up.lines[line].api.is_some() {
-                runtime::spawn(api_loop(group.clone(), line, own.clone(), cycle))
+                runtime::spawn(api_loop(
+                    group.clone(),
+                    line,
+                    own.clone(),
+                    exchanges.clone(),
+                    cycle,
+                ))
             } else {
                 runtime::spawn(line_loop(
                     group.clone(),
@@ -249,6 +255,7 @@ async fn api_loop(
     group: Rc<RefCell<Group>>,
     line: usize,
     own: Rc<OwnAddresses>,
+    exchanges: Rc<Exchanges>,
     cycle: *const ngx_cycle_t,
 ) {
     let (up, mut tracker) = {
@@ -264,6 +271,7 @@ async fn api_loop(
             settings,
             conf,
             own,
+            &exchanges,
             capacity,
             ffi::current_msec(),
         )

@@ -19,6 +19,7 @@ use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
 
 use crate::exchange::{Exchanges, Server};
+use crate::log;
 
 /// Targets looked up at once when the answer gives no address for them (each an
 /// A and an AAAA query).
@@ -146,17 +147,24 @@ impl LineResolver {
     }
 
     /// A host name's addresses (A and AAAA), from the first resolver that
-    /// answers: an API line's instances registered by name.
+    /// answers, over the same connections as the lines' SRV queries: an API
+    /// line's instances registered by name. A definitive answer without an
+    /// address (refused, no such name, no address records) is an empty list,
+    /// as for an SRV target: the instance is left out, the others kept.
     pub async fn host_addresses(&self, name: &str) -> Result<Vec<IpAddr>, String> {
         let mut errors = Vec::new();
-        for (addr, resolver) in &self.resolvers {
-            match resolver {
-                Ok(r) => match addresses(r, name, addr).await {
-                    Ok(ips) => return Ok(ips),
-                    Err(e) => errors.push(e),
-                },
-                Err(e) => errors.push(format!("{addr}: {e}")),
+        for server in &self.servers {
+            match self.addresses(server, name).await {
+                FollowUp::Found(ips) => return Ok(ips),
+                FollowUp::NoAddress(why) => {
+                    log::debug(&format!("consul upstream: {name}: {why}"));
+                    return Ok(Vec::new());
+                }
+                FollowUp::Failed(e) => errors.push(e),
             }
+        }
+        if errors.is_empty() {
+            errors.push("no usable resolver".into());
         }
         Err(errors.join(", "))
     }

@@ -423,3 +423,30 @@ ok(wait_for_log(qr/\[error\] .*consul upstream "small": 3000 peers do not fit in
    'the small zone: capacity and the size needed');
 --- no_error_log
 [warn]
+
+
+
+=== TEST 13: a host name the resolver answers without an address (REFUSED, NXDOMAIN) leaves only its instance out, as an SRV target does
+BIND has recursion off: a name outside its zones is REFUSED, as a Consul agent
+without recursors answers.
+--- dns
+db1.example.consul. IN A 127.0.0.1
+--- consul_api
+instance redis 127.0.0.1:6380 svc_addr=db1.example.consul
+instance redis 127.0.0.2:6390 svc_addr=db2.example.org
+instance redis 127.0.0.3:6390 svc_addr=gone.example.consul
+instance redis 127.0.0.1:6381
+--- backends: 6380 6381
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- check
+like(`dig \@127.0.0.1 -p $ENV{TEST_NGINX_DNS_PORT} +tcp A db2.example.org.`, qr/status: REFUSED/, 'BIND refuses the foreign name');
+ok(wait_for_log(qr/consul upstream "redis": 2 peers from/, 10), 'the other two are the set');
+ok(wait_for_backends([6380, 6381], only => 1), 'and serve');
+ok(wait_for_log(qr/\[warn\] .*consul upstream "redis": ignored instances of the answer: 2 with a host name that has no address \((?:db2\.example\.org|gone\.example\.consul)\)/, 2),
+   'a warning names them');
+--- no_error_log
+[error]
+resolving

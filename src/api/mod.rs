@@ -25,6 +25,7 @@ use consul_core::health::{self, body_cap, Left};
 use consul_core::http::get_request;
 use consul_core::settings::Settings;
 
+use crate::exchange::Exchanges;
 use crate::log;
 use crate::resolve::{LineResolver, Resolved};
 
@@ -125,12 +126,13 @@ impl Watch {
         settings: &'static Settings,
         conf: &'static ApiConf,
         own: Rc<OwnAddresses>,
+        exchanges: &Exchanges,
         capacity: usize,
         now_ms: u64,
     ) -> Option<Watch> {
         let api = settings.api.as_ref()?;
-        let resolver =
-            (!settings.resolvers.is_empty()).then(|| LineResolver::new(settings, own.clone()));
+        let resolver = (!settings.resolvers.is_empty())
+            .then(|| LineResolver::new(settings, own.clone(), exchanges));
         Some(Watch {
             prefix,
             settings,
@@ -254,6 +256,8 @@ impl Watch {
             Resolved::Peers {
                 peers,
                 ignored: Ignored::default(),
+                // The HTTP API sends every instance.
+                truncated: None,
             }
         } else if answer.instances.is_empty() {
             // Nothing registered, or nothing healthy: Consul's "no instances".
