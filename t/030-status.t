@@ -144,7 +144,7 @@ ok(abs($doc->{time} - time) < 5, 'the time is now');
 my ($text, $h) = metrics();
 is($h->{'content-type'}, 'text/plain; version=0.0.4; charset=utf-8', 'Prometheus text 0.0.4');
 my $p = prom_parse($text);
-is(scalar(keys %{ $p->{families} }), 29, '29 families') or diag(Test::More::explain([sort keys %{ $p->{families} }]));
+is(scalar(keys %{ $p->{families} }), 30, '30 families') or diag(Test::More::explain([sort keys %{ $p->{families} }]));
 is(scalar(@{ $p->{samples} }), 0, 'no samples');
 is($p->{families}{nginx_consul_peer_connections}{type}, 'counter', 'counters are counters');
 my ($code) = http_get('/status?x=1');
@@ -374,7 +374,7 @@ is(scalar keys %texts, 1, 'every scrape, from either worker, the same text');
 
 my $p = prom_parse((keys %texts)[0]);
 my %f = %{ $p->{families} };
-is(scalar keys %f, 29, '29 families');
+is(scalar keys %f, 30, '30 families');
 for my $name (sort keys %f) {
     my $want = $f{$name}{type} eq 'counter' ? "${name}_total" : $name;
     my @other = grep { $_->[3] eq $name && $_->[0] ne $want } @{ $p->{samples} };

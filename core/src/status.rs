@@ -577,7 +577,7 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 29] = [
+    pub const ALL: [Metric; 30] = [
         Metric::UpstreamGeneration,
         Metric::UpstreamCapacity,
         Metric::UpstreamPeers,
