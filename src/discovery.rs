@@ -39,7 +39,7 @@ const STATE_CONFIRM_LAG_S: u64 = 60;
 
 /// What a user can do about an answer that cannot carry every instance.
 const SEE_EVERY_INSTANCE: &str =
-    "to see every instance, use several consul_upstream lines (by tag)";
+    "to see every instance, use an api= line or several consul_upstream lines (by tag)";
 
 /// Discovery of one cycle in this process.
 struct Running {

@@ -125,7 +125,7 @@ upstream redis {
 ok(wait_for_log(qr/\d+ peers from redis\.service\.yunlu_office\.consul/, 10), 'a set is published');
 my $n = last_peers();
 ok($n > 800 && $n < 1100, "what came: $n of 1100 peers");
-my $warning = qr/\[warn\] .*consul upstream "redis": Consul truncated the answer for redis\.service\.yunlu_office\.consul \(TC set\): $n peers came, others are left out; to see every instance, use several consul_upstream lines \(by tag\)/;
+my $warning = qr/\[warn\] .*consul upstream "redis": Consul truncated the answer for redis\.service\.yunlu_office\.consul \(TC set\): $n peers came, others are left out; to see every instance, use an api= line or several consul_upstream lines \(by tag\)/;
 ok(wait_for_log($warning, 2), 'a warning says so and what to do');
 sleep 1.5;
 is(log_count($warning), 1, 'once, not every interval');
