@@ -450,3 +450,54 @@ ok(wait_for_log(qr/\[warn\] .*consul upstream "redis": ignored instances of the 
 --- no_error_log
 [error]
 resolving
+
+
+
+=== TEST 14: Weights.Warning = 0: an instance in warning is weight 0 (round robin, least_conn): it serves only when no weighted peer can; the status shows 0
+--- consul_api
+instance redis 127.0.0.1:6380 warning_weight=0
+instance redis 127.0.0.1:6381
+--- backends: 6380 6381
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT fail_timeout=2s;
+}
+upstream least {
+    least_conn;
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT fail_timeout=2s;
+}
+server {
+    listen 127.0.0.1:1990;
+    proxy_pass least;
+}
+--- config
+location = /status { consul_upstream_status; }
+location = /metrics { consul_upstream_status prometheus; }
+--- check
+ok(wait_for_backends([6380, 6381]), 'round robin: both passing, both serve');
+ok(wait_for_backends([6380, 6381], port => 1990), 'least_conn: both serve');
+my $weight = sub {
+    my ($up) = @_;
+    my (undef, $u) = status_line($up);
+    my ($p) = grep { $_->{address} eq '127.0.0.1:6380' } @{ $u->{peers} || [] };
+    return $p ? $p->{weight} : -1;
+};
+api_check('redis', '127.0.0.1:6380', 'warning');
+ok(wait_until(sub { $weight->('redis') == 0 && $weight->('least') == 0 }, 5),
+   'warning with Weights.Warning = 0: weight 0 in both upstreams\' zones');
+my $m = HTTP::Tiny->new->get("http://127.0.0.1:$Test::Nginx::Util::ServerPort/metrics")->{content};
+like($m, qr/^nginx_consul_peer_weight\{upstream="least",peer="127\.0\.0\.1:6380"\} 0$/m, 'Prometheus: weight 0');
+is_tally(tally(20), {6381 => 20}, 'round robin: the weighted peer takes every connection while it can');
+is_tally(tally(20, port => 1990), {6381 => 20}, 'least_conn: the same');
+my $held = hold_connections(3, port => 1990);
+is(join(' ', map { $_->[1] } @$held), '6381 6381 6381', 'least_conn: open connections do not move a weight-0 peer up');
+close_held($held);
+backend_stop(6381);
+is_tally(tally(8), {6380 => 8}, 'the weighted peer down: the weight-0 peer serves (round robin)');
+is_tally(tally(8, port => 1990), {6380 => 8}, '... and least_conn');
+backend_start(6381);
+api_check('redis', '127.0.0.1:6380', 'passing');
+ok(wait_until(sub { $weight->('redis') == 1 && $weight->('least') == 1 }, 5), 'passing again: weight 1');
+ok(wait_for_backends([6380, 6381], first_set => 0), 'both serve again');
+--- error_log
+connect() failed (111: Connection refused)

@@ -351,12 +351,7 @@ impl HealthAnswer {
                     left.own += 1;
                     left.own_example.get_or_insert(addr);
                 } else {
-                    // Not Peer::new: weight 0 is the operator's, not "unset".
-                    peers.push(Peer {
-                        addr,
-                        weight: inst.weight,
-                        priority: API_PRIORITY,
-                    });
+                    peers.push(Peer::new(addr, inst.weight, API_PRIORITY));
                 }
             }
         }
@@ -464,17 +459,15 @@ mod tests {
                      {"Node":{"Address":"127.0.0.3"},"Service":{"Port":1,"Weights":null},"Checks":null},
                      {"Node":{"Address":"127.0.0.4"},"Service":{"Port":1,"Weights":{"Passing":70000}}},
                      {"Node":{"Address":"127.0.0.5"},"Service":{"Port":1,"Weights":{"Passing":-3}}}]"#;
-        // Sorted here: where weight-0 peers go in the canonical order is the
-        // balancer's business (they may come after the weighted ones).
-        let mut got = peers_of(b, false);
-        got.sort();
+        // Canonical order: weight-0 peers after the weighted ones of their
+        // priority (their own band, `Peer::band`).
         assert_eq!(
-            got,
+            peers_of(b, false),
             [
-                "127.0.0.1:1 weight=0 priority=1",
                 "127.0.0.2:1 weight=1 priority=1",
                 "127.0.0.3:1 weight=1 priority=1",
                 "127.0.0.4:1 weight=65535 priority=1",
+                "127.0.0.1:1 weight=0 priority=1",
                 "127.0.0.5:1 weight=0 priority=1",
             ]
         );
