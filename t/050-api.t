@@ -44,7 +44,7 @@ my $empty = "$TmpDir/empty-token";
 open $fh, '>', $empty or die;
 close $fh;
 my $ca = api_ca();
-my ($rc, $out) = t_line("service=redis tag=a tag=b datacenter=dc1 api=https://localhost:8501 token_file=$tok only_passing \"filter=Service.Meta.zone == a\" api_ca=$ca wait=1m timeout=2s interval=500ms resolver=127.0.0.1:8600 udp on_empty=fail on_error=fail max_stale=1m zone=128k state=$TmpDir/api.state max_fails=2 fail_timeout=5s slow_start=10s");
+my ($rc, $out) = t_line("service=redis tag=a tag=b datacenter=dc1 api=https://localhost:8501 token_file=$tok only_passing \"filter=Service.Meta.zone == a\" api_ca=$ca wait=1m timeout=2s interval=500ms resolver=127.0.0.1:8600 udp on_empty=fail on_error=fail max_stale=1m zone=128k state=$TmpDir/api.state max_fails=2 fail_timeout=5s slow_start=10s max_conns=3");
 is($rc, 0, 'every API parameter together') or diag $out;
 ($rc, $out) = t_line("service=redis api=http://127.0.0.1:8500");
 is($rc, 0, 'the shortest API line') or diag $out;
@@ -78,6 +78,16 @@ for my $c (@cases) {
 # the token never shows, not even in an error about its file
 ($rc, $out) = t_line("service=redis api=http://127.0.0.1 token_file=$tok foo");
 unlike($out, qr/6d7e8f90/, 'the token is not in nginx -t output');
+# upstream-wide parameters belong on the first line, whichever its source
+($rc, $out) = t_line("service=redis api=http://127.0.0.1:8500 zone=64k state=$TmpDir/w.state max_fails=3 fail_timeout=5s slow_start=1s max_conns=2;\n        consul_upstream redis.service.consul");
+is($rc, 0, 'upstream-wide parameters on a first API line, a DNS line after it') or diag $out;
+for my $w ('zone=64k', 'state=/tmp/w.state', 'max_fails=3', 'fail_timeout=5s', 'slow_start=1s', 'max_conns=2') {
+    for my $first ('redis.service.consul', 'service=cache api=http://127.0.0.1:8500') {
+        ($rc, $out) = t_line("$first;\n        consul_upstream service=redis api=http://127.0.0.1:8500 $w");
+        ok($rc != 0 && $out =~ /\[emerg\] invalid parameter "\Q$w\E": it belongs on the first "consul_upstream" line of the upstream in \S+nginx\.conf:6$/m,
+           "$w on an API line after \"$first\": refused") or diag $out;
+    }
+}
 # two identical API lines are one line twice
 ($rc, $out) = t_line("service=redis api=http://127.0.0.1:8500;\n        consul_upstream service=redis api=http://127.0.0.1:8500");
 like($out, qr/"consul_upstream" directive is duplicate/, 'the same API line twice') or diag $out;
@@ -501,3 +511,33 @@ ok(wait_until(sub { $weight->('redis') == 1 && $weight->('least') == 1 }, 5), 'p
 ok(wait_for_backends([6380, 6381], first_set => 0), 'both serve again');
 --- error_log
 connect() failed (111: Connection refused)
+
+
+
+=== TEST 15: upstream-wide parameters of a first API line hold for every line's peers
+--- dns
+instance redis.service.yunlu_office.consul 127.0.0.1:6381
+--- consul_api
+instance redis 127.0.0.1:6380
+--- backends: 6380 6381
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT zone=64k max_conns=1 max_fails=2 fail_timeout=5s;
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- config
+location = /status { consul_upstream_status; }
+--- check
+ok(wait_for_backends([6380, 6381]), 'both lines serve');
+my (undef, $u) = status_line('redis');
+is_deeply([@$u{qw(max_conns max_fails fail_timeout_ms)}], [1, 2, 5000], 'max_conns, max_fails and fail_timeout of the API line');
+my ($cap) = error_log_text() =~ /consul upstream "redis": watching \S+ \(blocking queries, wait=\d+ms\), zone=64k holds (\d+) peers/;
+ok($cap && $u->{capacity} == $cap, "zone=64k of the API line (holds $u->{capacity} peers)");
+my $held = hold_connections(2);
+is(join(' ', sort map { $_->[1] } @$held), '6380 6381', 'max_conns=1: one connection on each line\'s peer');
+my ($ap, $why) = probe_backend();
+ok(!defined $ap, "a third finds every peer full ($why)");
+close_held($held);
+ok(wait_for_log(qr/no live upstreams while connecting to upstream/, 2), 'nginx says so');
+--- error_log
+no live upstreams while connecting to upstream

@@ -623,6 +623,36 @@ mod tests {
     }
 
     #[test]
+    fn upstream_wide_parameters_on_an_api_line() {
+        let s = parse(
+            "service=redis api=http://127.0.0.1:8500 zone=64k state=/tmp/r.state \
+             max_fails=3 fail_timeout=5s slow_start=10s max_conns=4",
+        )
+        .unwrap();
+        assert!(s.api.is_some());
+        assert_eq!(
+            (s.zone_size, s.state_path.as_deref(), s.max_conns),
+            (64 * 1024, Some("/tmp/r.state"), 4)
+        );
+        assert_eq!(
+            (
+                s.health.max_fails,
+                s.health.fail_timeout_ms,
+                s.slow_start_ms
+            ),
+            (3, 5_000, 10_000)
+        );
+        assert_eq!(
+            upstream_wide_param(&["service=redis", "api=http://127.0.0.1", "max_conns=2"]),
+            Some("max_conns=2")
+        );
+        assert_eq!(
+            err("service=redis api=http://127.0.0.1 max_conns=x"),
+            "invalid parameter \"max_conns=x\""
+        );
+    }
+
+    #[test]
     fn time_and_size_syntax() {
         assert_eq!(parse_time_ms("30"), Some(30_000));
         assert_eq!(parse_time_ms("1h2m3s4ms"), Some(3_723_004));
