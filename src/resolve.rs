@@ -14,6 +14,7 @@ use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use hickory_resolver::Resolver;
 
 use consul_core::answer::{Ignored, OwnAddresses, Record, SrvAnswer};
+use consul_core::exchange::rcode_name;
 use consul_core::message::convert;
 use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
@@ -177,24 +178,6 @@ fn describe(e: &NetError, addr: &SocketAddr) -> String {
         }
         other => format!("{other} from {addr}"),
     }
-}
-
-/// A response code as dig shows it (RFC 1035, 2136).
-fn rcode_name(code: u16) -> String {
-    let name = match code {
-        1 => "FORMERR",
-        2 => "SERVFAIL",
-        3 => "NXDOMAIN",
-        4 => "NOTIMP",
-        5 => "REFUSED",
-        6 => "YXDOMAIN",
-        7 => "YXRRSET",
-        8 => "NXRRSET",
-        9 => "NOTAUTH",
-        10 => "NOTZONE",
-        _ => return format!("rcode {code}"),
-    };
-    name.to_string()
 }
 
 /// A target's addresses (A and AAAA); a name that does not exist or has no

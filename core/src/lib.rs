@@ -3,6 +3,8 @@
 //! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
 //! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
 //! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
+//! - [`exchange`]: one line's lookup at one resolver as bytes in and out (the master's
+//!   bounded lookup before it forks workers).
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
@@ -10,6 +12,7 @@
 //! - [`status`]: what the balancer sees, as JSON and Prometheus text.
 
 pub mod answer;
+pub mod exchange;
 pub mod least;
 pub mod message;
 pub mod method;
