@@ -17,7 +17,7 @@
 #   TEST 12  nginx -t sends no DNS query
 #   TEST 13  the master's lookup against a hostile DNS server: bounded, no crash
 #
-# About 120 s.
+# About 90 s (150 s on Debian's nginx at debug level).
 use lib 't/lib';
 use Test::Nginx::Consul 'no_plan';
 use Time::HiRes qw(time sleep);
