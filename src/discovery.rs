@@ -6,6 +6,7 @@
 //! to the cycle: they stop, and their DNS sockets close, at `exit_process` or
 //! when the cycle's pool goes.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
@@ -21,8 +22,8 @@ use consul_core::answer::{Ignored, OwnAddresses};
 use consul_core::peer::canonicalize_by;
 use consul_core::policy::{peers as count, Action, Decision, Outcome, Tracker};
 use consul_core::settings::Transport;
-use consul_core::state::{self, Saved, SavedSource};
-use consul_core::zone::{Lookup, SetKind, StreakKind};
+use consul_core::state::{self, Exclusive, Saved, SavedSource};
+use consul_core::zone::{Lookup, SetKind, Snapshot, StreakKind, Zone};
 use consul_core::Peer;
 
 use crate::api::Watch;
@@ -31,11 +32,6 @@ use crate::resolve::{LineResolver, Resolved, Truncation};
 use crate::upstream::{MainConf, Upstream};
 use crate::zone::{self, SharedZone};
 use crate::{fault, ffi, listening, log, runtime};
-
-/// The state file is rewritten at the latest when the confirmation it holds is
-/// this old (or a quarter of `max_stale`, if shorter): a restart during an outage
-/// knows the set's age to within that.
-const STATE_CONFIRM_LAG_S: u64 = 60;
 
 /// What a user can do about an answer that cannot carry every instance.
 const SEE_EVERY_INSTANCE: &str =
@@ -192,7 +188,8 @@ async fn line_loop(
     };
     let settings = &up.lines[line].settings;
     let mut resolver = LineResolver::new(settings, own.clone(), &exchanges);
-    let mut delay_ms = 0;
+    // At once, unless the master has just asked (see crate::prefill).
+    let mut delay_ms = crate::prefill::first_query_in_ms(up, up.lines[line].tag);
     loop {
         if delay_ms > 0 {
             ngx::async_::sleep(Duration::from_millis(delay_ms)).await;
@@ -234,6 +231,9 @@ async fn line_loop(
 /// (discovery moves to the new one), or another process writes the zone now.
 fn stops(group: &Rc<RefCell<Group>>, cycle: *const ngx_cycle_t) -> bool {
     if ffi::exiting() {
+        // nginx quits (gracefully: the process may live on for its
+        // connections): another instance may write the state file now.
+        group.borrow_mut().release_state();
         return true;
     }
     if current_cycle() != cycle {
@@ -357,11 +357,16 @@ struct Part {
     index: u64,
 }
 
-/// One upstream in the discovery process: its zone and its lines' parts.
-struct Group {
+/// One upstream in the discovery process (or in the master, filling the zone
+/// before it forks workers: see [`crate::prefill`]): its zone and its lines' parts.
+pub(crate) struct Group {
     up: &'static Upstream,
     zone: SharedZone,
     pid: i64,
+    /// The master before it forks workers: it writes without claiming the
+    /// zone (the previous worker 0 may still be its writer), and never the
+    /// state file.
+    master: bool,
     parts: Vec<Part>,
     /// Another process writes the zone now (a newer worker 0).
     stopped: bool,
@@ -369,6 +374,12 @@ struct Group {
     state_dirty: bool,
     /// The last save failed (said once, until one succeeds).
     state_failing: bool,
+    /// Another nginx instance writes the state file (a binary upgrade): the
+    /// pid said, once, until this process writes it again.
+    state_deferred: Option<i64>,
+    /// This process's claim on the state file (see `state::save_exclusive`),
+    /// given up when it stops writing.
+    state_held: bool,
 }
 
 fn transport_name(t: Transport) -> &'static str {
@@ -379,8 +390,9 @@ fn transport_name(t: Transport) -> &'static str {
 }
 
 impl Group {
-    /// Takes over the upstream's zone. Each line starts from its part of the zone
-    /// (a reload or respawn keeps the set) or, in a fresh zone, of the state file.
+    /// Takes over the upstream's zone. Each line starts from its part of the zone:
+    /// a reload or respawn keeps the set, and at start (or for a line a reload
+    /// added) the master filled it before it forked the workers ([`Group::prefill`]).
     /// Peers of lines that are no longer configured leave the zone now, whatever
     /// DNS does.
     fn start(up: &'static Upstream) -> Option<Group> {
@@ -393,65 +405,17 @@ impl Group {
         zone.lock().zone().claim(pid);
         let z = zone.zone();
         let snapshot = z.read().unwrap_or_default();
-        let fresh = snapshot.generation == 0;
-        let saved = match (&up.state_path, fresh) {
-            (Some(path), true) => load_state(up, path, z.capacity()),
-            _ => None,
-        };
-        let now_unix = ffi::unix_now();
-        let parts: Vec<Part> = up
-            .lines
-            .iter()
-            .map(|l| {
-                let (peers, confirmed, kind) = match &saved {
-                    Some(s) => {
-                        let src = s.sources.iter().find(|src| src.query == l.settings.query);
-                        match src {
-                            Some(src) => (src.peers.clone(), src.confirmed_at, SetKind::StateFile),
-                            None => (Vec::new(), 0, SetKind::None),
-                        }
-                    }
-                    None => {
-                        let peers: Vec<Peer> = snapshot
-                            .peers
-                            .iter()
-                            .filter(|sp| sp.tag == l.tag)
-                            .map(|sp| sp.peer)
-                            .collect();
-                        let rec = z.line(l.tag).unwrap_or_default();
-                        let kind = match SetKind::from_u32(rec.kind) {
-                            SetKind::None if !peers.is_empty() => SetKind::Live,
-                            kind => kind,
-                        };
-                        // A part without a recorded confirmation counts as confirmed now.
-                        let confirmed = if rec.confirmed_unix > 0 || peers.is_empty() {
-                            rec.confirmed_unix
-                        } else {
-                            now_unix
-                        };
-                        (peers, confirmed, kind)
-                    }
-                };
-                Part {
-                    good: peers.clone(),
-                    published: peers,
-                    confirmed_unix: confirmed,
-                    saved_unix: if saved.is_some() { confirmed } else { 0 },
-                    kind,
-                    last_ignored: Ignored::default(),
-                    truncated: None,
-                    index: 0,
-                }
-            })
-            .collect();
         let mut g = Group {
             up,
             zone,
             pid,
-            parts,
+            master: false,
+            parts: parts_of(up, z, &snapshot),
             stopped: false,
-            state_dirty: saved.is_none(),
+            state_dirty: true,
             state_failing: false,
+            state_deferred: None,
+            state_held: false,
         };
         let tags: Vec<u32> = up.lines.iter().map(|l| l.tag).collect();
         let guard = zone.lock();
@@ -495,32 +459,133 @@ impl Group {
         if merged != current {
             let removed = current.iter().filter(|(_, t)| !tags.contains(t)).count();
             if let Some(generation) = g.write(&merged) {
-                match (&saved, &up.state_path) {
-                    (Some(_), Some(path)) => log::notice(&format!(
-                        "{p}{} from state file \"{path}\" (generation {generation})",
-                        count(merged.len())
-                    )),
-                    _ if removed > 0 => log::notice(&format!(
+                if removed > 0 {
+                    log::notice(&format!(
                         "{p}dropping {} of removed \"consul_upstream\" lines, {} in all (generation {generation})",
                         count(removed),
                         count(merged.len())
-                    )),
-                    _ => {}
+                    ));
                 }
             }
         }
         Some(g)
     }
 
-    /// A line's policy tracker, aware of how old its carried-over part is.
+    /// In the master, before it forks workers: the upstream's lines the zone
+    /// holds nothing for (a start, a new upstream or line, a zone of another
+    /// size with a new line), with the state file's parts for them already in
+    /// the zone when the zone is fresh. `None` when every line has its part.
+    pub(crate) fn prefill(up: &'static Upstream) -> Option<(Group, Vec<usize>)> {
+        let zone = up.zone()?;
+        let z = zone.zone();
+        let snapshot = z.read().unwrap_or_default();
+        let empty: Vec<usize> = (0..up.lines.len())
+            .filter(|&i| {
+                let tag = up.lines[i].tag;
+                !snapshot.peers.iter().any(|sp| sp.tag == tag)
+                    && z.line(tag)
+                        .is_none_or(|rec| SetKind::from_u32(rec.kind) == SetKind::None)
+            })
+            .collect();
+        if empty.is_empty() {
+            return None;
+        }
+        let mut g = Group {
+            up,
+            zone,
+            pid: ffi::pid(),
+            master: true,
+            parts: parts_of(up, z, &snapshot),
+            stopped: false,
+            state_dirty: false,
+            state_failing: false,
+            state_deferred: None,
+            state_held: false,
+        };
+        if let (Some(path), 0) = (&up.state_path, snapshot.generation) {
+            g.load_state_file(path, &empty);
+        }
+        Some((g, empty))
+    }
+
+    /// The state file's parts for `lines`, written to the zone (master only).
+    fn load_state_file(&mut self, path: &str, lines: &[usize]) {
+        let up = self.up;
+        let Some(saved) = load_state(up, path, self.zone.zone().capacity()) else {
+            return;
+        };
+        let mut filled = Vec::new();
+        for &i in lines {
+            let query = &up.lines[i].settings.query;
+            if let Some(src) = saved.sources.iter().find(|s| s.query == *query) {
+                let part = &mut self.parts[i];
+                part.published = src.peers.clone();
+                part.good = src.peers.clone();
+                part.confirmed_unix = src.confirmed_at;
+                part.saved_unix = src.confirmed_at;
+                part.kind = SetKind::StateFile;
+                filled.push(i);
+            }
+        }
+        if filled.is_empty() {
+            return;
+        }
+        let merged = self.merged(None);
+        let Some(generation) = self.write(&merged) else {
+            return;
+        };
+        log::notice(&format!(
+            "{}{} from state file \"{path}\" (generation {generation})",
+            up.prefix(),
+            count(merged.len())
+        ));
+        let now_unix = ffi::unix_now();
+        let _guard = self.zone.lock();
+        for i in filled {
+            let part = &self.parts[i];
+            let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
+            self.zone.zone().update_line(up.lines[i].tag, |rec| {
+                rec.kind = kind as u32;
+                rec.confirmed_unix = confirmed;
+                rec.peers = peers as u32;
+                rec.changed_unix = now_unix;
+            });
+        }
+    }
+
+    /// The master's lookup for line `line` (see [`Group::prefill`]), decided and
+    /// logged as worker 0 decides an answer, and recorded in the zone, where
+    /// worker 0 goes on from.
+    /// Returns when worker 0 should ask next (ms), as for any answer.
+    pub(crate) fn prefill_apply(&mut self, line: usize, result: Resolved) -> u64 {
+        let mut tracker = self.tracker(line);
+        self.apply(line, &mut tracker, result)
+    }
+
+    pub(crate) fn upstream(&self) -> &'static Upstream {
+        self.up
+    }
+
+    pub(crate) fn line_settings(&self, line: usize) -> &'static consul_core::settings::Settings {
+        &self.up.lines[line].settings
+    }
+
+    /// A line's policy tracker, aware of how old its carried-over part is, and
+    /// of the streak its record holds (the master, or the previous worker 0,
+    /// logged its first line).
     fn tracker(&self, line: usize) -> Tracker {
-        let mut t = Tracker::new(&self.up.name, &self.up.lines[line].settings);
+        let l = &self.up.lines[line];
+        let mut t = Tracker::new(&self.up.name, &l.settings);
         let part = &self.parts[line];
+        let (now_ms, now_unix) = (ffi::current_msec(), ffi::unix_now());
         if !part.published.is_empty() {
-            let age_ms = ffi::unix_now()
+            let age_ms = now_unix
                 .saturating_sub(part.confirmed_unix)
                 .saturating_mul(1000);
-            t.loaded(ffi::current_msec().saturating_sub(age_ms));
+            t.loaded(now_ms.saturating_sub(age_ms));
+        }
+        if let Some(rec) = self.zone.zone().line(l.tag) {
+            t.resume(&rec, now_ms, now_unix);
         }
         t
     }
@@ -565,14 +630,12 @@ impl Group {
     fn write(&mut self, set: &[(Peer, u32)]) -> Option<u64> {
         let written = {
             let guard = self.zone.lock();
-            if guard.zone().writer() != self.pid {
+            let z = guard.zone();
+            if !self.master && z.writer() != self.pid {
                 None
             } else {
-                Some(
-                    guard
-                        .zone()
-                        .publish(set, ffi::unix_now(), ffi::current_msec()),
-                )
+                let set = self.with_others(z, set);
+                Some(z.publish(&set, ffi::unix_now(), ffi::current_msec()))
             }
         };
         match written {
@@ -738,6 +801,41 @@ impl Group {
         (outcome, Lookup::Oversize, reason)
     }
 
+    /// `set` with the zone's peers of lines this process does not follow but the
+    /// zone keeps a record for: lines a reload added, which the master filled
+    /// while the previous worker 0 still writes (the next worker 0 takes them
+    /// over; it dropped the records of removed lines before it writes).
+    fn with_others<'s>(&self, z: &Zone<'_>, set: &'s [(Peer, u32)]) -> Cow<'s, [(Peer, u32)]> {
+        // Records name tag 0 as 1 (0 marks a free record).
+        let ours = |tag: u32| self.up.lines.iter().any(|l| l.tag.max(1) == tag);
+        // Usually none: only the records are looked at then.
+        let others: Vec<u32> = z
+            .lines()
+            .iter()
+            .map(|r| r.tag)
+            .filter(|&t| !ours(t))
+            .collect();
+        if others.is_empty() {
+            return Cow::Borrowed(set);
+        }
+        let Some(snapshot) = z.read() else {
+            return Cow::Borrowed(set);
+        };
+        let others: Vec<(Peer, u32)> = snapshot
+            .peers
+            .iter()
+            .filter(|sp| others.contains(&sp.tag.max(1)))
+            .map(|sp| (sp.peer, sp.tag))
+            .collect();
+        if others.is_empty() {
+            return Cow::Borrowed(set);
+        }
+        let mut all = set.to_vec();
+        all.extend(others);
+        canonicalize_by(&mut all, |(p, _)| p);
+        Cow::Owned(all)
+    }
+
     /// Makes `part` line `line`'s share of the upstream and writes the merged set.
     fn publish(&mut self, line: usize, part: Vec<Peer>) {
         let merged = self.merged(Some((line, &part)));
@@ -810,12 +908,12 @@ impl Group {
     fn save_state(&mut self) {
         let up = self.up;
         let Some(path) = &up.state_path else { return };
-        if self.stopped || self.zone.zone().writer() != self.pid {
+        if self.master || self.stopped || self.zone.zone().writer() != self.pid {
             return;
         }
         let lagging = self.parts.iter().zip(&up.lines).any(|(part, l)| {
-            let lag = l.settings.max_stale_ms.map_or(STATE_CONFIRM_LAG_S, |ms| {
-                (ms / 4000).clamp(1, STATE_CONFIRM_LAG_S)
+            let lag = l.settings.max_stale_ms.map_or(state::CONFIRM_LAG_S, |ms| {
+                (ms / 4000).clamp(1, state::CONFIRM_LAG_S)
             });
             !part.good.is_empty() && part.confirmed_unix >= part.saved_unix + lag
         });
@@ -838,21 +936,55 @@ impl Group {
             saved_at: ffi::unix_now(),
             sources,
         };
-        let result = state::save(Path::new(path), &saved);
+        let me = (instance(), self.pid);
+        let result = state::save_exclusive(
+            Path::new(path),
+            &saved,
+            me,
+            ffi::unix_now(),
+            state::process_exists,
+        );
+        match result {
+            // Another process saves this moment, or another nginx instance
+            // writes the file (a binary upgrade): the next answer tries again.
+            Ok(Exclusive::Busy) => return,
+            Ok(Exclusive::Deferred(writer)) => {
+                if self.state_deferred != Some(writer.pid) {
+                    self.state_deferred = Some(writer.pid);
+                    log::notice(&format!(
+                        "{}state file \"{path}\" is written by process {} of nginx master {}, not by this process meanwhile",
+                        up.prefix(),
+                        writer.pid,
+                        writer.master
+                    ));
+                }
+                return;
+            }
+            _ => {}
+        }
         // Tried: the next change, or the next lag, tries again.
         self.state_dirty = false;
+        self.state_held |= result.is_ok();
         for part in &mut self.parts {
             part.saved_unix = part.confirmed_unix;
         }
         match result {
-            Ok(()) if self.state_failing => {
+            Ok(_) if self.state_deferred.is_some() => {
+                self.state_failing = false;
+                log::notice(&format!(
+                    "{}state file \"{path}\" taken over from process {}",
+                    up.prefix(),
+                    self.state_deferred.take().unwrap_or_default()
+                ));
+            }
+            Ok(_) if self.state_failing => {
                 self.state_failing = false;
                 log::notice(&format!(
                     "{}state file \"{path}\" written again",
                     up.prefix()
                 ));
             }
-            Ok(()) => log::debug(&format!("{}state file \"{path}\" written", up.prefix())),
+            Ok(_) => log::debug(&format!("{}state file \"{path}\" written", up.prefix())),
             Err(err) if !self.state_failing => {
                 self.state_failing = true;
                 log::error(&format!(
@@ -863,6 +995,71 @@ impl Group {
             Err(_) => {}
         }
     }
+
+    /// Gives up this process's claim on the state file, if it has one.
+    fn release_state(&mut self) {
+        if let (true, Some(path)) = (self.state_held, &self.up.state_path) {
+            self.state_held = false;
+            let _ = state::release(Path::new(path), self.pid);
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.release_state();
+    }
+}
+
+/// The nginx instance this process belongs to, which names a state file's
+/// writer across instances (see `consul_core::state::save_exclusive`): the
+/// master's pid, or the single process's under `master_process off`.
+fn instance() -> i64 {
+    // SAFETY: plain read of a process global.
+    if unsafe { ngx::ffi::ngx_process } == ngx::ffi::NGX_PROCESS_WORKER as usize {
+        // SAFETY: getppid cannot fail.
+        i64::from(unsafe { libc::getppid() })
+    } else {
+        ffi::pid()
+    }
+}
+
+/// Each line's part as the zone holds it (a reload or respawn keeps the set;
+/// the master filled a fresh zone from the state file or its own lookup).
+fn parts_of(up: &Upstream, z: &Zone<'_>, snapshot: &Snapshot) -> Vec<Part> {
+    let now_unix = ffi::unix_now();
+    up.lines
+        .iter()
+        .map(|l| {
+            let peers: Vec<Peer> = snapshot
+                .peers
+                .iter()
+                .filter(|sp| sp.tag == l.tag)
+                .map(|sp| sp.peer)
+                .collect();
+            let rec = z.line(l.tag).unwrap_or_default();
+            let kind = match SetKind::from_u32(rec.kind) {
+                SetKind::None if !peers.is_empty() => SetKind::Live,
+                kind => kind,
+            };
+            // A part without a recorded confirmation counts as confirmed now.
+            let confirmed = if rec.confirmed_unix > 0 || peers.is_empty() {
+                rec.confirmed_unix
+            } else {
+                now_unix
+            };
+            Part {
+                good: peers.clone(),
+                published: peers,
+                confirmed_unix: confirmed,
+                saved_unix: 0,
+                kind,
+                last_ignored: Ignored::default(),
+                truncated: None,
+                index: rec.index,
+            }
+        })
+        .collect()
 }
 
 /// The state file's parts for a fresh zone (a start, not a reload), if usable.

@@ -8,6 +8,8 @@
 //! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`exchange`]:
 //!   their DNS queries, one TCP connection per resolver;
 //! - [`api`]: `api=` lines, Consul's HTTP API with blocking queries;
+//! - [`prefill`] and [`sync_resolve`]: the master fills the zones before it forks
+//!   workers (state file, one bounded lookup);
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
 //! - [`balancer`]: the per-connection peer callbacks;
 //! - [`status`]: the library's http module, `consul_upstream_status` (JSON and
@@ -38,10 +40,12 @@ mod ffi;
 mod listening;
 mod log;
 mod methods;
+mod prefill;
 mod resolve;
 mod runtime;
 mod sockaddr;
 mod status;
+mod sync_resolve;
 #[cfg(ngx_feature = "ssl")]
 mod tls;
 mod upstream;
@@ -100,6 +104,7 @@ pub static mut ngx_stream_consul_upstream_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of_mut!(CTX) as *mut c_void,
     commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
     type_: NGX_STREAM_MODULE as ngx_uint_t,
+    init_module: Some(prefill::init_module),
     init_process: Some(discovery::init_process),
     exit_process: Some(discovery::exit_process),
     ..ngx_module_t::default()

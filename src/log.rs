@@ -1,6 +1,8 @@
 //! Log lines in nginx's voice, on the cycle's log (not tied to a connection).
 
-use ngx::ffi::{NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN};
+use std::cell::Cell;
+
+use ngx::ffi::{ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN};
 
 use consul_core::policy::Level;
 
@@ -12,8 +14,35 @@ pub fn level_of(level: Level) -> u32 {
     }
 }
 
+thread_local! {
+    /// Where log lines go instead of the running cycle's log (see [`to`]).
+    static TARGET: Cell<*mut ngx_log_t> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Runs `f` with its log lines going to `log`: the master logs to the cycle it
+/// is setting up (its `error_log`), not to the one still running.
+pub fn to<T>(log: *mut ngx_log_t, f: impl FnOnce() -> T) -> T {
+    struct Restore(*mut ngx_log_t);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            TARGET.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(TARGET.with(|t| t.replace(log)));
+    f()
+}
+
+fn target() -> *mut ngx_log_t {
+    let log = TARGET.with(Cell::get);
+    if log.is_null() {
+        crate::ffi::cycle_log()
+    } else {
+        log
+    }
+}
+
 pub fn log(level: u32, msg: &str) {
-    let log = crate::ffi::cycle_log();
+    let log = target();
     if log.is_null() {
         return;
     }
@@ -43,7 +72,7 @@ pub fn info(msg: &str) {
 /// A debug line (stream mask), as nginx's own balancers write one in every
 /// step; compiled to nothing unless nginx was built `--with-debug`.
 pub fn debug(msg: &str) {
-    let log = crate::ffi::cycle_log();
+    let log = target();
     if log.is_null() {
         return;
     }

@@ -14,6 +14,7 @@ use hickory_resolver::proto::rr::{Name, RecordType};
 use consul_core::answer::{
     by_name, chain_addresses, may_be_trimmed, Ignored, OwnAddresses, Record, RecordData, SrvAnswer,
 };
+use consul_core::exchange::rcode_name;
 use consul_core::message::convert;
 use consul_core::settings::{Settings, Transport};
 use consul_core::Peer;
@@ -111,7 +112,7 @@ impl LineResolver {
                 ResponseCode::NoError => {}
                 ResponseCode::NXDomain => return Resolved::Empty { nxdomain: true },
                 code => {
-                    errors.push(format!("{addr} answered {}", rcode_name(code)));
+                    errors.push(format!("{addr} answered {}", rcode_name(u16::from(code))));
                     continue;
                 }
             }
@@ -245,7 +246,12 @@ impl LineResolver {
                 }
                 ResponseCode::NXDomain => (1, format!("{addr} answered NXDOMAIN")),
                 ResponseCode::Refused => (2, format!("{addr} answered REFUSED")),
-                code => return FollowUp::Failed(format!("{addr} answered {}", rcode_name(code))),
+                code => {
+                    return FollowUp::Failed(format!(
+                        "{addr} answered {}",
+                        rcode_name(u16::from(code))
+                    ))
+                }
             };
             if reason.0 > why.0 {
                 why = reason;
@@ -257,23 +263,4 @@ impl LineResolver {
             FollowUp::Found(ips)
         }
     }
-}
-
-/// A response code as dig shows it (RFC 1035, 2136).
-fn rcode_name(code: ResponseCode) -> String {
-    let code = u16::from(code);
-    let name = match code {
-        1 => "FORMERR",
-        2 => "SERVFAIL",
-        3 => "NXDOMAIN",
-        4 => "NOTIMP",
-        5 => "REFUSED",
-        6 => "YXDOMAIN",
-        7 => "YXRRSET",
-        8 => "NXRRSET",
-        9 => "NOTAUTH",
-        10 => "NOTZONE",
-        _ => return format!("rcode {code}"),
-    };
-    name.to_string()
 }

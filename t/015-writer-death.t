@@ -51,7 +51,10 @@ upstream redis {
 }
 --- check
 ok(wait_for_backends([6380, 6381]), 'both discovered');
-my ($w0) = grep { _is_worker0($_) } nginx_worker_pids();
+# (The master found the set before the workers started; worker 0 asks next one
+# interval later.)
+my $w0;
+wait_until(sub { ($w0) = grep { _is_worker0($_) } nginx_worker_pids(); $w0 }, 5);
 sub _is_worker0 {
     my $pid = shift;
     # worker 0 is the one that queries: it holds the TCP connection to BIND

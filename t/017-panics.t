@@ -58,7 +58,8 @@ upstream redis {
     consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
 }
 --- check
-ok(wait_for_log(qr/\[warn\] .*resolving redis\.service\.yunlu_office\.consul failed: internal error in the DNS client \(panic\)$/m, 4),
+# (The master's lookup before the workers started gave the set: it is kept.)
+ok(wait_for_log(qr/\[warn\] .*resolving redis\.service\.yunlu_office\.consul failed: internal error in the DNS client \(panic\), keeping 1 peer$/m, 4),
    'reported as a failed lookup');
 ok(wait_for_backends([6380], first_set => 0, timeout => 4), 'the next lookup works');
 ok(wait_for_log(qr/resolver recovered after 1 failed attempts/, 2), 'recovery noticed');
@@ -91,5 +92,29 @@ is_deeply([nginx_worker_pids()], \@before, 'the same worker serves');
 --- allow_alert
 --- error_log
 balancer callback failed (panic)
+--- no_error_log
+exited on signal
+
+
+
+=== TEST 4: the master's fill before the workers start panics: said, nginx starts, worker 0 discovers
+--- workers: 2
+--- setup
+# In nginx's own environment: the master sees it (the workers do not).
+$ENV{NGX_CONSUL_FAULT} = 'prefill';
+--- dns
+instance redis.service.yunlu_office.consul 127.0.0.1:6380
+--- backends: 6380
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- check
+delete $ENV{NGX_CONSUL_FAULT};
+ok(wait_for_log(qr/\[alert\] .*consul upstream: filling the zones before the workers start failed \(panic\)/, 4),
+   'the panic is reported');
+ok(wait_for_backends([6380], first_set => 0, timeout => 4), 'worker 0 discovers as before');
+is(scalar(nginx_worker_pids()), 2, 'both workers run');
+--- allow_alert
 --- no_error_log
 exited on signal

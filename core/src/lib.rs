@@ -7,6 +7,8 @@
 //! - [`http`]: an HTTP/1.1 GET and its response, read with bounds.
 //! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
 //! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
+//! - [`exchange`]: one line's lookup at one resolver as bytes in and out (the master's
+//!   bounded lookup before it forks workers).
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
@@ -16,6 +18,7 @@
 pub mod answer;
 pub mod api;
 pub mod blocking;
+pub mod exchange;
 pub mod health;
 pub mod http;
 pub mod least;

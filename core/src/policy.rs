@@ -128,6 +128,25 @@ impl Tracker {
         self.last_good_ms = Some(confirmed_ms);
     }
 
+    /// Goes on with the streak a line's record holds (kind, count, start):
+    /// another process began it and logged its first line — the master's lookup
+    /// before the workers started, or the previous worker 0 before a reload or
+    /// a respawn. This one logs only its end (`resolver recovered after ...`).
+    pub fn resume(&mut self, record: &crate::zone::LineStatus, now_ms: u64, now_unix: u64) {
+        use crate::zone::StreakKind;
+        let count = record.streak_count.max(1);
+        self.streak = match record.streak_kind {
+            k if k == StreakKind::Empty as u32 => Streak::Empty,
+            k if k == StreakKind::Failed as u32 => Streak::Failed(count),
+            k if k == StreakKind::Oversize as u32 => Streak::Oversize(count),
+            _ => return,
+        };
+        let age_ms = now_unix
+            .saturating_sub(record.streak_since_unix)
+            .saturating_mul(1000);
+        self.streak_since_ms = Some(now_ms.saturating_sub(age_ms));
+    }
+
     /// When the set was last confirmed by a non-empty answer (or loaded).
     pub fn last_good_ms(&self) -> Option<u64> {
         self.last_good_ms
@@ -615,5 +634,50 @@ mod tests {
             .contains("no successful answer for 8s (max_stale)"));
         // Once dropped, the backoff is the backoff again.
         assert!(d.next_ms > 1_000);
+    }
+    #[test]
+    fn a_streak_begun_elsewhere_is_not_logged_again() {
+        use crate::zone::{LineStatus, StreakKind};
+        let mut t = tracker("");
+        let record = LineStatus {
+            streak_kind: StreakKind::Failed as u32,
+            streak_count: 1,
+            streak_since_unix: 1_000,
+            ..LineStatus::default()
+        };
+        t.resume(&record, 50_000, 1_003);
+        let d = t.on_outcome(Outcome::Failed("timed out".into()), 2, 51_000, 0);
+        assert_eq!(d.log, None, "the master said it already");
+        assert_eq!(t.streak().count, 2);
+        assert_eq!(t.streak().since_ms, Some(47_000));
+        let d = t.on_outcome(Outcome::Peers(peers(2)), 2, 52_000, 0);
+        assert_eq!(
+            d.log,
+            Some((
+                Level::Notice,
+                "consul upstream \"redis\": resolver recovered after 2 failed attempts".into()
+            ))
+        );
+        // An empty streak, and none at all.
+        let mut t = tracker("");
+        t.resume(
+            &LineStatus {
+                streak_kind: StreakKind::Empty as u32,
+                ..LineStatus::default()
+            },
+            9,
+            9,
+        );
+        assert_eq!(
+            t.on_outcome(Outcome::Empty { nxdomain: true }, 1, 10, 0)
+                .log,
+            None
+        );
+        let mut t = tracker("");
+        t.resume(&LineStatus::default(), 9, 9);
+        assert!(t
+            .on_outcome(Outcome::Empty { nxdomain: true }, 1, 10, 0)
+            .log
+            .is_some());
     }
 }

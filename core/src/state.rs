@@ -6,6 +6,9 @@
 //! symbolic link, mode 0644) and renamed into place. A truncated, corrupt or
 //! foreign file, or one that is not a regular file, fails to load with a reason;
 //! it is reported and ignored.
+//!
+//! `PATH.lock` names the nginx instance that writes the file, so that two of them
+//! (a live binary upgrade) do not both write it: see [`save_exclusive`].
 
 use std::fs;
 use std::io::{Read, Write};
@@ -233,6 +236,207 @@ fn max_size(max_peers: usize) -> usize {
     64 * 1024 + max_peers.saturating_mul(MAX_PEER_JSON)
 }
 
+/// The state file is rewritten at the latest when the confirmation it holds is
+/// this old (or a quarter of `max_stale`, if shorter), while answers confirm
+/// the set: a restart during an outage knows the set's age to within that.
+pub const CONFIRM_LAG_S: u64 = 60;
+
+/// How long a writer's claim on a state file lasts without a save renewing it:
+/// longer than [`CONFIRM_LAG_S`], so that a live writer keeps its claim while
+/// answers come. A writer that stops gives its claim up ([`release`]); this is
+/// for one that could not (stopped by a debugger, killed in the middle).
+pub const WRITER_LEASE_S: u64 = CONFIRM_LAG_S * 5 / 2;
+
+/// The process that last wrote a state file, as the file's lock file names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Writer {
+    /// The nginx instance: its master's pid (the single process's pid under
+    /// `master_process off`). Within one instance the zone decides who writes.
+    pub master: i64,
+    pub pid: i64,
+    /// When it last wrote (Unix seconds).
+    pub at: u64,
+}
+
+const WRITER_LINE: &str = "ngx-consul-state-writer";
+
+impl Writer {
+    fn line(&self) -> String {
+        format!(
+            "{WRITER_LINE} master={} pid={} at={}\n",
+            self.master, self.pid, self.at
+        )
+    }
+
+    fn parse(text: &str) -> Option<Writer> {
+        let mut words = text.split_whitespace();
+        if words.next() != Some(WRITER_LINE) {
+            return None;
+        }
+        let mut field = |key: &str| {
+            words
+                .next()?
+                .strip_prefix(key)?
+                .strip_prefix('=')?
+                .parse::<u64>()
+                .ok()
+        };
+        let master = field("master")?;
+        let pid = field("pid")?;
+        let at = field("at")?;
+        Some(Writer {
+            master: i64::try_from(master).ok()?,
+            pid: i64::try_from(pid).ok()?,
+            at,
+        })
+    }
+
+    /// Whether `me` (master, pid) may write after this writer, at `now`.
+    pub fn yields_to(&self, me_master: i64, now: u64, alive: impl Fn(i64) -> bool) -> bool {
+        self.master == me_master
+            || !alive(self.pid)
+            || now >= self.at.saturating_add(WRITER_LEASE_S)
+    }
+}
+
+/// What [`save_exclusive`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exclusive {
+    Written,
+    /// Another process is saving this very moment (its lock is held): ask again later.
+    Busy,
+    /// Another nginx instance writes this file; this one does not meanwhile.
+    Deferred(Writer),
+}
+
+/// The lock file next to a state file: `PATH.lock`.
+pub fn lock_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    p.into()
+}
+
+/// [`save`], by one nginx instance at a time. Two instances follow the same
+/// upstream with the same file during a live binary upgrade (USR2): the old
+/// binary's worker 0 and the new one's both run discovery until the old one
+/// quits. `PATH.lock` names the writer; an advisory lock (flock, held only for
+/// this call) makes the check and the write one step. The file goes on being
+/// written by the instance that wrote it, until that one's writer gives it up
+/// ([`release`]), is gone, or has not written for [`WRITER_LEASE_S`]; then the
+/// next instance takes over
+/// (the new binary after the old one quit, or the old one again when the new
+/// one was stopped to roll back). `me` is (master, pid); `alive` says whether
+/// a pid still runs.
+pub fn save_exclusive(
+    path: &Path,
+    saved: &Saved,
+    me: (i64, i64),
+    now: u64,
+    alive: impl Fn(i64) -> bool,
+) -> std::io::Result<Exclusive> {
+    let lock = lock_path(path);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&lock)
+        .map_err(|e| match e.kind() {
+            // No directory: the reason for the state file as well.
+            std::io::ErrorKind::NotFound => e,
+            kind => std::io::Error::new(kind, format!("lock file \"{}\": {e}", lock.display())),
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "lock file \"{}\" is not a regular file",
+            lock.display()
+        )));
+    }
+    // SAFETY: flock on a descriptor this function owns; released when it closes.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let err = std::io::Error::last_os_error();
+        return match err.kind() {
+            std::io::ErrorKind::WouldBlock => Ok(Exclusive::Busy),
+            _ => Err(err),
+        };
+    }
+    let mut text = String::new();
+    // A lock file that is not ours to read (garbage) names no writer.
+    let _ = (&mut file).take(256).read_to_string(&mut text);
+    let (master, pid) = me;
+    if let Some(holder) = Writer::parse(&text) {
+        if holder.pid != pid && !holder.yields_to(master, now, alive) {
+            return Ok(Exclusive::Deferred(holder));
+        }
+    }
+    save(path, saved)?;
+    let line = Writer {
+        master,
+        pid,
+        at: now,
+    }
+    .line();
+    file.set_len(0)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, line.as_bytes(), 0)?;
+    Ok(Exclusive::Written)
+}
+
+/// Gives up the claim on `path` that [`save_exclusive`] recorded for process
+/// `pid`, if it is still this process's: the process stops writing (it exits,
+/// or its nginx shuts down gracefully), and another instance need not wait for
+/// the lease to run out. Nothing happens when the lock is held this moment or
+/// names another process.
+pub fn release(path: &Path, pid: i64) -> std::io::Result<()> {
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(lock_path(path))
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        other => other?,
+    };
+    if !file.metadata()?.is_file() {
+        return Ok(());
+    }
+    // SAFETY: flock on a descriptor this function owns; released when it closes.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Ok(());
+    }
+    let mut text = String::new();
+    let _ = (&file).take(256).read_to_string(&mut text);
+    if Writer::parse(&text).is_some_and(|w| w.pid == pid) {
+        file.set_len(0)?;
+    }
+    Ok(())
+}
+
+/// Whether process `pid` exists (one of another user counts: kill says EPERM).
+pub fn process_exists(pid: i64) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let sent = unsafe { libc::kill(pid, 0) } == 0;
+    sent || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,5 +611,135 @@ mod tests {
             decode(&v3, "redis", 10).unwrap_err(),
             "source 1 has no confirmed_at"
         );
+    }
+    #[test]
+    fn one_instance_writes_until_its_writer_is_gone_or_silent() {
+        let dir = tmpdir("exclusive");
+        let path = dir.join("redis.state");
+        let all_alive = |_: i64| true;
+        let old = (100, 101);
+        let new = (200, 201);
+        assert_eq!(
+            save_exclusive(&path, &sample(), old, 1_000, all_alive).unwrap(),
+            Exclusive::Written
+        );
+        assert_eq!(load(&path, "redis", 100).unwrap(), Some(sample()));
+        let holder = Writer {
+            master: 100,
+            pid: 101,
+            at: 1_000,
+        };
+        // The new binary's worker 0 waits while the old one writes...
+        assert_eq!(
+            save_exclusive(&path, &sample(), new, 1_010, all_alive).unwrap(),
+            Exclusive::Deferred(holder)
+        );
+        // ...and the old one goes on, as does a later worker 0 of its own master.
+        assert_eq!(
+            save_exclusive(&path, &sample(), old, 1_020, all_alive).unwrap(),
+            Exclusive::Written
+        );
+        assert_eq!(
+            save_exclusive(&path, &sample(), (100, 102), 1_030, all_alive).unwrap(),
+            Exclusive::Written
+        );
+        // The writer's process is gone: the next one takes over at once.
+        let gone = |pid: i64| pid != 102;
+        assert_eq!(
+            save_exclusive(&path, &sample(), new, 1_031, gone).unwrap(),
+            Exclusive::Written
+        );
+        // Now the old instance (a roll back) waits for the new one...
+        assert_eq!(
+            save_exclusive(&path, &sample(), old, 1_040, all_alive).unwrap(),
+            Exclusive::Deferred(Writer {
+                master: 200,
+                pid: 201,
+                at: 1_031
+            })
+        );
+        // ...until it has not written for the lease.
+        assert_eq!(
+            save_exclusive(&path, &sample(), old, 1_031 + WRITER_LEASE_S, all_alive).unwrap(),
+            Exclusive::Written
+        );
+        let text = fs::read_to_string(lock_path(&path)).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "ngx-consul-state-writer master=100 pid=101 at={}\n",
+                1_031 + WRITER_LEASE_S
+            )
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_writer_that_stops_lets_the_next_one_write_at_once() {
+        let dir = tmpdir("release");
+        let path = dir.join("redis.state");
+        let alive = |_: i64| true;
+        assert_eq!(
+            release(&path, 101).ok(),
+            Some(()),
+            "no lock file: nothing to do"
+        );
+        assert_eq!(
+            save_exclusive(&path, &sample(), (100, 101), 10, alive).unwrap(),
+            Exclusive::Written
+        );
+        release(&path, 999).unwrap();
+        assert!(matches!(
+            save_exclusive(&path, &sample(), (200, 201), 11, alive).unwrap(),
+            Exclusive::Deferred(_)
+        ));
+        release(&path, 101).unwrap();
+        assert_eq!(
+            save_exclusive(&path, &sample(), (200, 201), 12, alive).unwrap(),
+            Exclusive::Written
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_held_lock_or_a_garbage_lock_file() {
+        let dir = tmpdir("held");
+        let path = dir.join("redis.state");
+        let lock = lock_path(&path);
+        fs::write(&lock, "garbage\n").unwrap();
+        assert_eq!(
+            save_exclusive(&path, &sample(), (1, 2), 5, |_| true).unwrap(),
+            Exclusive::Written
+        );
+        let f = fs::File::open(&lock).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) },
+            0
+        );
+        assert_eq!(
+            save_exclusive(&path, &sample(), (1, 2), 6, |_| true).unwrap(),
+            Exclusive::Busy
+        );
+        drop(f);
+        assert_eq!(
+            save_exclusive(&path, &sample(), (1, 2), 7, |_| true).unwrap(),
+            Exclusive::Written
+        );
+        // A link planted as the lock file is not followed.
+        fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(dir.join("victim"), &lock).unwrap();
+        assert!(save_exclusive(&path, &sample(), (1, 2), 8, |_| true).is_err());
+        assert!(!dir.join("victim").exists());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn processes_that_exist() {
+        assert!(process_exists(i64::from(std::process::id())));
+        assert!(process_exists(1), "init runs (as another user, too)");
+        assert!(!process_exists(0));
+        assert!(!process_exists(-1));
+        assert!(!process_exists(i64::MAX));
     }
 }

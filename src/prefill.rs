@@ -1,0 +1,131 @@
+//! Peers in the zone before any worker accepts. At start and at each reload,
+//! before it forks workers (`init_module`: after nginx has set up the cycle's
+//! zones and listening sockets, in the master, or in the single process under
+//! `master_process off`), the master fills each line's part of the zone when
+//! the zone holds nothing for it: from the state file when there is one, then
+//! with one lookup of its own, as nginx resolves static server names while it
+//! reads its configuration. All lines are looked up at once within [`BOUND`];
+//! with Consul down the start goes on with what the state file gave. A zone a
+//! reload reused holds its set already: nothing is asked for its lines. Worker 0
+//! goes on from what the master recorded in the zone: its first query of such a
+//! line comes when the master's answer says (`interval` later, or after the
+//! backoff a failure begins), and a failure streak the master logged is not
+//! logged again.
+//!
+//! Nothing of this runs under `nginx -t` (nor `-T`): a test stays fast and
+//! offline.
+
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use ngx::ffi::{ngx_cycle_t, ngx_int_t, NGX_OK};
+
+use crate::discovery::Group;
+use crate::upstream::{MainConf, Upstream};
+use crate::{ffi, listening, log, sync_resolve};
+
+/// All of the master's lookups together take at most this long (each query
+/// also within its line's `timeout`).
+pub const BOUND: Duration = Duration::from_secs(2);
+
+thread_local! {
+    /// When worker 0's first query of each line the master asked is due
+    /// (`ngx_current_msec`), by upstream and line tag. Set in the master before
+    /// it forks: the workers find it in their copy of its memory.
+    static DUE: RefCell<Vec<(*const Upstream, u32, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Milliseconds until the first query of line `tag` of `up` is due: 0 unless
+/// the master asked for it when it set up this cycle (long past for a worker 0
+/// respawned later).
+pub fn first_query_in_ms(up: &Upstream, tag: u32) -> u64 {
+    let now = ffi::current_msec();
+    DUE.with(|d| {
+        d.borrow()
+            .iter()
+            .find(|(u, t, _)| std::ptr::eq(*u, up) && *t == tag)
+            .map_or(0, |(_, _, due)| due.saturating_sub(now))
+    })
+}
+
+/// `init_module` of the stream module.
+pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: plain read of a process global set from the command line.
+    if unsafe { ngx::ffi::ngx_test_config } != 0 {
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: nginx passes the cycle it is setting up, fully configured.
+    let Some(cycle) = (unsafe { cycle.as_ref() }) else {
+        return NGX_OK as ngx_int_t;
+    };
+    log::to(cycle.log, || {
+        let filled = std::panic::catch_unwind(AssertUnwindSafe(|| fill(cycle)));
+        if filled.is_err() {
+            log::alert(
+                "consul upstream: filling the zones before the workers start failed (panic)",
+            );
+        }
+    });
+    NGX_OK as ngx_int_t
+}
+
+fn fill(cycle: &ngx_cycle_t) {
+    DUE.with(|d| d.borrow_mut().clear());
+    crate::fault::inject("prefill");
+    // SAFETY: a configured cycle.
+    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
+    // SAFETY: null, or this module's main conf, which lives as long as the cycle.
+    let Some(main) = (unsafe { main.as_ref() }) else {
+        return;
+    };
+    let mut groups: Vec<(Group, Vec<usize>)> = main
+        .upstreams
+        .iter()
+        .filter_map(|&up| {
+            // SAFETY: upstream confs live as long as the cycle.
+            let up: &'static Upstream = unsafe { &*up };
+            Group::prefill(up)
+        })
+        .collect();
+    let asked: Vec<(usize, usize)> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (group, lines))| {
+            // An api= line's query is a URL, not a DNS name: the state file
+            // only (see Group::prefill).
+            lines
+                .iter()
+                .filter(|&&l| group.upstream().lines[l].api.is_none())
+                .map(move |&l| (g, l))
+        })
+        .collect();
+    if asked.is_empty() {
+        return;
+    }
+    let settings: Vec<_> = asked
+        .iter()
+        .map(|&(g, l)| groups[g].0.line_settings(l))
+        .collect();
+    let own = listening::own_addresses(cycle);
+    let started = Instant::now();
+    let results = sync_resolve::lookup_all(&settings, &own, BOUND);
+    log::debug(&format!(
+        "consul upstream: {} lookups before the workers start took {}ms",
+        asked.len(),
+        started.elapsed().as_millis()
+    ));
+    // The clock nginx caches stood still while the master waited.
+    // SAFETY: what nginx's master calls in its own loop.
+    unsafe { ngx::ffi::ngx_time_update() };
+    for (&(g, l), result) in asked.iter().zip(results) {
+        let group = &mut groups[g].0;
+        let next_ms = group.prefill_apply(l, result);
+        let up = group.upstream();
+        let due = ffi::current_msec().saturating_add(next_ms);
+        DUE.with(|d| {
+            d.borrow_mut()
+                .push((up as *const Upstream, up.lines[l].tag, due))
+        });
+    }
+}
