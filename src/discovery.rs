@@ -27,7 +27,7 @@ use consul_core::zone::{Lookup, SetKind, Snapshot, StreakKind, Zone};
 use consul_core::Peer;
 
 use crate::api::Watch;
-use crate::exchange::Exchanges;
+use crate::dns_client::DnsClient;
 use crate::resolve::{LineResolver, Resolved, Truncation};
 use crate::upstream::{MainConf, Upstream};
 use crate::zone::{self, SharedZone};
@@ -43,13 +43,13 @@ struct Running {
     /// One loop per line; dropping a task stops its loop.
     loops: Vec<Task<()>>,
     /// The lines' DNS connections, one per resolver.
-    exchanges: Rc<Exchanges>,
+    dns: Rc<DnsClient>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.loops.clear();
-        self.exchanges.close();
+        self.dns.close();
         runtime::shutdown();
     }
 }
@@ -111,7 +111,7 @@ fn start(cycle: &ngx_cycle_t) {
         return;
     }
     let own = Rc::new(listening::own_addresses(cycle));
-    let exchanges = Rc::new(Exchanges::default());
+    let dns = Rc::new(DnsClient::default());
     let mut loops = Vec::new();
     for &up in &main.upstreams {
         // SAFETY: upstream confs live as long as the cycle that runs discovery.
@@ -126,7 +126,7 @@ fn start(cycle: &ngx_cycle_t) {
                     group.clone(),
                     line,
                     own.clone(),
-                    exchanges.clone(),
+                    dns.clone(),
                     cycle,
                 ))
             } else {
@@ -134,7 +134,7 @@ fn start(cycle: &ngx_cycle_t) {
                     group.clone(),
                     line,
                     own.clone(),
-                    exchanges.clone(),
+                    dns.clone(),
                     cycle,
                 ))
             };
@@ -146,13 +146,7 @@ fn start(cycle: &ngx_cycle_t) {
     if pool.allocate(CycleGuard { cycle }).is_null() {
         log::alert("consul upstream: no memory to tie discovery to its cycle");
     }
-    RUNNING.with(|r| {
-        *r.borrow_mut() = Some(Running {
-            cycle,
-            loops,
-            exchanges,
-        })
-    });
+    RUNNING.with(|r| *r.borrow_mut() = Some(Running { cycle, loops, dns }));
 }
 
 /// Under `master_process off`, a reload (HUP) builds a new cycle in the same
@@ -179,7 +173,7 @@ async fn line_loop(
     group: Rc<RefCell<Group>>,
     line: usize,
     own: Rc<OwnAddresses>,
-    exchanges: Rc<Exchanges>,
+    dns: Rc<DnsClient>,
     cycle: *const ngx_cycle_t,
 ) {
     let (up, mut tracker) = {
@@ -187,7 +181,7 @@ async fn line_loop(
         (g.up, g.tracker(line))
     };
     let settings = &up.lines[line].settings;
-    let mut resolver = LineResolver::new(settings, own.clone(), &exchanges);
+    let mut resolver = LineResolver::new(settings, own.clone(), &dns);
     // At once, unless the master has just asked (see crate::prefill).
     let mut delay_ms = crate::prefill::first_query_in_ms(up, up.lines[line].tag);
     loop {
@@ -203,7 +197,7 @@ async fn line_loop(
             .await
             .unwrap_or_else(|_| {
                 // hickory's state may be broken after a panic: start afresh.
-                resolver = LineResolver::new(settings, own.clone(), &exchanges);
+                resolver = LineResolver::new(settings, own.clone(), &dns);
                 Resolved::Failed("internal error in the DNS client (panic)".into())
             });
         let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -255,7 +249,7 @@ async fn api_loop(
     group: Rc<RefCell<Group>>,
     line: usize,
     own: Rc<OwnAddresses>,
-    exchanges: Rc<Exchanges>,
+    dns: Rc<DnsClient>,
     cycle: *const ngx_cycle_t,
 ) {
     let (up, mut tracker) = {
@@ -271,7 +265,7 @@ async fn api_loop(
             settings,
             conf,
             own,
-            &exchanges,
+            &dns,
             capacity,
             ffi::current_msec(),
         )

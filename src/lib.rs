@@ -5,7 +5,7 @@
 //!   worker's copy of its set) and the placeholder server;
 //! - [`conf`]: the `consul_upstream` directive and the checks of `stream {}`;
 //! - [`zone`]: each upstream's shared-memory zone (layout in `consul_core::zone`);
-//! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`exchange`]:
+//! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`dns_client`]:
 //!   their DNS queries, one TCP connection per resolver;
 //! - [`api`]: `api=` lines, Consul's HTTP API with blocking queries;
 //! - [`prefill`] and [`sync_resolve`]: the master fills the zones before it forks
@@ -34,7 +34,7 @@ mod api;
 mod balancer;
 mod conf;
 mod discovery;
-mod exchange;
+mod dns_client;
 mod fault;
 mod ffi;
 mod listening;

@@ -3,24 +3,28 @@
 //! sockets and one poll(2) loop, all within one deadline. The master runs no
 //! event loop while it reads its configuration, and a thread would not survive
 //! its fork: this is the synchronous path, built from the worker's pieces —
-//! core's [`Exchange`] asks and reads as the worker's resolver does. Every
-//! socket is closed before [`lookup_all`] returns.
+//! core's [`SrvLookup`] asks, and reads every answer by the same rules as
+//! worker 0 ([`consul_core::lookup`]). As in worker 0, the lines that ask one
+//! resolver share one TCP connection to it (a close after the server's last
+//! answer costs no lookup: what it caught is asked once more on a new one);
+//! UDP queries go out on a socket per lookup. Every socket is closed before
+//! [`lookup_all`] returns.
 //!
 //! Resolvers keep their order: a line takes the answer of its first resolver
 //! unless that one fails (the worker's failover), but all are asked at once, so
 //! that a resolver that never answers costs the line's `timeout` (capped by the
 //! deadline), not one `timeout` after another.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use consul_core::answer::OwnAddresses;
-use consul_core::exchange::{Exchange, Next, Outcome, Outgoing};
+use consul_core::lookup::{Failover, Next, Outcome, Outgoing, QueryIds, Resolved, SrvLookup};
 use consul_core::settings::{Settings, Transport};
 
-use crate::resolve::Resolved;
 use crate::sockaddr::SockaddrBuf;
 
 /// Sockets open at once; further lookups start as earlier ones end (the
@@ -34,11 +38,16 @@ const MAX_MESSAGE: usize = 65_535;
 /// that floods cannot hold the master past the deadline.
 const READS_PER_WAKE: usize = 64;
 
-/// One socket to one resolver.
+/// One socket to one resolver: UDP for one line's lookup, TCP shared by every
+/// line that asks the resolver (as worker 0 shares one connection per
+/// resolver: an agent, dnsmasq or BIND in front of it serves a fleet's hosts).
 struct Conn {
     fd: OwnedFd,
     tcp: bool,
     connecting: bool,
+    /// TCP: an answer came over it (a close then may have caught queries
+    /// sent after the server's last answer: they are asked once more).
+    answered: bool,
     /// TCP: length-prefixed queries not written yet.
     out: Vec<u8>,
     /// TCP: bytes read, not yet a whole message.
@@ -80,6 +89,7 @@ impl Conn {
             fd,
             tcp,
             connecting,
+            answered: false,
             out: Vec::new(),
             inbuf: Vec::new(),
         })
@@ -213,108 +223,28 @@ impl Conn {
 
 /// One line's lookup at one resolver.
 struct Attempt {
-    exchange: Exchange,
+    line: usize,
+    lookup: SrvLookup,
     tcp_first: bool,
     timeout: Duration,
     started: bool,
     udp: Option<Conn>,
-    tcp: Option<Conn>,
+    /// Queries sent over the resolver's shared TCP connection.
+    over_tcp: Vec<u16>,
+    /// Queries asked again after the server closed the connection they were on.
+    retried: Vec<u16>,
     /// The answer is due by then (renewed whenever a query goes out).
     due: Instant,
 }
 
 impl Attempt {
-    fn sockets(&self) -> usize {
-        usize::from(self.udp.is_some()) + usize::from(self.tcp.is_some())
-    }
-
-    fn fail(&mut self, reason: String) {
-        self.exchange.fail(reason);
-        self.close();
-    }
-
-    fn close(&mut self) {
-        self.udp = None;
-        self.tcp = None;
-    }
-
-    fn start(&mut self, now: Instant) {
-        self.started = true;
-        self.due = now + self.timeout;
-        if let Some(q) = self.exchange.start() {
-            self.send(q, self.tcp_first);
-        }
-    }
-
-    /// Sends `q` over TCP or UDP, opening the socket on first use.
-    fn send(&mut self, q: Outgoing, tcp: bool) {
-        let addr = self.exchange.server();
-        let slot = if tcp { &mut self.tcp } else { &mut self.udp };
-        if slot.is_none() {
-            match Conn::open(addr, tcp) {
-                Ok(c) => *slot = Some(c),
-                Err(e) => return self.fail(describe(&e, addr)),
-            }
-        }
-        let sent = slot.as_mut().map_or(Ok(()), |c| c.send(&q));
-        if let Err(e) = sent {
-            self.fail(describe(&e, addr));
-        }
-    }
-
-    /// Handles what poll reported for the UDP (`tcp` false) or TCP socket.
-    fn on_ready(&mut self, tcp: bool, revents: libc::c_short, own: &OwnAddresses, now: Instant) {
-        let addr = self.exchange.server();
-        let Some(conn) = (if tcp {
-            self.tcp.as_mut()
-        } else {
-            self.udp.as_mut()
-        }) else {
-            return;
-        };
-        if conn.connecting {
-            if revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) == 0 {
-                return;
-            }
-            if let Err(e) = conn.connected() {
-                return self.fail(describe(&e, addr));
-            }
-        } else if revents & libc::POLLOUT != 0 {
-            if let Err(e) = conn.flush() {
-                return self.fail(describe(&e, addr));
-            }
-        }
-        if revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) == 0 {
-            return;
-        }
-        let messages = match conn.receive() {
-            Ok(m) => m,
-            Err(e) => return self.fail(describe(&e, addr)),
-        };
-        for msg in messages {
-            match self.exchange.on_message(&msg, tcp, own) {
-                Next::Ignored => {}
-                Next::Send(queries) => {
-                    if !queries.is_empty() {
-                        self.due = now + self.timeout;
-                    }
-                    for q in queries {
-                        self.send(q, self.tcp_first);
-                    }
-                }
-                Next::Truncated(q) => {
-                    self.due = now + self.timeout;
-                    self.send(q, true);
-                }
-            }
-        }
-        if self.exchange.is_done() {
-            self.close();
-        }
+    fn active(&self) -> bool {
+        self.started && !self.lookup.is_done()
     }
 }
 
-/// hickory's words for a failed exchange (src/resolve.rs says the same).
+/// hickory's words for a failed exchange (worker 0 says the same, see
+/// `crate::dns_client::Failure`).
 fn describe(e: &io::Error, addr: SocketAddr) -> String {
     match e.raw_os_error() {
         Some(libc::ECONNREFUSED | libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ECONNRESET) => {
@@ -325,32 +255,208 @@ fn describe(e: &io::Error, addr: SocketAddr) -> String {
     }
 }
 
-/// The outcome of a line: its first resolver's answer, unless that one failed
-/// (then the next one's); `None` while that is not known yet.
-fn line_outcome(attempts: &[Attempt]) -> Option<Resolved> {
-    let mut reasons = Vec::new();
-    for a in attempts {
-        match a.exchange.outcome()? {
-            Outcome::Failed(reason) => reasons.push(reason.clone()),
-            answer => return Some(resolved(answer.clone())),
-        }
-    }
-    if reasons.is_empty() {
-        reasons.push("no usable resolver".into());
-    }
-    Some(Resolved::Failed(reasons.join(", ")))
+/// Every lookup of one run, and the TCP connections they share.
+struct Lookups<'a> {
+    attempts: Vec<Attempt>,
+    tcp: HashMap<SocketAddr, Conn>,
+    ids: QueryIds,
+    own: &'a OwnAddresses,
 }
 
-fn resolved(outcome: Outcome) -> Resolved {
-    match outcome {
-        Outcome::Peers { peers, ignored } => Resolved::Peers {
-            peers,
-            ignored,
-            truncated: None,
-        },
-        Outcome::Empty { nxdomain } => Resolved::Empty { nxdomain },
-        Outcome::Failed(reason) => Resolved::Failed(reason),
+impl Lookups<'_> {
+    fn sockets(&self) -> usize {
+        self.tcp.len() + self.attempts.iter().filter(|a| a.udp.is_some()).count()
     }
+
+    fn fail(&mut self, a: usize, reason: String) {
+        let attempt = &mut self.attempts[a];
+        attempt.lookup.fail(reason, self.own);
+        attempt.udp = None;
+    }
+
+    fn start(&mut self, a: usize, now: Instant) {
+        let attempt = &mut self.attempts[a];
+        attempt.started = true;
+        attempt.due = now + attempt.timeout;
+        if let Some(q) = attempt.lookup.start(&mut self.ids) {
+            let tcp = attempt.tcp_first;
+            self.send(a, q, tcp);
+        }
+    }
+
+    /// Sends `q` over TCP (the resolver's shared connection) or UDP (the
+    /// lookup's socket), opening the socket on first use.
+    fn send(&mut self, a: usize, q: Outgoing, tcp: bool) {
+        let addr = self.attempts[a].lookup.server();
+        let sent = if tcp {
+            let conn = match self.tcp.entry(addr) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => match Conn::open(addr, true) {
+                    Ok(c) => e.insert(c),
+                    Err(e) => return self.fail(a, describe(&e, addr)),
+                },
+            };
+            self.attempts[a].over_tcp.push(q.id);
+            conn.send(&q)
+        } else {
+            let attempt = &mut self.attempts[a];
+            if attempt.udp.is_none() {
+                match Conn::open(addr, false) {
+                    Ok(c) => attempt.udp = Some(c),
+                    Err(e) => return self.fail(a, describe(&e, addr)),
+                }
+            }
+            attempt.udp.as_mut().map_or(Ok(()), |c| c.send(&q))
+        };
+        if let Err(e) = sent {
+            if tcp {
+                self.tcp_failed(addr, &e);
+            } else {
+                self.fail(a, describe(&e, addr));
+            }
+        }
+    }
+
+    /// What a message means to lookup `a`.
+    fn on_message(&mut self, a: usize, msg: &[u8], over_tcp: bool, now: Instant) {
+        let attempt = &mut self.attempts[a];
+        match attempt
+            .lookup
+            .on_message(msg, over_tcp, self.own, &mut self.ids)
+        {
+            Next::Ignored => {}
+            Next::Send(queries) => {
+                if !queries.is_empty() {
+                    attempt.due = now + attempt.timeout;
+                }
+                let tcp = attempt.tcp_first;
+                for q in queries {
+                    self.send(a, q, tcp);
+                }
+            }
+            Next::AgainOverTcp(q) => {
+                attempt.due = now + attempt.timeout;
+                self.send(a, q, true);
+            }
+        }
+        if self.attempts[a].lookup.is_done() {
+            self.attempts[a].udp = None;
+        }
+    }
+
+    /// Handles what poll reported for lookup `a`'s UDP socket.
+    fn on_udp(&mut self, a: usize, revents: libc::c_short, now: Instant) {
+        let addr = self.attempts[a].lookup.server();
+        let Some(conn) = self.attempts[a].udp.as_mut() else {
+            return;
+        };
+        if revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) == 0 {
+            return;
+        }
+        let messages = match conn.receive() {
+            Ok(m) => m,
+            Err(e) => return self.fail(a, describe(&e, addr)),
+        };
+        for msg in messages {
+            self.on_message(a, &msg, false, now);
+        }
+    }
+
+    /// Handles what poll reported for the shared TCP connection to `addr`.
+    fn on_tcp(&mut self, addr: SocketAddr, revents: libc::c_short, now: Instant) {
+        let Some(conn) = self.tcp.get_mut(&addr) else {
+            return;
+        };
+        let ready = if conn.connecting {
+            if revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) == 0 {
+                return;
+            }
+            conn.connected()
+        } else if revents & libc::POLLOUT != 0 {
+            conn.flush()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = ready {
+            return self.tcp_failed(addr, &e);
+        }
+        if revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) == 0 {
+            return;
+        }
+        let messages = match conn.receive() {
+            Ok(m) => m,
+            Err(e) => return self.tcp_failed(addr, &e),
+        };
+        if !messages.is_empty() {
+            conn.answered = true;
+        }
+        for msg in messages {
+            if msg.len() < 2 {
+                continue;
+            }
+            let id = u16::from_be_bytes([msg[0], msg[1]]);
+            let owner = self
+                .attempts
+                .iter()
+                .position(|x| x.active() && x.lookup.server() == addr && x.lookup.awaits(id));
+            if let Some(a) = owner {
+                self.on_message(a, &msg, true, now);
+            }
+        }
+    }
+
+    /// The TCP connection to `addr` failed or was closed. What it carried for
+    /// lookups that wait is asked once more on a new connection if the server
+    /// had answered on it before (it closes after so many queries, or when
+    /// idle, as Consul's DNS server does); otherwise, or the second time, those
+    /// lookups fail.
+    fn tcp_failed(&mut self, addr: SocketAddr, e: &io::Error) {
+        let Some(conn) = self.tcp.remove(&addr) else {
+            return;
+        };
+        let reused = conn.answered;
+        drop(conn);
+        let reason = describe(e, addr);
+        for a in 0..self.attempts.len() {
+            let attempt = &mut self.attempts[a];
+            if !attempt.active() || attempt.lookup.server() != addr {
+                continue;
+            }
+            let caught: Vec<Outgoing> = attempt
+                .lookup
+                .pending()
+                .into_iter()
+                .filter(|q| attempt.over_tcp.contains(&q.id))
+                .collect();
+            if caught.is_empty() {
+                continue;
+            }
+            if !reused || caught.iter().any(|q| attempt.retried.contains(&q.id)) {
+                self.fail(a, reason.clone());
+                continue;
+            }
+            attempt.retried.extend(caught.iter().map(|q| q.id));
+            crate::log::debug(&format!(
+                "consul upstream: DNS connection to {addr} closed ({reason}), asking again"
+            ));
+            for q in caught {
+                self.send(a, q, true);
+            }
+        }
+    }
+}
+
+/// The outcome of a line: its first resolver's answer, unless that one failed
+/// (then the next one's); `None` while that is not known yet.
+fn line_outcome(attempts: &[Attempt], of_line: &[usize]) -> Option<Resolved> {
+    let mut failover = Failover::default();
+    for &a in of_line {
+        match attempts[a].lookup.outcome()? {
+            Outcome::Failed(reason) => failover.failed(reason.clone()),
+            Outcome::Answer(resolved) => return Some(resolved.clone()),
+        }
+    }
+    Some(failover.result())
 }
 
 /// Looks up every line (its query at its resolvers, with its transport and
@@ -358,90 +464,95 @@ fn resolved(outcome: Outcome) -> Resolved {
 pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> Vec<Resolved> {
     let start = Instant::now();
     let deadline = start + bound;
-    // Random ids, as any resolver's: a stray datagram must not pass for an answer.
-    let mut next_id = ngx::ffi::ngx_random() as u16;
-    let mut jobs: Vec<Vec<Attempt>> = lines
-        .iter()
-        .map(|s| {
-            s.resolvers
-                .iter()
-                .map(|&addr| {
-                    let id = next_id;
-                    next_id = next_id.wrapping_add(0x100);
-                    Attempt {
-                        exchange: Exchange::new(&s.query, addr, id),
-                        tcp_first: s.transport == Transport::Tcp,
-                        timeout: Duration::from_millis(s.timeout_ms),
-                        started: false,
-                        udp: None,
-                        tcp: None,
-                        due: deadline,
-                    }
-                })
-                .collect()
-        })
-        .collect();
+    let mut run = Lookups {
+        attempts: Vec::new(),
+        tcp: HashMap::new(),
+        // Random ids, as any resolver's: a stray datagram must not pass for an answer.
+        ids: QueryIds::new(ngx::ffi::ngx_random() as u16),
+        own,
+    };
+    let mut of_line: Vec<Vec<usize>> = Vec::with_capacity(lines.len());
+    for (line, s) in lines.iter().enumerate() {
+        let mut mine = Vec::new();
+        for &addr in &s.resolvers {
+            mine.push(run.attempts.len());
+            run.attempts.push(Attempt {
+                line,
+                lookup: SrvLookup::new(&s.query, addr),
+                tcp_first: s.transport == Transport::Tcp,
+                timeout: Duration::from_millis(s.timeout_ms),
+                started: false,
+                udp: None,
+                over_tcp: Vec::new(),
+                retried: Vec::new(),
+                due: deadline,
+            });
+        }
+        of_line.push(mine);
+    }
     let mut results: Vec<Option<Resolved>> = lines.iter().map(|_| None).collect();
     loop {
         let now = Instant::now();
-        for (job, result) in jobs.iter_mut().zip(results.iter_mut()) {
-            if result.is_some() {
-                continue;
+        for a in 0..run.attempts.len() {
+            let x = &run.attempts[a];
+            // At the deadline, also what the socket limit kept from starting.
+            if results[x.line].is_none()
+                && !x.lookup.is_done()
+                && (now >= deadline || x.started && now >= x.due)
+            {
+                let addr = x.lookup.server();
+                run.fail(a, format!("{addr} timed out"));
             }
-            for a in job.iter_mut() {
-                // At the deadline, also what the socket limit kept from starting.
-                if !a.exchange.is_done() && (now >= deadline || a.started && now >= a.due) {
-                    let addr = a.exchange.server();
-                    a.fail(format!("{addr} timed out"));
+        }
+        for (line, result) in results.iter_mut().enumerate() {
+            if result.is_none() {
+                *result = line_outcome(&run.attempts, &of_line[line]);
+                if result.is_some() {
+                    // Decided: the other resolvers' lookups end now.
+                    for &a in &of_line[line] {
+                        run.fail(a, "decided".into());
+                    }
                 }
-            }
-            *result = line_outcome(job);
-            if result.is_some() {
-                // Decided: the other resolvers' sockets close now.
-                job.iter_mut().for_each(Attempt::close);
             }
         }
         if results.iter().all(Option::is_some) {
             break;
         }
         // Start what the socket limit allows, in order.
-        let mut open: usize = jobs.iter().flatten().map(Attempt::sockets).sum();
-        for (job, result) in jobs.iter_mut().zip(&results) {
-            if result.is_some() {
+        for a in 0..run.attempts.len() {
+            if run.attempts[a].started || results[run.attempts[a].line].is_some() {
                 continue;
             }
-            for a in job.iter_mut().filter(|a| !a.started) {
-                if open >= MAX_SOCKETS {
-                    break;
-                }
-                a.start(now);
-                open += a.sockets();
+            if run.sockets() >= MAX_SOCKETS {
+                break;
             }
+            run.start(a, now);
         }
         // What to wait for, and until when.
         let mut fds = Vec::new();
-        let mut owners = Vec::new();
+        let mut owners: Vec<Result<usize, SocketAddr>> = Vec::new();
         let mut wake = deadline;
-        for (j, job) in jobs.iter().enumerate() {
-            if results[j].is_some() {
+        for (a, x) in run.attempts.iter().enumerate() {
+            if !x.active() {
                 continue;
             }
-            for (r, a) in job.iter().enumerate() {
-                if !a.started || a.exchange.is_done() {
-                    continue;
-                }
-                wake = wake.min(a.due);
-                for (tcp, conn) in [(false, &a.udp), (true, &a.tcp)] {
-                    if let Some(c) = conn {
-                        fds.push(libc::pollfd {
-                            fd: c.fd.as_raw_fd(),
-                            events: c.events(),
-                            revents: 0,
-                        });
-                        owners.push((j, r, tcp));
-                    }
-                }
+            wake = wake.min(x.due);
+            if let Some(c) = &x.udp {
+                fds.push(libc::pollfd {
+                    fd: c.fd.as_raw_fd(),
+                    events: c.events(),
+                    revents: 0,
+                });
+                owners.push(Ok(a));
             }
+        }
+        for (&addr, c) in &run.tcp {
+            fds.push(libc::pollfd {
+                fd: c.fd.as_raw_fd(),
+                events: c.events(),
+                revents: 0,
+            });
+            owners.push(Err(addr));
         }
         let wait_ms = wake
             .saturating_duration_since(now)
@@ -456,15 +567,19 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
                 continue;
             }
             // poll itself failed: nothing more can be learnt in time.
-            for a in jobs.iter_mut().flatten() {
-                a.fail(format!("poll failed: {err}"));
+            for a in 0..run.attempts.len() {
+                run.fail(a, format!("poll failed: {err}"));
             }
             continue;
         }
         let now = Instant::now();
-        for (pfd, &(j, r, tcp)) in fds.iter().zip(&owners) {
-            if pfd.revents != 0 {
-                jobs[j][r].on_ready(tcp, pfd.revents, own, now);
+        for (pfd, owner) in fds.iter().zip(owners) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            match owner {
+                Ok(a) => run.on_udp(a, pfd.revents, now),
+                Err(addr) => run.on_tcp(addr, pfd.revents, now),
             }
         }
     }

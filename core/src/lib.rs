@@ -7,8 +7,8 @@
 //! - [`http`]: an HTTP/1.1 GET and its response, read with bounds.
 //! - [`answer`]: a DNS answer (SRV + addresses) to a canonical peer set.
 //! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
-//! - [`exchange`]: one line's lookup at one resolver as bytes in and out (the master's
-//!   bounded lookup before it forks workers).
+//! - [`lookup`]: how both DNS clients (worker 0's, the master's before it forks
+//!   workers) read a resolver's answers, and one line's lookup as bytes in and out.
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
@@ -18,10 +18,10 @@
 pub mod answer;
 pub mod api;
 pub mod blocking;
-pub mod exchange;
 pub mod health;
 pub mod http;
 pub mod least;
+pub mod lookup;
 pub mod message;
 pub mod method;
 pub mod peer;

@@ -25,7 +25,7 @@ use consul_core::health::{self, body_cap, Left};
 use consul_core::http::get_request;
 use consul_core::settings::Settings;
 
-use crate::exchange::Exchanges;
+use crate::dns_client::DnsClient;
 use crate::log;
 use crate::resolve::{LineResolver, Resolved};
 
@@ -126,13 +126,13 @@ impl Watch {
         settings: &'static Settings,
         conf: &'static ApiConf,
         own: Rc<OwnAddresses>,
-        exchanges: &Exchanges,
+        dns: &DnsClient,
         capacity: usize,
         now_ms: u64,
     ) -> Option<Watch> {
         let api = settings.api.as_ref()?;
-        let resolver = (!settings.resolvers.is_empty())
-            .then(|| LineResolver::new(settings, own.clone(), exchanges));
+        let resolver =
+            (!settings.resolvers.is_empty()).then(|| LineResolver::new(settings, own.clone(), dns));
         Some(Watch {
             prefix,
             settings,

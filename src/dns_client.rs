@@ -1,8 +1,10 @@
-//! DNS exchanges with the resolvers (the Consul agents): one TCP connection per
-//! resolver address, shared by every line that asks it, and UDP queries for
-//! lines in `udp` mode. Over UDP, an answer with TC set, or one that fills the
-//! size the query offered (Consul trims by size and sets TC only with
-//! `enable_truncate`), is asked again over TCP.
+//! Worker 0's DNS client: the queries of every line to the resolvers (the
+//! Consul agents), over one TCP connection per resolver address, shared by
+//! every line that asks it, and UDP queries for lines in `udp` mode. Over UDP,
+//! an answer with TC set, or one that fills the size the query offered (Consul
+//! trims by size and sets TC only with `enable_truncate`), is asked again over
+//! TCP ([`consul_core::lookup::udp_answer_needs_tcp`], as in the master's
+//! lookup).
 //!
 //! One connection per resolver, not per line: an agent, dnsmasq (20 TCP
 //! clients) or BIND (150) in front of it serves a fleet's hosts, not each
@@ -14,7 +16,7 @@
 //! open a new connection (a server that stalls on one connection may answer on
 //! another). Each line keeps its own timeout around its queries.
 //!
-//! [`Exchanges`] belongs to discovery of the cycle: dropping it drops the
+//! [`DnsClient`] belongs to discovery of the cycle: dropping it drops the
 //! connections' driver tasks, which close their sockets (reload, quit).
 
 use std::cell::RefCell;
@@ -32,11 +34,11 @@ use hickory_resolver::net::xfer::{
     DnsExchange, DnsHandle, DnsMultiplexer, DnsRequestSender, FirstAnswer,
 };
 use hickory_resolver::net::NetError;
-use hickory_resolver::proto::op::{DnsRequest, DnsRequestOptions, DnsResponse, Query};
+use hickory_resolver::proto::op::{DnsRequest, DnsResponse};
 use hickory_resolver::proto::rr::{Name, RecordType};
 use ngx::async_::Task;
 
-use consul_core::answer::may_be_trimmed;
+use consul_core::lookup::{answers_question, request, udp_answer_needs_tcp};
 use consul_core::settings::{Transport, MAX_TIME_MS};
 
 use crate::runtime::{self, NgxRuntime};
@@ -88,11 +90,11 @@ impl Failure {
 
 /// The resolvers of every line of the cycle, by address.
 #[derive(Default)]
-pub struct Exchanges {
+pub struct DnsClient {
     servers: RefCell<HashMap<SocketAddr, Rc<Server>>>,
 }
 
-impl Exchanges {
+impl DnsClient {
     /// The server at `addr`, shared with the other lines that ask it.
     pub fn server(&self, addr: SocketAddr) -> Rc<Server> {
         self.servers
@@ -152,11 +154,9 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A DNS answer, whether it had TC set (over TCP: trimmed by the server), and
-/// whether it came over TCP.
+/// A DNS answer, and whether it came over TCP.
 pub struct Answer {
     pub response: DnsResponse,
-    pub truncated: bool,
     pub over_tcp: bool,
 }
 
@@ -167,8 +167,8 @@ impl Server {
 
     /// Asks `name`/`rtype` over `transport` within `timeout`. Over UDP, an
     /// answer with TC set, or one that may have been trimmed, is asked again
-    /// over TCP; over TCP, an answer with TC set is returned with `truncated`
-    /// (its records are what the server could send).
+    /// over TCP; over TCP, an answer with TC set is returned as it came (its
+    /// records are what the server could send).
     pub async fn query(
         &self,
         name: &Name,
@@ -176,8 +176,8 @@ impl Server {
         transport: Transport,
         timeout: Duration,
     ) -> Result<Answer, Failure> {
-        let query = Query::query(name.clone(), rtype);
-        let request = DnsRequest::from_query(query.clone(), DnsRequestOptions::default());
+        let request = request(name.clone(), rtype);
+        let question = request.queries.clone();
         let exchange = async {
             if transport == Transport::Udp {
                 let offered = usize::from(request.max_payload());
@@ -192,7 +192,7 @@ impl Server {
                     Err(failure) => return Err(failure),
                 };
                 let bytes = response.as_buffer().len();
-                if !response.truncation && !may_be_trimmed(0, bytes, false, offered) {
+                if !udp_answer_needs_tcp(response.truncation, bytes, offered) {
                     return Ok((response, false));
                 }
             }
@@ -201,20 +201,10 @@ impl Server {
         let (response, over_tcp) = runtime::with_timeout(timeout, exchange)
             .await
             .map_err(|_| Failure::TimedOut)??;
-        let asked = response.queries.first().is_some_and(|q| {
-            q.name() == query.name()
-                && q.query_type() == query.query_type()
-                && q.query_class() == query.query_class()
-        });
-        if response.queries.len() != 1 || !asked {
+        if !answers_question(&response, &question) {
             return Err(Failure::WrongQuestion);
         }
-        let truncated = response.truncation;
-        Ok(Answer {
-            response,
-            truncated,
-            over_tcp,
-        })
+        Ok(Answer { response, over_tcp })
     }
 
     async fn over_udp(
