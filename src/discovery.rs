@@ -333,6 +333,20 @@ async fn api_loop(
     }
 }
 
+/// What discovery said about a line's answer, once per change: the master
+/// hands it to worker 0 (see `crate::prefill::Handover`), which does not say
+/// it again.
+#[derive(Clone, Default)]
+pub(crate) struct Said {
+    pub ignored: Ignored,
+    pub truncated: Option<Truncation>,
+}
+
+/// The lookups a line's record counts, of every kind.
+fn lookups_of(rec: &consul_core::zone::LineStatus) -> u64 {
+    rec.lookups.iter().sum()
+}
+
 /// One line's part of the upstream's set.
 struct Part {
     /// What the zone holds for the line.
@@ -399,12 +413,20 @@ impl Group {
         zone.lock().zone().claim(pid);
         let z = zone.zone();
         let snapshot = z.read().unwrap_or_default();
+        let mut parts = parts_of(up, z, &snapshot);
+        for (l, part) in up.lines.iter().zip(&mut parts) {
+            let lookups = lookups_of(&z.line(l.tag).unwrap_or_default());
+            if let Some(said) = crate::prefill::said(up, l.tag, lookups) {
+                part.last_ignored = said.ignored;
+                part.truncated = said.truncated;
+            }
+        }
         let mut g = Group {
             up,
             zone,
             pid,
             master: false,
-            parts: parts_of(up, z, &snapshot),
+            parts,
             stopped: false,
             state_dirty: true,
             state_failing: false,
@@ -558,6 +580,26 @@ impl Group {
 
     pub(crate) fn upstream(&self) -> &'static Upstream {
         self.up
+    }
+
+    /// What was said about line `line`'s last answer (see [`Said`]).
+    pub(crate) fn said(&self, line: usize) -> Said {
+        let part = &self.parts[line];
+        Said {
+            ignored: part.last_ignored.clone(),
+            truncated: part.truncated,
+        }
+    }
+
+    /// The lookups line `line`'s record counts.
+    pub(crate) fn lookups(&self, line: usize) -> u64 {
+        lookups_of(
+            &self
+                .zone
+                .zone()
+                .line(self.up.lines[line].tag)
+                .unwrap_or_default(),
+        )
     }
 
     pub(crate) fn line_settings(&self, line: usize) -> &'static consul_core::settings::Settings {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use ngx::ffi::{ngx_cycle_t, ngx_int_t, NGX_OK};
 
-use crate::discovery::Group;
+use crate::discovery::{Group, Said};
 use crate::upstream::{MainConf, Upstream};
 use crate::{ffi, listening, log, sync_resolve};
 
@@ -29,11 +29,33 @@ use crate::{ffi, listening, log, sync_resolve};
 /// also within its line's `timeout`).
 pub const BOUND: Duration = Duration::from_secs(2);
 
+/// What the master's answer for one line leaves to worker 0 of the cycle it
+/// sets up: when to ask next, and what was said about the answer (said once
+/// per change: worker 0 does not say it again).
+#[derive(Clone)]
+pub struct Handover {
+    /// When worker 0's first query is due (`ngx_current_msec`).
+    due_msec: u64,
+    /// The lookups the line's record counted after the master's: a worker 0
+    /// that finds more (respawned after its predecessor went on) starts afresh.
+    lookups: u64,
+    pub said: Said,
+}
+
 thread_local! {
-    /// When worker 0's first query of each line the master asked is due
-    /// (`ngx_current_msec`), by upstream and line tag. Set in the master before
-    /// it forks: the workers find it in their copy of its memory.
-    static DUE: RefCell<Vec<(*const Upstream, u32, u64)>> = const { RefCell::new(Vec::new()) };
+    /// The master's handovers, by upstream and line tag. Set in the master
+    /// before it forks: the workers find them in their copy of its memory.
+    static HANDOVER: RefCell<Vec<(*const Upstream, u32, Handover)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+fn handover_of(up: &Upstream, tag: u32) -> Option<Handover> {
+    HANDOVER.with(|h| {
+        h.borrow()
+            .iter()
+            .find(|(u, t, _)| std::ptr::eq(*u, up) && *t == tag)
+            .map(|(_, _, h)| h.clone())
+    })
 }
 
 /// Milliseconds until the first query of line `tag` of `up` is due: 0 unless
@@ -41,12 +63,15 @@ thread_local! {
 /// respawned later).
 pub fn first_query_in_ms(up: &Upstream, tag: u32) -> u64 {
     let now = ffi::current_msec();
-    DUE.with(|d| {
-        d.borrow()
-            .iter()
-            .find(|(u, t, _)| std::ptr::eq(*u, up) && *t == tag)
-            .map_or(0, |(_, _, due)| due.saturating_sub(now))
-    })
+    handover_of(up, tag).map_or(0, |h| h.due_msec.saturating_sub(now))
+}
+
+/// What the master said about line `tag`'s answer, while nothing was asked
+/// since (`lookups`: the line record's count now).
+pub fn said(up: &Upstream, tag: u32, lookups: u64) -> Option<Said> {
+    handover_of(up, tag)
+        .filter(|h| h.lookups == lookups)
+        .map(|h| h.said)
 }
 
 /// `init_module` of the stream module.
@@ -71,7 +96,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 }
 
 fn fill(cycle: &ngx_cycle_t) {
-    DUE.with(|d| d.borrow_mut().clear());
+    HANDOVER.with(|h| h.borrow_mut().clear());
     crate::fault::inject("prefill");
     // SAFETY: a configured cycle.
     let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
@@ -122,10 +147,14 @@ fn fill(cycle: &ngx_cycle_t) {
         let group = &mut groups[g].0;
         let next_ms = group.prefill_apply(l, result);
         let up = group.upstream();
-        let due = ffi::current_msec().saturating_add(next_ms);
-        DUE.with(|d| {
-            d.borrow_mut()
-                .push((up as *const Upstream, up.lines[l].tag, due))
+        let handover = Handover {
+            due_msec: ffi::current_msec().saturating_add(next_ms),
+            lookups: group.lookups(l),
+            said: group.said(l),
+        };
+        HANDOVER.with(|h| {
+            h.borrow_mut()
+                .push((up as *const Upstream, up.lines[l].tag, handover))
         });
     }
 }
