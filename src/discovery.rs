@@ -272,7 +272,12 @@ async fn api_loop(
     }) else {
         return;
     };
-    let mut delay_ms = 0;
+    // Go on from the master's answer (see crate::prefill): block on its index.
+    let lookups = group.borrow().lookups(line);
+    if let Some(noted) = crate::prefill::said(up, l.tag, lookups).and_then(|said| said.api) {
+        watch.resume(noted, ffi::current_msec());
+    }
+    let mut delay_ms = crate::prefill::first_query_in_ms(up, l.tag);
     loop {
         if delay_ms > 0 {
             ngx::async_::sleep(Duration::from_millis(delay_ms)).await;
@@ -340,6 +345,8 @@ async fn api_loop(
 pub(crate) struct Said {
     pub ignored: Ignored,
     pub truncated: Option<Truncation>,
+    /// An API line's index and what its reader said.
+    pub api: Option<crate::api::Noted>,
 }
 
 /// The lookups a line's record counts, of every kind.
@@ -484,6 +491,9 @@ impl Group {
                 }
             }
         }
+        // The state file follows the zone from now on: the master's set goes
+        // in at once (an API line's next answer may be minutes away).
+        g.save_state();
         Some(g)
     }
 
@@ -588,7 +598,18 @@ impl Group {
         Said {
             ignored: part.last_ignored.clone(),
             truncated: part.truncated,
+            api: None,
         }
+    }
+
+    /// Records an API line's index before its answer is applied.
+    pub(crate) fn set_index(&mut self, line: usize, index: u64) {
+        self.parts[line].index = index;
+    }
+
+    /// Peers the upstream's zone holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.zone.zone().capacity()
     }
 
     /// The lookups line `line`'s record counts.

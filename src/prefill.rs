@@ -4,13 +4,18 @@
 //! `master_process off`), the master fills each line's part of the zone when
 //! the zone holds nothing for it: from the state file when there is one, then
 //! with one lookup of its own, as nginx resolves static server names while it
-//! reads its configuration. All lines are looked up at once within [`BOUND`];
+//! reads its configuration — an `api=` line with one request without index
+//! ([`crate::api::sync_get`]). All lines are asked at once within [`BOUND`];
 //! with Consul down the start goes on with what the state file gave. A zone a
 //! reload reused holds its set already: nothing is asked for its lines. Worker 0
-//! goes on from what the master recorded in the zone: its first query of such a
-//! line comes when the master's answer says (`interval` later, or after the
-//! backoff a failure begins), and a failure streak the master logged is not
-//! logged again.
+//! goes on from what the master recorded in the zone and handed over
+//! ([`Handover`]): its first query of such a line comes when the master's
+//! answer says (`interval` later, or after the backoff a failure begins; an
+//! `api=` line's first request blocks on the master's index at once), a
+//! failure streak the master logged is not logged again, nor what it said
+//! about the answer. An `api=` line whose agent is one of nginx's own
+//! listening sockets, or whose answer names hosts to resolve through
+//! `resolver=`, is left to worker 0, which asks at once.
 //!
 //! Nothing of this runs under `nginx -t` (nor `-T`): a test stays fast and
 //! offline.
@@ -21,7 +26,10 @@ use std::time::{Duration, Instant};
 
 use ngx::ffi::{ngx_cycle_t, ngx_int_t, NGX_OK};
 
+use crate::api::sync_get::Get;
+use crate::api::{Noted, Reader};
 use crate::discovery::{Group, Said};
+use crate::resolve::Resolved;
 use crate::upstream::{MainConf, Upstream};
 use crate::{ffi, listening, log, sync_resolve};
 
@@ -113,48 +121,117 @@ fn fill(cycle: &ngx_cycle_t) {
             Group::prefill(up)
         })
         .collect();
-    let asked: Vec<(usize, usize)> = groups
-        .iter()
-        .enumerate()
-        .flat_map(|(g, (group, lines))| {
-            // An api= line's query is a URL, not a DNS name: the state file
-            // only (see Group::prefill).
-            lines
-                .iter()
-                .filter(|&&l| group.upstream().lines[l].api.is_none())
-                .map(move |&l| (g, l))
-        })
-        .collect();
-    if asked.is_empty() {
+    // DNS lines are looked up; an api= line (its query is a URL) sends one
+    // request without index.
+    let own = listening::own_addresses(cycle);
+    let mut dns: Vec<(usize, usize)> = Vec::new();
+    let mut api: Vec<(usize, usize)> = Vec::new();
+    let mut gets: Vec<Get> = Vec::new();
+    for (g, (group, lines)) in groups.iter().enumerate() {
+        let up = group.upstream();
+        for &l in lines {
+            let line = &up.lines[l];
+            match (&line.api, &line.settings.api) {
+                // An agent at one of nginx's own listening sockets answers
+                // only once workers run: worker 0 asks at once.
+                (Some(conf), Some(_)) if conf.addrs.iter().any(|a| own.contains(a)) => {}
+                (Some(conf), Some(settings)) => {
+                    api.push((g, l));
+                    gets.push(Get::new(
+                        up.prefix(),
+                        &line.settings,
+                        settings,
+                        conf,
+                        group.capacity(),
+                    ));
+                }
+                _ => dns.push((g, l)),
+            }
+        }
+    }
+    if dns.is_empty() && api.is_empty() {
         return;
     }
-    let settings: Vec<_> = asked
+    let settings: Vec<_> = dns
         .iter()
         .map(|&(g, l)| groups[g].0.line_settings(l))
         .collect();
-    let own = listening::own_addresses(cycle);
     let started = Instant::now();
-    let results = sync_resolve::lookup_all(&settings, &own, BOUND);
+    let results = sync_resolve::lookup_all(&settings, &mut gets, &own, BOUND);
     log::debug(&format!(
-        "consul upstream: {} lookups before the workers start took {}ms",
-        asked.len(),
+        "consul upstream: {} lookups and {} API requests before the workers start took {}ms",
+        dns.len(),
+        api.len(),
         started.elapsed().as_millis()
     ));
     // The clock nginx caches stood still while the master waited.
     // SAFETY: what nginx's master calls in its own loop.
     unsafe { ngx::ffi::ngx_time_update() };
-    for (&(g, l), result) in asked.iter().zip(results) {
+    for (&(g, l), result) in dns.iter().zip(results) {
         let group = &mut groups[g].0;
         let next_ms = group.prefill_apply(l, result);
-        let up = group.upstream();
-        let handover = Handover {
-            due_msec: ffi::current_msec().saturating_add(next_ms),
-            lookups: group.lookups(l),
-            said: group.said(l),
-        };
-        HANDOVER.with(|h| {
-            h.borrow_mut()
-                .push((up as *const Upstream, up.lines[l].tag, handover))
-        });
+        hand_over(group, l, next_ms, None);
     }
+    for (&(g, l), get) in api.iter().zip(&mut gets) {
+        let group = &mut groups[g].0;
+        let up = group.upstream();
+        let line = &up.lines[l];
+        let Some(settings) = &line.settings.api else {
+            continue;
+        };
+        let mut reader = Reader::new(up.prefix(), settings);
+        let read = get.take_result().and_then(|response| reader.read(response));
+        let (result, answered) = match read {
+            Err(why) => {
+                reader.failed();
+                (Resolved::Failed(why), false)
+            }
+            Ok(read)
+                if !line.settings.resolvers.is_empty() && !read.answer.host_names().is_empty() =>
+            {
+                // Host names are resolved through resolver=, which only
+                // worker 0 does for an API line: it asks at once.
+                log::debug(&format!(
+                    "{}{}: host names in the answer, left to worker 0",
+                    up.prefix(),
+                    line.settings.query
+                ));
+                continue;
+            }
+            Ok(read) => match reader.result(read, &own, None) {
+                Ok(result) => (result, true),
+                Err(why) => {
+                    reader.failed();
+                    (Resolved::Failed(why), false)
+                }
+            },
+        };
+        group.set_index(l, reader.index());
+        let next_ms = group.prefill_apply(l, result);
+        // An answer with an index: worker 0's first request blocks on it at
+        // once (it returns when the service changes), as its own next would.
+        let next_ms = if answered && reader.index() > 0 {
+            0
+        } else {
+            next_ms
+        };
+        hand_over(group, l, next_ms, answered.then(|| reader.noted()));
+    }
+}
+
+/// Leaves what the master's answer for line `l` of `group` means for worker 0
+/// of this cycle (its first query in `next_ms`).
+fn hand_over(group: &Group, l: usize, next_ms: u64, api: Option<Noted>) {
+    let up = group.upstream();
+    let mut said = group.said(l);
+    said.api = api;
+    let handover = Handover {
+        due_msec: ffi::current_msec().saturating_add(next_ms),
+        lookups: group.lookups(l),
+        said,
+    };
+    HANDOVER.with(|h| {
+        h.borrow_mut()
+            .push((up as *const Upstream, up.lines[l].tag, handover))
+    });
 }

@@ -7,8 +7,9 @@
 //! worker 0 ([`consul_core::lookup`]). As in worker 0, the lines that ask one
 //! resolver share one TCP connection to it (a close after the server's last
 //! answer costs no lookup: what it caught is asked once more on a new one);
-//! UDP queries go out on a socket per lookup. Every socket is closed before
-//! [`lookup_all`] returns.
+//! UDP queries go out on a socket per lookup. The same loop drives the one
+//! request of each `api=` line ([`crate::api::sync_get`]). Every socket is
+//! closed before [`lookup_all`] returns.
 //!
 //! Resolvers keep their order: a line takes the answer of its first resolver
 //! unless that one fails (the worker's failover), but all are asked at once, so
@@ -25,6 +26,7 @@ use consul_core::answer::OwnAddresses;
 use consul_core::lookup::{Failover, Next, Outcome, Outgoing, QueryIds, Resolved, SrvLookup};
 use consul_core::settings::{Settings, Transport};
 
+use crate::api::sync_get::Get;
 use crate::sockaddr::SockaddrBuf;
 
 /// Sockets open at once; further lookups start as earlier ones end (the
@@ -459,9 +461,23 @@ fn line_outcome(attempts: &[Attempt], of_line: &[usize]) -> Option<Resolved> {
     Some(failover.result())
 }
 
-/// Looks up every line (its query at its resolvers, with its transport and
-/// `timeout`), all at once, within `bound` in all. One result per line, in order.
-pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> Vec<Resolved> {
+/// Whose descriptor poll reported on.
+enum Owner {
+    Udp(usize),
+    Tcp(SocketAddr),
+    Get(usize),
+}
+
+/// Looks up every DNS line (its query at its resolvers, with its transport and
+/// `timeout`) and sends every API line's request (`gets`, which hold their
+/// results), all at once, within `bound` in all. One result per DNS line, in
+/// order.
+pub fn lookup_all(
+    lines: &[&Settings],
+    gets: &mut [Get],
+    own: &OwnAddresses,
+    bound: Duration,
+) -> Vec<Resolved> {
     let start = Instant::now();
     let deadline = start + bound;
     let mut run = Lookups {
@@ -515,22 +531,37 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
                 }
             }
         }
-        if results.iter().all(Option::is_some) {
+        for get in gets.iter_mut() {
+            // At the deadline, also what the socket limit kept from starting.
+            if !get.is_done() && (now >= deadline || get.started() && now >= get.due()) {
+                get.expire();
+            }
+        }
+        if results.iter().all(Option::is_some) && gets.iter().all(Get::is_done) {
             break;
         }
         // Start what the socket limit allows, in order.
+        let mut open = run.sockets() + gets.iter().filter(|g| g.poll_fd().is_some()).count();
         for a in 0..run.attempts.len() {
             if run.attempts[a].started || results[run.attempts[a].line].is_some() {
                 continue;
             }
-            if run.sockets() >= MAX_SOCKETS {
+            if open >= MAX_SOCKETS {
                 break;
             }
             run.start(a, now);
+            open = run.sockets() + gets.iter().filter(|g| g.poll_fd().is_some()).count();
+        }
+        for get in gets.iter_mut().filter(|g| !g.started()) {
+            if open >= MAX_SOCKETS {
+                break;
+            }
+            get.start(now, deadline);
+            open += 1;
         }
         // What to wait for, and until when.
         let mut fds = Vec::new();
-        let mut owners: Vec<Result<usize, SocketAddr>> = Vec::new();
+        let mut owners: Vec<Owner> = Vec::new();
         let mut wake = deadline;
         for (a, x) in run.attempts.iter().enumerate() {
             if !x.active() {
@@ -543,7 +574,7 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
                     events: c.events(),
                     revents: 0,
                 });
-                owners.push(Ok(a));
+                owners.push(Owner::Udp(a));
             }
         }
         for (&addr, c) in &run.tcp {
@@ -552,7 +583,18 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
                 events: c.events(),
                 revents: 0,
             });
-            owners.push(Err(addr));
+            owners.push(Owner::Tcp(addr));
+        }
+        for (i, get) in gets.iter().enumerate() {
+            if let Some((fd, events)) = get.poll_fd() {
+                wake = wake.min(get.due());
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+                owners.push(Owner::Get(i));
+            }
         }
         let wait_ms = wake
             .saturating_duration_since(now)
@@ -570,6 +612,9 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
             for a in 0..run.attempts.len() {
                 run.fail(a, format!("poll failed: {err}"));
             }
+            for get in gets.iter_mut() {
+                get.expire();
+            }
             continue;
         }
         let now = Instant::now();
@@ -578,8 +623,9 @@ pub fn lookup_all(lines: &[&Settings], own: &OwnAddresses, bound: Duration) -> V
                 continue;
             }
             match owner {
-                Ok(a) => run.on_udp(a, pfd.revents, now),
-                Err(addr) => run.on_tcp(addr, pfd.revents, now),
+                Owner::Udp(a) => run.on_udp(a, pfd.revents, now),
+                Owner::Tcp(addr) => run.on_tcp(addr, pfd.revents, now),
+                Owner::Get(i) => gets[i].on_ready(pfd.revents),
             }
         }
     }

@@ -16,6 +16,9 @@
 #   TEST 11  a reload that keeps every zone asks nothing in the master
 #   TEST 12  nginx -t sends no DNS query
 #   TEST 13  the master's lookup against a hostile DNS server: bounded, no crash
+#   TEST 14-16 api= lines: the master's one request (http, https) gives the set
+#            before the workers accept; worker 0 blocks on its index at once;
+#            with the agent down, the state file's set and one warning
 #
 # About 90 s (150 s on Debian's nginx at debug level).
 use lib 't/lib';
@@ -24,6 +27,7 @@ use Time::HiRes qw(time sleep);
 use POSIX qw(WNOHANG);
 use JSON::PP ();
 use Test::Nginx::Consul::HostileDns;
+use Test::Nginx::Consul::Api;
 
 our $NAME = 'redis.service.yunlu_office.consul';
 # Static server lines beside the consul_upstream one (the baseline), and the
@@ -698,5 +702,120 @@ for my $mode (qw(slow never random wrong_id long_prefix lying_counts ptr_loop
     hostile_mode('ok');
 }
 hostile_stop();
+--- no_error_log
+[error]
+
+
+
+=== TEST 14: an api= line at a cold start, clients waiting for the port: none of the first 50 connections fails; worker 0 goes on from the master's answer
+--- workers: 2
+--- consul_api
+instance redis 127.0.0.1:6380
+instance redis 127.0.0.1:6381
+--- backends: 6380 6381
+--- stream_listen_options: reuseport
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT;
+}
+--- config
+location = /status { consul_upstream_status; }
+--- check
+for my $round (1 .. 3) {
+    ok(nginx_stop(), "round $round: stopped");
+    api_clear_requests();
+    my $consul = first_connections(50);
+    sleep 0.3;
+    ok(nginx_restart(), "round $round: started");
+    no_failure("round $round: api= line", $consul->());
+}
+my $r;
+ok(wait_until(sub { $r = health_requests('redis'); @$r >= 2 }, 5), "the master's request, then worker 0's");
+is("$r->[0]{index} $r->[0]{wait}", '0 ', "the master's: no index, no wait");
+my $line = status_line();
+ok($line->{index} >= 1 && $line->{index} <= api_state()->{index}, "the status shows the index of the master's answer ($line->{index})");
+is($line->{lookups}{ok}, 1, '... and its one lookup, worker 0 still waiting');
+is($line->{set}, 'live', '... a live set');
+is($r->[1]{index}, $line->{index}, "worker 0's first request blocks on that index, at once");
+isnt($r->[1]{conn}, $r->[0]{conn}, "the master's connection is its own");
+sleep 1;
+is(scalar(@{ health_requests('redis') }), 2, 'nothing more while nothing changes');
+api_deregister('redis', '127.0.0.1:6381');
+ok(wait_for_backends([6380], only => 1, first_set => 0, timeout => 5), 'a change comes in one round trip');
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 15: an api=https:// line at a cold start: the master's request over TLS gives the set before the workers accept
+--- workers: 2
+--- consul_api
+instance redis 127.0.0.1:6380
+instance redis 127.0.0.1:6381
+--- consul_api_tls
+--- backends: 6380 6381
+--- stream_listen_options: reuseport
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=https://127.0.0.1:$TEST_NGINX_API_TLS_PORT api_ca=$TEST_NGINX_API_CA;
+}
+--- config
+location = /status { consul_upstream_status; }
+--- check
+for my $round (1 .. 2) {
+    ok(nginx_stop(), "round $round: stopped");
+    api_clear_requests();
+    my $consul = first_connections(50);
+    sleep 0.3;
+    ok(nginx_restart(), "round $round: started");
+    no_failure("round $round: api=https:// line", $consul->());
+}
+my $r;
+ok(wait_until(sub { $r = health_requests('redis'); @$r >= 2 }, 5), 'two requests over TLS');
+is($r->[0]{index}, 0, "the master's, without index");
+my $line = status_line();
+is($line->{lookups}{ok}, 1, 'the set is the master\'s answer');
+is($r->[1]{index}, $line->{index}, "worker 0's blocks on its index ($line->{index})");
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 16: an api= line with state= and the agent down at start: the state file's set from the first connection, one warning (the master's), recovery
+--- workers: 2
+--- consul_api
+instance redis 127.0.0.1:6380
+--- backends: 6380 6381
+--- setup
+unlink glob("$TmpDir/api.state*");
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:$TEST_NGINX_API_PORT interval=500ms
+                    state=$TEST_NGINX_CONSUL_TMP/api.state;
+}
+--- check
+ok(wait_for_backends([6380]), 'discovered');
+# Worker 0's first request blocks on the master's index: it writes the state
+# file when it takes the zone over, not minutes later with its first answer.
+ok(wait_until(sub { -s "$TmpDir/api.state" }, 3), 'state file written at once');
+ok(nginx_stop(), 'stopped');
+api_stop();
+my $consul = first_connections(50);
+sleep 0.3;
+ok(nginx_restart(), 'started with the agent down');
+no_failure('clients waiting for the port', $consul->());
+is_tally(tally(10), {6380 => 10}, 'the state file\'s set serves');
+ok(wait_for_log(qr/consul upstream "redis": 1 peer from state file "\Q$TmpDir\E\/api\.state" \(generation 1\)/, 1),
+   'from the state file, by the master');
+sleep 2;
+is(log_count(qr/\[warn\] .*consul upstream "redis": resolving \S+ failed: cannot connect to 127\.0\.0\.1:\d+ \(Connection refused\), keeping 1 peer$/), 1,
+   'one warning for the streak (the master\'s), not one more from worker 0');
+api_start(init => "instance redis 127.0.0.1:6381\n");
+ok(wait_for_backends([6381], only => 1, first_set => 0, timeout => 8), 'the agent back: its set');
+ok(wait_for_log(qr/\[notice\] .*consul upstream "redis": agent recovered after (\d+) failed attempts/, 3), 'recovery said');
+my ($n) = error_log_text() =~ /agent recovered after (\d+) failed attempts/;
+ok($n >= 2, "counting the master's attempt and worker 0's ($n)");
 --- no_error_log
 [error]

@@ -206,8 +206,13 @@ upstream redis {
 ok(wait_for_backends([6380]), 'discovered');
 api_register('redis', '127.0.0.1:6381');
 ok(wait_for_backends([6380, 6381], first_set => 0), 'every worker follows');
-my %conns = map { $_->{conn} => 1 } @{ health_requests('redis') };
+# The first request is the master's, before it forked the workers, on a
+# connection of its own (closed); worker 0's go on one connection.
+my $r = health_requests('redis');
+is($r->[0]{index}, 0, "the master's request");
+my %conns = map { $_->{conn} => 1 } @$r[1 .. $#$r];
 is(scalar(keys %conns), 1, 'one connection to the agent');
+ok(!$conns{ $r->[0]{conn} }, "not the master's");
 --- no_error_log
 [error]
 [warn]

@@ -1,7 +1,9 @@
 //! The HTTP/1.1 a watch needs from a Consul agent: one GET request, and the
 //! response read with bounds — its head (httparse), then a body of known
 //! length, a chunked one (Go's net/http, Consul's server, chunks any answer it
-//! did not size up front), or one that ends with the connection.
+//! did not size up front), or one that ends with the connection. Both clients
+//! (worker 0's watch, the master's one request before it forks workers) read
+//! with [`ResponseReader`].
 
 use std::fmt::Write as _;
 
@@ -281,6 +283,126 @@ impl Chunked {
     }
 }
 
+/// An answer: status, `X-Consul-Index`, body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub index: Option<u64>,
+    /// ACLs left some of the result out (`X-Consul-Results-Filtered-By-ACLs`).
+    pub acl_filtered: bool,
+    pub body: Vec<u8>,
+}
+
+/// How far [`ResponseReader::push`] got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// More bytes are needed.
+    More,
+    /// The whole response; `reusable` when the connection may carry the next
+    /// request (keep-alive, and nothing came beyond the response).
+    Done { response: Response, reusable: bool },
+}
+
+/// A response read as its bytes arrive: the head, then the body as the head
+/// frames it, at most `max_body` bytes of it.
+#[derive(Debug)]
+pub struct ResponseReader {
+    max_body: usize,
+    /// The head until it is whole; then the body.
+    buf: Vec<u8>,
+    head: Option<Head>,
+    chunked: Chunked,
+}
+
+impl ResponseReader {
+    pub fn new(max_body: usize) -> ResponseReader {
+        ResponseReader {
+            max_body,
+            buf: Vec::new(),
+            head: None,
+            chunked: Chunked::default(),
+        }
+    }
+
+    /// Reads `data`, the next bytes from the connection.
+    pub fn push(&mut self, data: &[u8]) -> Result<Progress, String> {
+        if self.head.is_none() {
+            self.buf.extend_from_slice(data);
+            let Some(head) = parse_head(&self.buf)? else {
+                return Ok(Progress::More);
+            };
+            if let Framing::Length(n) = head.framing {
+                if n > self.max_body as u64 {
+                    return Err(too_large(self.max_body));
+                }
+            }
+            let rest = self.buf.split_off(head.len);
+            self.buf.clear();
+            self.head = Some(head);
+            return self.body(&rest);
+        }
+        self.body(data)
+    }
+
+    fn body(&mut self, data: &[u8]) -> Result<Progress, String> {
+        let Some((framing, keep_alive)) = self.head.as_ref().map(|h| (h.framing, h.keep_alive))
+        else {
+            return Ok(Progress::More);
+        };
+        let clean = match framing {
+            Framing::Length(n) => {
+                self.buf.extend_from_slice(data);
+                if (self.buf.len() as u64) < n {
+                    return Ok(Progress::More);
+                }
+                // Bytes beyond the answer: the connection is out of step.
+                let clean = self.buf.len() as u64 == n;
+                self.buf.truncate(n as usize);
+                clean
+            }
+            Framing::Chunked => {
+                let used = self.chunked.decode(data, &mut self.buf, self.max_body)?;
+                if !self.chunked.is_done() {
+                    return Ok(Progress::More);
+                }
+                used == data.len()
+            }
+            Framing::Close => {
+                self.buf.extend_from_slice(data);
+                if self.buf.len() > self.max_body {
+                    return Err(too_large(self.max_body));
+                }
+                return Ok(Progress::More);
+            }
+        };
+        Ok(Progress::Done {
+            response: self.response(),
+            reusable: clean && keep_alive,
+        })
+    }
+
+    /// The server closed the connection: the response, if it ends that way
+    /// (`None`: it closed in the middle of the answer).
+    pub fn end(&mut self) -> Option<Response> {
+        match &self.head {
+            Some(head) if head.framing == Framing::Close => Some(self.response()),
+            _ => None,
+        }
+    }
+
+    fn response(&mut self) -> Response {
+        let (status, index, acl_filtered) = self.head.as_ref().map_or((0, None, false), |h| {
+            (h.status, h.consul_index, h.acl_filtered)
+        });
+        Response {
+            status,
+            index,
+            acl_filtered,
+            body: std::mem::take(&mut self.buf),
+        }
+    }
+}
+
 /// "answer larger than 8 MiB": the reason given for a body over the cap.
 pub fn too_large(max: usize) -> String {
     if max >= 1 << 20 && max.is_multiple_of(1 << 20) {
@@ -454,5 +576,54 @@ mod tests {
         );
         assert_eq!(too_large(8 << 20), "answer larger than 8 MiB");
         assert_eq!(too_large(1542 * 16 * 1024), "answer larger than 24672 KiB");
+    }
+
+    /// Reads `bytes` in pieces of `step`, then the end of the connection.
+    fn read_all(bytes: &[u8], step: usize, max: usize) -> Result<(Response, bool), String> {
+        let mut r = ResponseReader::new(max);
+        for piece in bytes.chunks(step) {
+            if let Progress::Done { response, reusable } = r.push(piece)? {
+                return Ok((response, reusable));
+            }
+        }
+        r.end()
+            .map(|resp| (resp, false))
+            .ok_or_else(|| "closed in the middle".to_string())
+    }
+
+    #[test]
+    fn responses_in_any_pieces() {
+        let sized = b"HTTP/1.1 200 OK\r\nX-Consul-Index: 42\r\nContent-Length: 5\r\n\r\n[1,2]";
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Consul-Results-Filtered-By-ACLs: true\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n";
+        let closed = b"HTTP/1.0 200 OK\r\n\r\n[1,2]";
+        for step in [1, 2, 7, 1000] {
+            let (r, reusable) = read_all(sized, step, 100).unwrap();
+            assert_eq!(
+                (r.status, r.index, &r.body[..], reusable),
+                (200, Some(42), &b"[1,2]"[..], true)
+            );
+            let (r, reusable) = read_all(chunked, step, 100).unwrap();
+            assert_eq!(
+                (&r.body[..], r.acl_filtered, reusable),
+                (&b"[1,2]"[..], true, true)
+            );
+            let (r, reusable) = read_all(closed, step, 100).unwrap();
+            assert_eq!((&r.body[..], reusable), (&b"[1,2]"[..], false));
+        }
+        // Bytes beyond the answer: not reusable.
+        let mut extra = sized.to_vec();
+        extra.extend_from_slice(b"HTTP");
+        assert!(!read_all(&extra, 1000, 100).unwrap().1);
+        // Cut short, too large, malformed.
+        assert!(read_all(&sized[..sized.len() - 1], 3, 100).is_err());
+        assert_eq!(
+            read_all(sized, 3, 4).unwrap_err(),
+            "answer larger than 4 bytes"
+        );
+        assert_eq!(
+            read_all(closed, 3, 4).unwrap_err(),
+            "answer larger than 4 bytes"
+        );
+        assert!(read_all(b"HTTP/1.1 abc\r\n\r\n", 3, 4).is_err());
     }
 }

@@ -17,7 +17,8 @@ use futures_io::{AsyncRead, AsyncWrite};
 use hickory_resolver::net::runtime::RuntimeProvider;
 
 use consul_core::api::AgentUrl;
-use consul_core::http::{parse_head, too_large, Chunked, Framing, Head};
+pub use consul_core::http::Response;
+use consul_core::http::{Progress, ResponseReader};
 
 use crate::runtime::{NgxRuntime, Socket};
 
@@ -51,18 +52,13 @@ impl Stream {
     }
 }
 
-/// An answer: status, `X-Consul-Index`, body.
-pub struct Response {
-    pub status: u16,
-    pub index: Option<u64>,
-    /// ACLs left some of the result out (`X-Consul-Results-Filtered-By-ACLs`).
-    pub acl_filtered: bool,
-    pub body: Vec<u8>,
-}
-
 /// Bounds of one exchange.
 #[derive(Clone, Copy)]
 pub struct Limits {
+    /// The request blocks (an index is sent): the agent may end it by closing
+    /// the connection (it restarts, or closes it as idle), as it may a reused
+    /// connection; it is sent once more at once.
+    pub blocking: bool,
     /// Until the answer's first byte (a blocking query waits here).
     pub first_byte_ms: u64,
     /// Connecting and handshaking; the rest of the answer once it began.
@@ -102,7 +98,7 @@ pub async fn within<F: Future>(ms: u64, future: F) -> Option<F::Output> {
     .await
 }
 
-fn seconds(ms: u64) -> String {
+pub(crate) fn seconds(ms: u64) -> String {
     if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
@@ -135,7 +131,7 @@ impl Client {
         let reused = self.conn.is_some();
         match self.once(request, limits).await {
             Ok(r) => Ok(r),
-            Err(Failure::Early(_)) if reused => {
+            Err(Failure::Early(_)) if reused || limits.blocking => {
                 crate::log::debug(
                     "consul upstream: agent connection closed while idle, reconnecting",
                 );
@@ -240,88 +236,30 @@ impl Client {
     }
 }
 
-/// The rest of an answer whose first bytes are in `buf`.
+/// The rest of an answer whose first bytes are in `buf` (core's reader, as
+/// the master's request reads it).
 async fn read_answer(
     conn: &mut Stream,
     mut buf: Vec<u8>,
     max_body: usize,
     name: &str,
 ) -> Result<(Response, bool), String> {
-    let head: Head = loop {
-        match parse_head(&buf) {
-            Ok(Some(head)) => break head,
-            Ok(None) => {}
-            Err(e) => return Err(format!("{name}: {e}")),
+    let mut reader = ResponseReader::new(max_body);
+    loop {
+        match reader.push(&buf).map_err(|e| format!("{name}: {e}"))? {
+            Progress::Done { response, reusable } => return Ok((response, reusable)),
+            Progress::More => {}
         }
-        if read_some(conn, &mut buf)
+        buf.clear();
+        let n = read_some(conn, &mut buf)
             .await
-            .map_err(|e| format!("{name}: {}", io_reason(&e)))?
-            == 0
-        {
-            return Err(format!(
-                "{name} closed the connection in the middle of the answer"
-            ));
+            .map_err(|e| format!("{name}: {}", io_reason(&e)))?;
+        if n == 0 {
+            return reader.end().map(|r| (r, false)).ok_or_else(|| {
+                format!("{name} closed the connection in the middle of the answer")
+            });
         }
-    };
-    let mid_body = || format!("{name} closed the connection in the middle of the answer");
-    let io = |e: io::Error| format!("{name}: {}", io_reason(&e));
-    let mut rest = buf.split_off(head.len);
-    let (body, clean) = match head.framing {
-        Framing::Length(n) => {
-            if n > max_body as u64 {
-                return Err(format!("{name}: {}", too_large(max_body)));
-            }
-            let n = n as usize;
-            while rest.len() < n {
-                if read_some(conn, &mut rest).await.map_err(io)? == 0 {
-                    return Err(mid_body());
-                }
-            }
-            // Bytes beyond the answer: the connection is out of step.
-            let clean = rest.len() == n;
-            rest.truncate(n);
-            (rest, clean)
-        }
-        Framing::Chunked => {
-            let mut decoder = Chunked::default();
-            let mut body = Vec::new();
-            let mut used = decoder
-                .decode(&rest, &mut body, max_body)
-                .map_err(|e| format!("{name}: {e}"))?;
-            let mut clean = used == rest.len();
-            while !decoder.is_done() {
-                rest.clear();
-                if read_some(conn, &mut rest).await.map_err(io)? == 0 {
-                    return Err(mid_body());
-                }
-                used = decoder
-                    .decode(&rest, &mut body, max_body)
-                    .map_err(|e| format!("{name}: {e}"))?;
-                clean = used == rest.len();
-            }
-            (body, clean)
-        }
-        Framing::Close => {
-            loop {
-                if rest.len() > max_body {
-                    return Err(format!("{name}: {}", too_large(max_body)));
-                }
-                if read_some(conn, &mut rest).await.map_err(io)? == 0 {
-                    break;
-                }
-            }
-            (rest, false)
-        }
-    };
-    Ok((
-        Response {
-            status: head.status,
-            index: head.consul_index,
-            acl_filtered: head.acl_filtered,
-            body,
-        },
-        clean && head.keep_alive,
-    ))
+    }
 }
 
 /// Reads what is there (at least one byte, or 0 at the end) onto `buf`.
@@ -345,7 +283,7 @@ async fn write_all(conn: &mut Stream, mut data: &[u8]) -> io::Result<()> {
 }
 
 /// An I/O error as a log line names it: "Connection refused", "timed out".
-fn io_reason(e: &io::Error) -> String {
+pub(crate) fn io_reason(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::TimedOut => "timed out".into(),
         _ => {

@@ -3,7 +3,10 @@
 //! loop (in [`crate::discovery`]) asks [`Watch::fetch`] for the next answer and
 //! applies it with the same policies as a DNS answer; core decides what the
 //! answer means ([`consul_core::health`]) and how to block
-//! ([`consul_core::blocking`]); [`http`] and [`tls`] talk to the agent.
+//! ([`consul_core::blocking`]); [`http`] and [`tls`] talk to the agent. Before
+//! it forks workers, the master asks once ([`sync_get`], one request without
+//! index) and reads the answer with the same [`Reader`]; worker 0 goes on from
+//! its index.
 //!
 //! The ACL token is read from `token_file` when the configuration is read (by
 //! the master, which may read files the workers cannot), kept in the
@@ -11,6 +14,7 @@
 //! or saved.
 
 pub mod http;
+pub mod sync_get;
 #[cfg(ngx_feature = "ssl")]
 pub mod tls;
 
@@ -21,7 +25,7 @@ use std::rc::Rc;
 use consul_core::answer::{Ignored, OwnAddresses};
 use consul_core::api::{ApiSettings, Token};
 use consul_core::blocking::{request_time_ms, wait_to_send, BlockingIndex, Pacer};
-use consul_core::health::{self, body_cap, Left};
+use consul_core::health::{self, body_cap, HealthAnswer, Left};
 use consul_core::http::get_request;
 use consul_core::settings::Settings;
 
@@ -103,20 +107,179 @@ pub struct Fetched {
     pub answered: bool,
 }
 
-/// One API line's watch: its client, its index, its pace.
+/// What an API line's answers mean, and what was said about them (once per
+/// change): worker 0's watch reads with it, and so does the master's request
+/// before it forks workers, which hands its [`Noted`] on.
+pub struct Reader {
+    prefix: String,
+    api: &'static ApiSettings,
+    index: BlockingIndex,
+    last_left: Left,
+    /// The last answer said ACLs left instances out (said once until it changes).
+    last_acl_filtered: bool,
+}
+
+/// What the master's answer left for worker 0's watch of a line.
+#[derive(Clone, Default)]
+pub struct Noted {
+    /// The answer's index (0: none to block on).
+    pub index: u64,
+    pub left: Left,
+    pub acl_filtered: bool,
+}
+
+/// A 200 answer, read: the instances, and whether ACLs left some out.
+pub struct Read {
+    pub answer: HealthAnswer,
+    acl_filtered: bool,
+}
+
+impl Reader {
+    pub fn new(prefix: String, api: &'static ApiSettings) -> Reader {
+        Reader {
+            prefix,
+            api,
+            index: BlockingIndex::default(),
+            last_left: Left::default(),
+            last_acl_filtered: false,
+        }
+    }
+
+    /// The index of the last answer (0: none yet, or a reset).
+    pub fn index(&self) -> u64 {
+        self.index.get()
+    }
+
+    /// The request failed: the next one does not block.
+    pub fn failed(&mut self) {
+        self.index.failed();
+    }
+
+    /// What was said and the index, for the next reader of the line.
+    pub fn noted(&self) -> Noted {
+        Noted {
+            index: self.index.get(),
+            left: self.last_left.clone(),
+            acl_filtered: self.last_acl_filtered,
+        }
+    }
+
+    /// Goes on from another process's reader (the master's answer).
+    pub fn resume(&mut self, noted: Noted) {
+        self.index = BlockingIndex::default();
+        if noted.index > 0 {
+            self.index.answered(Some(noted.index));
+        }
+        self.last_left = noted.left;
+        self.last_acl_filtered = noted.acl_filtered;
+    }
+
+    /// An answer's status, body and index: `Err` for what fails the request.
+    pub fn read(&mut self, response: http::Response) -> Result<Read, String> {
+        let name = self.api.agent.authority();
+        let http::Response {
+            status,
+            index,
+            acl_filtered,
+            body,
+        } = response;
+        if status != 200 {
+            return Err(status_reason(&name, status, &body));
+        }
+        let parsed = health::parse(&body, self.api.only_passing);
+        drop(body);
+        let answer = parsed.map_err(|why| format!("{name}: {why}"))?;
+        let step = self.index.answered(index);
+        log::debug(&format!(
+            "{}answer: {} entries, {} critical, index {index:?} ({step:?})",
+            self.prefix, answer.entries, answer.critical
+        ));
+        Ok(Read {
+            answer,
+            acl_filtered,
+        })
+    }
+
+    /// The line's result from an answer and its host names' addresses
+    /// (`None` without `resolver=`); `Err` when the answer fails the request
+    /// (the next one goes at the pace of failures, without index).
+    pub fn result(
+        &mut self,
+        read: Read,
+        own: &OwnAddresses,
+        hosts: Option<&HashMap<String, Vec<IpAddr>>>,
+    ) -> Result<Resolved, String> {
+        let name = self.api.agent.authority();
+        let Read {
+            mut answer,
+            acl_filtered,
+        } = read;
+        let peers = answer.peers(own, hosts);
+        self.say_left(&answer.left);
+        let filtered = acl_filtered;
+        if filtered && !self.last_acl_filtered && !peers.is_empty() {
+            log::warn(&format!(
+                "{}the ACL token may not read every instance of \"{}\": {name} left some out (X-Consul-Results-Filtered-By-ACLs)",
+                self.prefix, self.api.service
+            ));
+        }
+        self.last_acl_filtered = filtered;
+        if peers.is_empty() && answer.entries == 0 && filtered {
+            // Default-deny ACLs answer "nothing" rather than 403: an ACL error,
+            // not a service without instances. A policy change does not wake a
+            // blocking query: ask again at the pace of failures.
+            return Err(format!(
+                "ACL: {name} left every instance out: the token may not read service \"{}\" (X-Consul-Results-Filtered-By-ACLs)",
+                self.api.service
+            ));
+        }
+        Ok(if !peers.is_empty() {
+            Resolved::Peers {
+                peers,
+                ignored: Ignored::default(),
+                // The HTTP API sends every instance.
+                truncated: None,
+            }
+        } else if answer.instances.is_empty() {
+            // Nothing registered, or nothing healthy: Consul's "no instances".
+            Resolved::Empty { nxdomain: false }
+        } else {
+            Resolved::Failed(format!(
+                "answer has no usable instances ({})",
+                answer.left.describe()
+            ))
+        })
+    }
+
+    /// Says once what the answer's instances gave no peer for (until it changes).
+    fn say_left(&mut self, left: &Left) {
+        if *left != self.last_left && !left.is_empty() {
+            let msg = format!(
+                "{}ignored instances of the answer: {}",
+                self.prefix,
+                left.describe()
+            );
+            if left.needs_attention() {
+                log::warn(&msg);
+            } else {
+                log::info(&msg);
+            }
+        }
+        self.last_left = left.clone();
+    }
+}
+
+/// One API line's watch: its client, its reader, its pace.
 pub struct Watch {
     prefix: String,
     settings: &'static Settings,
     api: &'static ApiSettings,
     client: http::Client,
-    index: BlockingIndex,
+    reader: Reader,
     pacer: Pacer,
     own: Rc<OwnAddresses>,
     /// Host name addresses are resolved through `resolver=`, when given.
     resolver: Option<LineResolver>,
-    last_left: Left,
-    /// The last answer said ACLs left instances out (said once until it changes).
-    last_acl_filtered: bool,
     max_body: usize,
 }
 
@@ -134,7 +297,7 @@ impl Watch {
         let resolver =
             (!settings.resolvers.is_empty()).then(|| LineResolver::new(settings, own.clone(), dns));
         Some(Watch {
-            prefix,
+            prefix: prefix.clone(),
             settings,
             api,
             client: http::Client::new(
@@ -143,19 +306,25 @@ impl Watch {
                 #[cfg(ngx_feature = "ssl")]
                 conf.tls.as_ref(),
             ),
-            index: BlockingIndex::default(),
+            reader: Reader::new(prefix, api),
             pacer: Pacer::new(settings.interval_ms, now_ms),
             own,
             resolver,
-            last_left: Left::default(),
-            last_acl_filtered: false,
             max_body: body_cap(capacity),
         })
     }
 
     /// The index of the last answer (0: none yet, or a reset).
     pub fn index(&self) -> u64 {
-        self.index.get()
+        self.reader.index()
+    }
+
+    /// Goes on from the master's answer: its index (the first request
+    /// blocks on it), what it said, and its place in the pace (the master's
+    /// answer was the line's first).
+    pub fn resume(&mut self, noted: Noted, now_ms: u64) {
+        self.reader.resume(noted);
+        self.pacer.pause_ms(now_ms);
     }
 
     /// After an answer, how long to wait before the next request: the pace of
@@ -177,7 +346,7 @@ impl Watch {
     /// Sends the next blocking query and makes a result of its answer.
     pub async fn fetch(&mut self, random: u64) -> Fetched {
         crate::fault::inject("lookup");
-        let index = self.index.get();
+        let index = self.reader.index();
         let wait = wait_to_send(self.api.wait_ms, self.settings.max_stale_ms, random);
         let target = self.api.target_with(index, wait);
         let request = get_request(
@@ -186,6 +355,7 @@ impl Watch {
             self.api.token.as_ref().map(Token::header_value),
         );
         let limits = http::Limits {
+            blocking: index > 0,
             first_byte_ms: request_time_ms(index, wait, self.settings.timeout_ms),
             timeout_ms: self.settings.timeout_ms,
             max_body: self.max_body,
@@ -193,7 +363,7 @@ impl Watch {
         log::debug(&format!("{}GET {target}", self.prefix));
         let fetched = self.exchange(&request, limits).await;
         if !fetched.answered {
-            self.index.failed();
+            self.reader.failed();
         }
         fetched
     }
@@ -208,87 +378,21 @@ impl Watch {
             Ok(r) => r,
             Err(why) => return failed(why),
         };
-        let name = self.api.agent.authority();
-        let http::Response {
-            status,
-            index,
-            acl_filtered,
-            body,
-        } = response;
-        if status != 200 {
-            return failed(status_reason(&name, status, &body));
-        }
-        let parsed = health::parse(&body, self.api.only_passing);
-        drop(body);
-        let mut answer = match parsed {
-            Ok(a) => a,
-            Err(why) => return failed(format!("{name}: {why}")),
+        let read = match self.reader.read(response) {
+            Ok(r) => r,
+            Err(why) => return failed(why),
         };
-        let step = self.index.answered(index);
-        log::debug(&format!(
-            "{}answer: {} entries, {} critical, index {index:?} ({step:?})",
-            self.prefix, answer.entries, answer.critical
-        ));
-        let hosts = match self.resolve_hosts(&answer.host_names()).await {
+        let hosts = match self.resolve_hosts(&read.answer.host_names()).await {
             Ok(h) => h,
             Err(why) => return failed(why),
         };
-        let peers = answer.peers(&self.own, hosts.as_ref());
-        self.say_left(&answer.left);
-        let filtered = acl_filtered;
-        if filtered && !self.last_acl_filtered && !peers.is_empty() {
-            log::warn(&format!(
-                "{}the ACL token may not read every instance of \"{}\": {name} left some out (X-Consul-Results-Filtered-By-ACLs)",
-                self.prefix, self.api.service
-            ));
+        match self.reader.result(read, &self.own, hosts.as_ref()) {
+            Ok(result) => Fetched {
+                result,
+                answered: true,
+            },
+            Err(why) => failed(why),
         }
-        self.last_acl_filtered = filtered;
-        if peers.is_empty() && answer.entries == 0 && filtered {
-            // Default-deny ACLs answer "nothing" rather than 403: an ACL error,
-            // not a service without instances. A policy change does not wake a
-            // blocking query: ask again at the pace of failures.
-            return failed(format!(
-                "ACL: {name} left every instance out: the token may not read service \"{}\" (X-Consul-Results-Filtered-By-ACLs)",
-                self.api.service
-            ));
-        }
-        let result = if !peers.is_empty() {
-            Resolved::Peers {
-                peers,
-                ignored: Ignored::default(),
-                // The HTTP API sends every instance.
-                truncated: None,
-            }
-        } else if answer.instances.is_empty() {
-            // Nothing registered, or nothing healthy: Consul's "no instances".
-            Resolved::Empty { nxdomain: false }
-        } else {
-            Resolved::Failed(format!(
-                "answer has no usable instances ({})",
-                answer.left.describe()
-            ))
-        };
-        Fetched {
-            result,
-            answered: true,
-        }
-    }
-
-    /// Says once what the answer's instances gave no peer for (until it changes).
-    fn say_left(&mut self, left: &Left) {
-        if *left != self.last_left && !left.is_empty() {
-            let msg = format!(
-                "{}ignored instances of the answer: {}",
-                self.prefix,
-                left.describe()
-            );
-            if left.needs_attention() {
-                log::warn(&msg);
-            } else {
-                log::info(&msg);
-            }
-        }
-        self.last_left = left.clone();
     }
 
     /// Addresses of the answer's host names (`None` without `resolver=`); a

@@ -1,9 +1,10 @@
 //! `https://` to the agent with the OpenSSL nginx itself is linked with (the
 //! module adds no TLS library): a client context made when the configuration is
 //! read (the CA file is read there, by the master, as nginx reads
-//! `proxy_ssl_trusted_certificate`), and a TLS stream over the runtime's socket
-//! (an nginx connection), driven by `SSL_do_handshake`/`SSL_read`/`SSL_write`
-//! and the socket's readiness. nginx's `ngx_ssl_*` connection layer is not used:
+//! `proxy_ssl_trusted_certificate`), and a TLS stream over a [`Transport`] —
+//! the runtime's socket (an nginx connection) in worker 0, a descriptor the
+//! master's poll loop watches before it forks workers — driven by
+//! `SSL_do_handshake`/`SSL_read`/`SSL_write` and the socket's readiness. nginx's `ngx_ssl_*` connection layer is not used:
 //! it logs a hostile agent's handshake failures at `crit` on every attempt,
 //! where discovery says so once per failure streak with the reason.
 //!
@@ -114,13 +115,32 @@ impl TlsContext {
     }
 }
 
-/// TLS over a runtime socket. One task uses it at a time (one request per line).
-pub struct TlsStream {
-    socket: Socket,
+/// What TLS runs over: a connected socket's descriptor and its readiness.
+pub trait Transport {
+    fn fd(&self) -> Option<c_int>;
+    /// Parks the task until the socket is readable (`write`: writable).
+    fn poll_ready(&self, write: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl Transport for Socket {
+    fn fd(&self) -> Option<c_int> {
+        self.connection()
+            // SAFETY: an open connection of the runtime.
+            .map(|c| unsafe { c.as_ref().fd })
+    }
+
+    fn poll_ready(&self, write: bool, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Socket::poll_ready(self, write, cx)
+    }
+}
+
+/// TLS over a socket. One task uses it at a time (one request per line).
+pub struct TlsStream<S: Transport = Socket> {
+    socket: S,
     ssl: NonNull<SSL>,
 }
 
-impl Drop for TlsStream {
+impl<S: Transport> Drop for TlsStream<S> {
     fn drop(&mut self) {
         // SAFETY: made by SSL_new in `connect`; it does not own the fd (the
         // socket does, and closes it after this).
@@ -135,18 +155,25 @@ enum Step {
     Failed(String),
 }
 
-impl TlsStream {
+impl TlsStream<Socket> {
     /// The handshake with the agent at `agent`, over a connected socket.
     pub async fn connect(
         socket: Socket,
         ctx: &TlsContext,
         agent: &AgentUrl,
     ) -> Result<TlsStream, String> {
-        let fd = socket
-            .connection()
-            // SAFETY: an open connection of the runtime.
-            .map(|c| unsafe { c.as_ref().fd })
-            .ok_or_else(|| "connection closed".to_string())?;
+        let stream = TlsStream::new(socket, ctx, agent)?;
+        let name = agent.authority();
+        poll_fn(|cx| stream.poll_handshake(cx, &name)).await?;
+        Ok(stream)
+    }
+}
+
+impl<S: Transport> TlsStream<S> {
+    /// A client for the agent at `agent` over a connected socket, before its
+    /// handshake ([`TlsStream::poll_handshake`]).
+    pub fn new(socket: S, ctx: &TlsContext, agent: &AgentUrl) -> Result<TlsStream<S>, String> {
+        let fd = socket.fd().ok_or_else(|| "connection closed".to_string())?;
         let host = CString::new(agent.host.as_str()).map_err(|_| "invalid host".to_string())?;
         // SAFETY: a new SSL of a live context, set up before it is used; every
         // string passed is NUL-terminated and outlives the call.
@@ -174,21 +201,25 @@ impl TlsStream {
             SSL_set_connect_state(s);
             stream
         };
-        let name = agent.authority();
-        poll_fn(|cx| {
-            // SAFETY: the stream's own SSL, on the worker's only thread.
-            let step = stream.step(cx, |s| unsafe { SSL_do_handshake(s) });
-            match step {
-                Step::Done(_) => Poll::Ready(Ok(())),
-                Step::Again => Poll::Pending,
-                Step::Closed => Poll::Ready(Err(format!(
-                    "{name} closed the connection in the TLS handshake"
-                ))),
-                Step::Failed(why) => Poll::Ready(Err(stream.handshake_error(&name, why))),
-            }
-        })
-        .await?;
         Ok(stream)
+    }
+
+    /// What the stream runs over.
+    pub fn transport(&self) -> &S {
+        &self.socket
+    }
+
+    /// The handshake with the agent `name`, as far as the socket allows.
+    pub fn poll_handshake(&self, cx: &mut Context<'_>, name: &str) -> Poll<Result<(), String>> {
+        // SAFETY: the stream's own SSL, on the process's only thread.
+        match self.step(cx, |s| unsafe { SSL_do_handshake(s) }) {
+            Step::Done(_) => Poll::Ready(Ok(())),
+            Step::Again => Poll::Pending,
+            Step::Closed => Poll::Ready(Err(format!(
+                "{name} closed the connection in the TLS handshake"
+            ))),
+            Step::Failed(why) => Poll::Ready(Err(self.handshake_error(name, why))),
+        }
     }
 
     /// Why the handshake failed: the certificate check, else OpenSSL's reason.
@@ -250,7 +281,7 @@ fn io_error(step: Step) -> Poll<io::Result<usize>> {
     }
 }
 
-impl AsyncRead for TlsStream {
+impl<S: Transport> AsyncRead for TlsStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -264,7 +295,7 @@ impl AsyncRead for TlsStream {
     }
 }
 
-impl AsyncWrite for TlsStream {
+impl<S: Transport> AsyncWrite for TlsStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
