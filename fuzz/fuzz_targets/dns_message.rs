@@ -1,5 +1,7 @@
 //! A DNS response (wire bytes) → the peer set the module would publish: hickory's
-//! parser, core's conversion (`message::records_of`), `SrvAnswer::parse` and `peers`.
+//! parser, core's conversion (`message::records_of`), `SrvAnswer::parse` and `peers`;
+//! and the same bytes as the answer to the master's lookup (`lookup::SrvLookup`,
+//! which reads by the rules both DNS clients share), over UDP and TCP.
 #![no_main]
 
 use std::collections::HashSet;
@@ -7,6 +9,7 @@ use std::collections::HashSet;
 use consul_core::answer::{
     normalize, takes_connections, OwnAddresses, SrvAnswer, MAX_ADDRS_PER_TARGET, MAX_SRV_RECORDS,
 };
+use consul_core::lookup::{QueryIds, SrvLookup};
 use consul_core::message::records_of;
 use consul_core::peer::canonicalize;
 use libfuzzer_sys::fuzz_target;
@@ -15,6 +18,19 @@ use libfuzzer_sys::fuzz_target;
 const QUERY: &str = "redis.service.yunlu_office.consul";
 
 fuzz_target!(|data: &[u8]| {
+    if let [hi, lo, ..] = *data {
+        let own = OwnAddresses::default();
+        for over_tcp in [false, true] {
+            // The query's id is the message's: the seeds answer QUERY's question.
+            let mut ids = QueryIds::new(u16::from_be_bytes([hi, lo]));
+            let mut lookup = SrvLookup::new(QUERY, "127.0.0.1:8600".parse().unwrap());
+            if lookup.start(&mut ids).is_some() {
+                let _ = lookup.on_message(data, over_tcp, &own, &mut ids);
+                lookup.fail("timed out".into(), &own);
+                assert!(lookup.is_done(), "a lookup ends when its transport fails");
+            }
+        }
+    }
     let Ok((answers, additionals)) = records_of(data) else {
         return;
     };

@@ -1,9 +1,10 @@
-//! An agent's HTTP response bytes → `http::parse_head` and the chunked decoder,
-//! fed in pieces of every size the input picks: never a panic, a body never
-//! over its cap, the same body whatever the pieces.
+//! An agent's HTTP response bytes → `http::parse_head`, the chunked decoder and
+//! the `ResponseReader` both clients read with, fed in pieces of every size the
+//! input picks: never a panic, a body never over its cap, the same response
+//! whatever the pieces.
 #![no_main]
 
-use consul_core::http::{parse_head, Chunked, Framing};
+use consul_core::http::{parse_head, Chunked, Framing, Progress, ResponseReader, MAX_HEAD};
 use libfuzzer_sys::fuzz_target;
 
 const MAX: usize = 4096;
@@ -21,6 +22,18 @@ fn dechunk(input: &[u8], step: usize) -> Result<(Vec<u8>, bool), String> {
         }
     }
     Ok((out, c.is_done()))
+}
+
+/// The response read from `input` in pieces of `step`, then the connection's end.
+fn read(input: &[u8], step: usize) -> Result<Option<(Vec<u8>, u16)>, String> {
+    let mut r = ResponseReader::new(MAX);
+    for part in input.chunks(step.max(1)) {
+        if let Progress::Done { response, .. } = r.push(part)? {
+            assert!(response.body.len() <= MAX);
+            return Ok(Some((response.body, response.status)));
+        }
+    }
+    Ok(r.end().map(|response| (response.body, response.status)))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -45,6 +58,15 @@ fuzz_target!(|data: &[u8]| {
         (Err(_), Err(_)) => {}
         // An error may come only once its bytes arrive: with the whole input
         // an error, pieces may stop on one too.
+        (a, b) => panic!("whole {a:?} vs pieces {b:?}"),
+    }
+    // The reader: the same response (or an error) whatever the pieces. (A head
+    // longer than MAX_HEAD is refused once that much came without its end:
+    // whole, it may be complete.)
+    match (read(input, input.len()), read(input, usize::from(step))) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "the same response whatever the pieces"),
+        (Err(_), Err(_)) => {}
+        (Ok(_), Err(_)) if input.len() >= MAX_HEAD => {}
         (a, b) => panic!("whole {a:?} vs pieces {b:?}"),
     }
 });
