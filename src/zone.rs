@@ -12,7 +12,7 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
-    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_calloc, ngx_slab_page_t, ngx_slab_pool_t,
+    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_page_t, ngx_slab_pool_t,
     ngx_slab_stat_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
 };
 
@@ -193,15 +193,22 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     let pages =
         unsafe { ((*pool).end as usize).saturating_sub((*pool).start as usize) } / pagesize();
     let capacity = capacity_of(zone.shm.size).min(capacity_for(pages * pagesize()));
-    // SAFETY: a fresh pool; the memory comes back zeroed, which is every
-    // atomic's initial state.
-    let mem = unsafe { ngx_slab_calloc(pool, bytes_for(capacity)) };
+    // Not zeroed: only the header needs it (records, slots and tree nodes are
+    // written before they are read), and zeroing the rest would touch every
+    // page of a big `zone=`, at `nginx -t` too, where nginx's own zones touch
+    // only their page descriptors.
+    // SAFETY: a fresh pool.
+    let mem = unsafe { ngx_slab_alloc(pool, bytes_for(capacity)) };
     if mem.is_null() {
         return NGX_ERROR as ngx_int_t;
     }
     let header = mem as *mut Header;
-    // SAFETY: header..+bytes_for(capacity) is ours, zeroed; nobody reads it yet.
-    unsafe { (*header).format(capacity) };
+    // SAFETY: header..+bytes_for(capacity) is ours; nobody reads it yet. All
+    // zero is every atomic's initial state.
+    unsafe {
+        ptr::write_bytes(header as *mut u8, 0, size_of::<Header>());
+        (*header).format(capacity);
+    }
     zone.data = mem;
     // SAFETY: just laid out.
     let Some(new) = (unsafe { map(header) }) else {
