@@ -72,11 +72,7 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let owned: Vec<String> = args.iter().skip(1).map(str_of).collect();
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     let settings = Settings::parse(&words).map_err(|e| e.0)?;
-    // SAFETY: conf_file, when set, is the file being parsed.
-    let (file, line) = match unsafe { cf.conf_file.as_ref() } {
-        Some(f) => (str_of(&f.file.name), f.line),
-        None => (String::new(), 0),
-    };
+    let (file, line) = ffi::conf_position(cf);
     let new = Line {
         tag: source_tag(&settings.query),
         settings,
@@ -171,8 +167,25 @@ fn full_name(cf: &mut ngx_conf_t, path: &str) -> Result<String, String> {
     Ok(str_of(&name))
 }
 
+/// An `[emerg]` line outside a directive (the message names the place).
+fn emerg(cf: &ngx_conf_t, msg: &str) {
+    // SAFETY: a plain log call with a "%*s" format and its two arguments.
+    unsafe {
+        ngx_log_error_core(
+            NGX_LOG_EMERG as usize,
+            cf.log,
+            0,
+            c"%*s".as_ptr(),
+            msg.len(),
+            msg.as_ptr(),
+        )
+    };
+}
+
 /// After `stream {}` is parsed: a later `hash`, `least_conn` or `random` in the
-/// same block replaced our balancer (nginx only warns); refuse that.
+/// same block replaced our balancer (nginx only warns); refuse that. A
+/// `backup` server taken after `hash` or `random` in a block that got no
+/// `consul_upstream` line is refused as nginx refuses it.
 pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes the configuration of the parsed stream block.
     let cf_ref = unsafe { &mut *cf };
@@ -181,6 +194,17 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let Some(main) = main else {
         return NGX_OK as ngx_int_t;
     };
+    for &srv in &main.deferred_backups {
+        // SAFETY: block confs live as long as the configuration.
+        let srv = unsafe { &*srv };
+        if let (None, Some((file, line))) = (&srv.upstream, &srv.deferred_backup) {
+            emerg(
+                cf_ref,
+                &format!("balancing method does not support parameter \"backup\" in {file}:{line}"),
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
     for &up in &main.upstreams {
         // SAFETY: upstream confs live as long as the configuration.
         let up = unsafe { &*up };
@@ -189,22 +213,14 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         let kept =
             unsafe { (*up.uscf).peer.init_upstream }.is_some_and(|f| std::ptr::fn_addr_eq(f, ours));
         if !kept {
-            let msg = format!(
-                "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
-                up.first().file,
-                up.first().line
+            emerg(
+                cf_ref,
+                &format!(
+                    "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
+                    up.first().file,
+                    up.first().line
+                ),
             );
-            // SAFETY: a plain log call with a "%*s" format and its two arguments.
-            unsafe {
-                ngx_log_error_core(
-                    NGX_LOG_EMERG as usize,
-                    cf_ref.log,
-                    0,
-                    c"%*s".as_ptr(),
-                    msg.len(),
-                    msg.as_ptr(),
-                )
-            };
             return NGX_ERROR as ngx_int_t;
         }
     }

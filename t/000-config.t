@@ -124,6 +124,74 @@ _EOC_
         is($rc, 0, "nginx-conf/" . ($file =~ s{.*/}{}r) . ' passes nginx -t') or diag $out;
     }
 
+    # hash/random, a backup server and consul_upstream: every order is
+    # accepted (main at 3025645 refused method, backup, consul_upstream).
+    # Without consul_upstream, nginx's own refusal of backup stays, at its line.
+    my @parts = ('server 127.0.0.1:6382 backup;', 'consul_upstream redis.service.dc1.consul;');
+    for my $method ('hash $remote_addr;', 'hash $remote_addr consistent;', 'random;', 'random two least_conn;') {
+        for my $order ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]) {
+            my $body = join "\n        ", ($method, @parts)[@$order];
+            ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        $body
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+            is($rc, 0, "accepted: " . ($body =~ s/\s+/ /gr)) or diag $out;
+        }
+        ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream plain {
+        $method
+        server 127.0.0.1:6380;
+        server 127.0.0.1:6382 backup;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass plain; }
+}
+_EOC_
+        isnt($rc, 0, "without consul_upstream, $method then a backup server is refused");
+        like($out, qr/\[emerg\] balancing method does not support parameter "backup" in \Q$conf\E:7$/m,
+             "with nginx's own message and line") or diag $out;
+    }
+
+    # nginx's `zone` named like the zone of a consul_upstream upstream, before
+    # or after it: refused (main at 3025645 shared the zone or took it over).
+    my ($layout) = do {
+        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone.rs" or die $!;
+        map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
+    };
+    my $ours = "consul_upstream:v$layout:stream:b";
+    for my $case (['before', "upstream a { zone $ours 256k; server 127.0.0.1:6380; }",
+                   'upstream b { consul_upstream b.service.consul; }', 7,
+                   qr/shared memory zone "\Q$ours\E" is already declared for a different use: this name is the zone of "consul_upstream" in upstream "b"/],
+                  ['after', 'upstream b { consul_upstream b.service.consul; }',
+                   "upstream a { zone $ours 256k; server 127.0.0.1:6380; }", 7,
+                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/],
+                  ['in the same upstream, without a size', "upstream b { consul_upstream b.service.consul;",
+                   "zone $ours; }", 7,
+                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/]) {
+        my ($what, $first, $second, $line, $msg) = @$case;
+        ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream c { zone c 64k; server 127.0.0.1:6380; }
+    server { listen 127.0.0.1:1986; proxy_pass b; }
+    $first
+    $second
+}
+_EOC_
+        isnt($rc, 0, "nginx's zone named like consul_upstream's zone, $what: refused");
+        like($out, qr/\[emerg\] $msg in \Q$conf\E:$line$/m, "clearly, at the zone's or consul_upstream's line")
+            or diag $out;
+    }
+
     # zone= costs what its peers use, at nginx -t too: three zone=1024m
     # upstreams against nginx's own three `zone ... 1024m` in the same run
     # (main at 3025645: 3 GB and 10 s against 27 MB and 0.04 s).
