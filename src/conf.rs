@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
+use std::path::Path;
 use std::ptr;
 
 use ngx::core::Pool;
@@ -14,10 +15,13 @@ use ngx::ffi::{
 
 use consul_core::peer::source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
+use consul_core::state::resolved_path;
 use consul_core::view::{Balancing, PeerView};
 use consul_core::zone::MAX_LINES;
 
-use crate::upstream::{add_placeholder, Fallback, Line, Local, MainConf, SrvConf, Upstream};
+use crate::upstream::{
+    add_placeholder, Fallback, Line, Local, MainConf, SrvConf, StatePath, Upstream,
+};
 use crate::{ffi, zone};
 
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
@@ -129,12 +133,25 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let state_path = match &new.settings.state_path {
         Some(path) => {
             let full = full_name(cf, path)?;
-            if let Some((_, other)) = main.state_paths.iter().find(|(p, _)| *p == full) {
+            // One file, one upstream, however it is spelled (see resolved_path;
+            // a directory created later is judged as written).
+            let file = resolved_path(Path::new(&full));
+            if let Some(other) = main.state_paths.iter().find(|s| s.file == file) {
+                let same = if other.written == full {
+                    String::new()
+                } else {
+                    format!(" (as \"{}\")", other.written)
+                };
                 return Err(format!(
-                    "state file \"{full}\" is already used by upstream \"{other}\""
+                    "state file \"{full}\" is already used by upstream \"{}\"{same}",
+                    other.upstream
                 ));
             }
-            main.state_paths.push((full.clone(), name.clone()));
+            main.state_paths.push(StatePath {
+                file,
+                written: full.clone(),
+                upstream: name.clone(),
+            });
             Some(full)
         }
         None => None,

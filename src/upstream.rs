@@ -167,12 +167,21 @@ pub struct SrvConf {
     pub deferred_backup: Option<(String, usize)>,
 }
 
+/// A `state=` file in use.
+pub struct StatePath {
+    /// The file, however spelled (`consul_core::state::resolved_path`).
+    pub file: std::path::PathBuf,
+    /// As written (under nginx's prefix).
+    pub written: String,
+    pub upstream: String,
+}
+
 /// Every upstream that uses `consul_upstream`, for the discovery process.
 #[derive(Default)]
 pub struct MainConf {
     pub upstreams: Vec<*const Upstream>,
     /// `state=` files in use, with their upstream: one file, one upstream.
-    pub state_paths: Vec<(String, String)>,
+    pub state_paths: Vec<StatePath>,
     /// Blocks with a deferred `backup` server (see `SrvConf::deferred_backup`).
     pub deferred_backups: Vec<*const SrvConf>,
 }

@@ -551,6 +551,59 @@ qr/\[emerg\] \d+#\d+: state file "[^"]+\/x\.state" is already used by upstream "
 
 
 
+=== TEST 29f: one state file under two spellings: ".", "..", "//"
+--- setup
+use File::Path qw(make_path);
+make_path("$Test::Nginx::Consul::TmpDir/st/sub");
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/st/s.state;
+}
+upstream b {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/./st/sub/..//s.state;
+}
+upstream redis {
+    consul_upstream c.service.consul state=$TEST_NGINX_CONSUL_TMP/st/c.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/\.\/st\/sub\/\.\.\/\/s\.state" is already used by upstream "a" \(as "[^"]+\/st\/s\.state"\) in \S*\/stream\.conf:6\s*$/
+
+
+
+=== TEST 29g: one state file through a symbolic link to its directory
+--- setup
+use File::Path qw(make_path);
+make_path("$Test::Nginx::Consul::TmpDir/st");
+unlink "$Test::Nginx::Consul::TmpDir/link";
+symlink("$Test::Nginx::Consul::TmpDir/st", "$Test::Nginx::Consul::TmpDir/link") or die "symlink: $!";
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/st/s.state;
+}
+upstream redis {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/link/s.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/link\/s\.state" is already used by upstream "a" \(as "[^"]+\/st\/s\.state"\) in \S*\/stream\.conf:6\s*$/
+
+
+
+=== TEST 29h: a directory that does not exist yet is judged as written
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/later/s.state;
+}
+upstream redis {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/later/x/../s.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/later\/x\/\.\.\/s\.state" is already used by upstream "a" \(as "[^"]+\/later\/s\.state"\) in \S*\/stream\.conf:6\s*$/
+
+
+
 === TEST 30: a valid upstream starts (and the error log names no emerg)
 --- stream_config
 upstream redis {
