@@ -13,7 +13,7 @@ use ngx::ffi::{
     NGX_STREAM_UPSTREAM_BACKUP,
 };
 
-use consul_core::peer::source_tag;
+use consul_core::peer::line_source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
 use consul_core::state::resolved_path;
 use consul_core::view::{Balancing, PeerView};
@@ -77,8 +77,14 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     let settings = Settings::parse(&words).map_err(|e| e.0)?;
     let (file, line) = ffi::conf_position(cf);
+    let taken: Vec<u32> = srv
+        .upstream
+        .iter()
+        .flat_map(|up| &up.lines)
+        .map(|l| l.tag)
+        .collect();
     let new = Line {
-        tag: source_tag(&settings.query),
+        tag: line_source_tag(&settings.query, &taken),
         settings,
         file,
         line,
@@ -86,13 +92,15 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
 
     // A further line adds the instances of another query to the same upstream.
     if let Some(up) = srv.upstream.as_mut() {
-        if let Some(same) = up.lines.iter().find(|l| l.tag == new.tag) {
-            if same.settings.query == new.settings.query {
-                return Err("\"consul_upstream\" directive is duplicate".into());
-            }
+        if let Some(same) = up
+            .lines
+            .iter()
+            .find(|l| l.settings.query == new.settings.query)
+        {
+            // However it is written (`service=redis`, `redis.service.consul`).
             return Err(format!(
-                "queries \"{}\" and \"{}\" cannot be told apart in the zone: rename one",
-                same.settings.query, new.settings.query
+                "\"consul_upstream\" directive is duplicate: query \"{}\" is already in {}:{}",
+                same.settings.query, same.file, same.line
             ));
         }
         if let Some(w) = upstream_wide_param(&words) {

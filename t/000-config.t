@@ -351,12 +351,15 @@ upstream redis {
 
 
 
-=== TEST 15: duplicate directive
+=== TEST 15: duplicate directive, naming the earlier line
 --- stream_config
 upstream redis {
     consul_upstream redis.service.yunlu_office.consul;
-    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is duplicate
+    consul_upstream redis.service.yunlu_office.consul;
 }
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:4\s*$/
 
 
 
@@ -364,7 +367,74 @@ upstream redis {
 --- stream_config
 upstream redis {
     consul_upstream redis.service.yunlu_office.consul;
-    consul_upstream redis.service.yunlu_office.consul interval=5s;   # emerg: "consul_upstream" directive is duplicate
+    consul_upstream redis.service.yunlu_office.consul interval=5s;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:4\s*$/
+
+
+
+=== TEST 15d: the same query written another way is a duplicate, naming the earlier line
+--- stream_config
+upstream redis {
+    consul_upstream service=redis datacenter=yunlu_office;
+    consul_upstream interval=2s
+                    Redis.Service.Yunlu_Office.Consul.;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:5\s*$/
+
+
+
+=== TEST 15e: two queries whose 32-bit tags collide are two lines (main: "cannot be told apart")
+--- stream_config
+upstream redis {
+    consul_upstream s31597.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+    consul_upstream s618190.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- no_error_log
+[emerg]
+
+
+
+=== TEST 15f: a service name where the query goes
+--- stream_config
+upstream redis {
+    consul_upstream redis resolver=127.0.0.1:8600;   # emerg: invalid parameter "redis": a query is an SRV name such as "redis.service.consul", or use "service=redis"
+}
+
+
+
+=== TEST 15g: a repeated unit in a time, as nginx's own times refuse it
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul interval=1s1s;   # emerg: invalid parameter "interval=1s1s"
+}
+
+
+
+=== TEST 15h: units out of order in a time, as nginx's own times refuse them
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul timeout=30s1m;   # emerg: invalid parameter "timeout=30s1m"
+}
+
+
+
+=== TEST 15i: tcp and udp together
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul tcp udp;   # emerg: "tcp" and "udp" cannot both be given
+}
+
+
+
+=== TEST 15j: a parameter given twice is named as written, without a stray "="
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul interval=1s interval=2s;   # emerg: duplicate parameter "interval"
 }
 
 
