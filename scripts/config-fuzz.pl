@@ -6,7 +6,8 @@
 # harness's scripted DNS server (t/lib/Test/Nginx/Consul/HostileDns.pm: answers
 # like Consul's agent, or misbehaves on purpose), sends connections through
 # every upstream while the DNS answers change, sometimes reloads into another
-# accepted configuration, then stops nginx.
+# accepted configuration (connections going on meanwhile) or kills a worker,
+# then stops nginx.
 #
 # A failure is: `nginx -t` killed by a signal or hanging; a refusal without an
 # [emerg] message; nginx failing to start after `nginx -t` accepted it; any
@@ -419,9 +420,45 @@ sub worker_pids {
 
 sub worker_count { my @w = worker_pids(@_); return scalar @w }
 
+# What the fuzzer did, with the time, in the case's logs/actions (to read
+# beside nginx's error log).
+sub action {
+    my ($case, $what) = @_;
+    open my $fh, '>>', "$case/logs/actions" or return;
+    my ($s, $us) = Time::HiRes::gettimeofday();
+    my @t = localtime $s;
+    printf $fh "%04d/%02d/%02d %02d:%02d:%02d.%03d %s\n", $t[5] + 1900, $t[4] + 1, @t[3, 2, 1, 0], $us / 1000, $what;
+}
+
+# What nginx's processes are doing (for a hang): their titles and states, and
+# their stacks when gdb is there (full output in the case's logs/stacks).
+sub diagnose {
+    my ($case, $master) = @_;
+    my @pids = ($master);
+    for my $dir (glob '/proc/[0-9]*') {
+        my ($pid) = $dir =~ /(\d+)$/;
+        my $stat = read_file("$dir/stat");
+        push @pids, $pid if $stat =~ /\) \S+ $master /;
+    }
+    my $text = '';
+    for my $pid (@pids) {
+        my ($state) = read_file("/proc/$pid/stat") =~ /\) (\S+) /;
+        my $title = read_file("/proc/$pid/cmdline") =~ tr/\0/ /r;
+        my $wchan = read_file("/proc/$pid/wchan");
+        $text .= "\n    $pid ($title) state " . ($state // "?") . " wchan $wchan";
+        my $gdb = `gdb -batch -p $pid -ex bt 2>/dev/null` // '';
+        open my $fh, '>>', "$case/logs/stacks";
+        print $fh "--- $pid ($title)\n$gdb\n";
+        my @frames = grep { /^#\d+/ } split /\n/, $gdb;
+        $text .= "\n      $_" for @frames[0 .. ($#frames < 7 ? $#frames : 7)];
+    }
+    return $text;
+}
+
 # --- one case -----------------------------------------------------------------
 
-my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, reloads => 0, connections => 0);
+my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, reloads => 0, kills => 0,
+             connections => 0);
 my %refusals;
 my @failures;
 
@@ -491,6 +528,7 @@ sub start_and_use {
     my $texts = $cfg->{text};
     my $finish = sub {
         my ($why) = @_;
+        $why .= diagnose($case, $master) if $why =~ /hung|within|did not/;
         kill 'KILL', -$master;
         waitpid($master, 0);
         return fail($seed, $case, $why, $texts, read_file($log_file) . read_file("$case/logs/stdout"));
@@ -508,10 +546,12 @@ sub start_and_use {
     }
     return $finish->('nginx started no workers within 15 s') if worker_count($master) < $workers;
 
+    my %killed;                                              # workers this run killed
     my $phases = 1 + int rand 3;
     for my $phase (1 .. $phases) {
         my $mode = pick(@MODES);
         hostile_mode($mode);
+        action($case, "phase $phase: DNS mode $mode");
         hostile_instances(instances_for($cfg->{names})) if chance(0.4);
         sleep(0.2 + rand 0.8);
         for my $port (@{ $cfg->{ports} }) {
@@ -527,6 +567,21 @@ sub start_and_use {
                 return $finish->("GET $path: $r (DNS mode $mode)") if $r ne '200';
             }
         }
+        if (chance(0.1)) {                                    # a worker killed (as by the OOM killer)
+            my @w = worker_pids($master);
+            if (@w) {
+                my $victim = pick(@w);
+                action($case, "SIGKILL to worker $victim");
+                $killed{$victim} = 1;
+                $stats{kills}++;
+                kill 'KILL', $victim;
+                my $until = time + 15;
+                # The victim gone first: until then it may still count as a worker.
+                sleep 0.05 while time < $until && (kill(0, $victim) || worker_count($master) < $workers);
+                return $finish->("no worker replaced the killed one ($victim) within 15 s")
+                    if worker_count($master) < $workers;
+            }
+        }
         if (chance(0.25)) {                                   # reload into another accepted configuration
             my $next = a_config($case);
             $next->{text} =~ s/worker_processes \d/worker_processes $workers/;
@@ -537,6 +592,19 @@ sub start_and_use {
             my @before = worker_pids($master);
             write_file("$case/conf/nginx.conf", $next->{text});
             $texts .= "--- reloaded into:\n$next->{text}";
+            # Connections all along the reload, from another process.
+            my $stop = "$case/stop-connections";
+            unlink $stop;
+            my @ports = @{ $cfg->{ports} };
+            my $client = fork // die "fork: $!";
+            if (!$client) {
+                my $hung = 0;
+                while (!-e $stop && !$hung) {
+                    $hung = grep { connect_once($_) eq 'hang' } @ports;
+                }
+                POSIX::_exit($hung ? 1 : 0);
+            }
+            action($case, 'reload');
             kill 'HUP', $master;
             $stats{reloads}++;
             my $until = time + 15;
@@ -547,8 +615,17 @@ sub start_and_use {
                 sleep 0.05;
             }
             my @now = worker_pids($master);
+            write_file($stop, '');
+            my $client_done = time + $HANG_CONNECTION + 5;
+            sleep 0.05 while time < $client_done && waitpid($client, WNOHANG) != $client;
+            my $client_status = kill(0, $client) ? -1 : $?;
+            if ($client_status == -1) {
+                kill 'KILL', $client;
+                waitpid($client, 0);
+            }
             return $finish->('the reload did not replace the workers within 15 s')
                 if @now < $workers || grep { $old{$_} } @now;
+            return $finish->('a connection during the reload hung') if $client_status != 0;
             $cfg = $next;
             hostile_instances(instances_for($cfg->{names}));
         }
@@ -556,6 +633,7 @@ sub start_and_use {
     }
 
     # Stop: QUIT, as a reload-free shutdown would.
+    action($case, 'QUIT');
     kill 'QUIT', $master;
     my $until = time + $HANG_STOP;
     my $status;
@@ -568,6 +646,9 @@ sub start_and_use {
     my $log = read_file($log_file) . read_file("$case/logs/stdout");
     my @bad = grep {
         /exited on signal|core dumped|panicked|\[(?:alert|crit)\]/
+            # what killing a worker brings: its death, and the lock it may have held
+            && !(/worker process (\d+) exited on signal 9$/ && $killed{$1})
+            && !(/shared memory zone "[^"]+" was locked by (\d+)$/ && $killed{$1})
     } split /\n/, $log;
     return fail($seed, $case, 'the error log says: ' . $bad[0], $texts, $log) if @bad;
     return fail($seed, $case, 'the master exited on signal ' . ($status & 127), $texts, $log) if $status & 127;
@@ -593,9 +674,9 @@ for my $i (0 .. $opt{count} - 1) {
 }
 hostile_stop();
 printf "config-fuzz: %d configurations in %.0f s: %d refused by nginx -t, %d accepted, %d started "
-    . "(%d reloads, %d connections); %d failed\n",
+    . "(%d reloads, %d workers killed, %d connections); %d failed\n",
     $stats{cases}, time - $t0, $stats{refused}, $stats{accepted}, $stats{started}, $stats{reloads},
-    $stats{connections}, scalar @failures;
+    $stats{kills}, $stats{connections}, scalar @failures;
 if ($opt{verbose}) {
     print "config-fuzz: refusals by message:\n";
     printf "  %5d  %s\n", $refusals{$_}, $_ for sort { $refusals{$b} <=> $refusals{$a} } keys %refusals;
