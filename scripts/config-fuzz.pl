@@ -73,6 +73,7 @@ my $Module = $opt{module} // $ENV{NGX_CONSUL_MODULE}
     // "$Target/$Profile/libngx_stream_consul_upstream_module.so";
 -x $Nginx or die "config-fuzz: no nginx at $Nginx (cargo build first, or --nginx)\n";
 -f $Module or die "config-fuzz: no module at $Module (cargo build first, or --module)\n";
+($Nginx, $Module) = map { abs_path($_) } $Nginx, $Module;
 my @Extra = split ' ', $ENV{NGX_CONSUL_EXTRA_MODULES} // '';
 my $NginxV = `$Nginx -V 2>&1`;
 my $HasSsl = $NginxV =~ /--with-stream_ssl_module/ || grep { /stream/ } @Extra;
@@ -658,6 +659,22 @@ sub start_and_use {
 # --- main -----------------------------------------------------------------------
 
 $SIG{INT} = $SIG{TERM} = sub { hostile_stop(); remove_tree($Work) unless $opt{keep}; exit 130 };
+
+# The module loads and a plain line passes: else every case would be
+# "refused" for a reason that is not the case's.
+{
+    my $case = "$Work/check";
+    make_path("$case/conf", "$case/logs");
+    write_file("$case/conf/nginx.conf", join '', (map { "load_module $_;\n" } @Extra, $Module),
+        "events { }\nstream {\n    upstream u { consul_upstream redis.service.consul; }\n",
+        "    server { listen 127.0.0.1:$PROXY_BASE; proxy_pass u; }\n}\n");
+    my ($st, $out) = nginx_t($case);
+    if ($st ne 'exit 0') {
+        remove_tree($Work);
+        die "config-fuzz: nginx -t refuses a plain consul_upstream line ($st):\n$out";
+    }
+    remove_tree($case);
+}
 hostile_start(port => $DnsPort);
 my $base = $opt{seed} // (time() * 1000 % 1_000_000_000);
 my $t0 = time;
