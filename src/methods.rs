@@ -1,8 +1,10 @@
 //! nginx's own balancing directives — `least_conn;`, `hash KEY [consistent];`,
-//! `random [two [least_conn]];` — in an upstream that has `consul_upstream`.
+//! `random [two [least_conn]];` — in an upstream that has `consul_upstream`, and
+//! nginx's `server` line after `hash` or `random` (its `backup`).
 //!
-//! The module is placed before nginx's balancer modules (`ngx_module_order` in
-//! lib.rs), so these directives reach its commands first. Each one records the
+//! The module is placed before nginx's upstream and balancer modules
+//! (`ngx_module_order` in lib.rs), so these directives reach its commands
+//! first ([`NginxHandler`] hands them on; `zone` too, see `zone.rs`). Each one records the
 //! method in the block's conf, then hands the directive on, unchanged, to nginx's
 //! own module: an upstream without `consul_upstream` works exactly as before,
 //! and nginx checks the arguments as it always does. With `consul_upstream` in the
