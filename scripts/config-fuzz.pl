@@ -456,6 +456,10 @@ sub diagnose {
     return $text;
 }
 
+# The nginx being run (its own process group), stopped if the fuzzer is.
+our $Running;
+END { kill 'KILL', -$Running if $Running }
+
 # --- one case -----------------------------------------------------------------
 
 my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, reloads => 0, kills => 0,
@@ -520,6 +524,7 @@ sub start_and_use {
     hostile_instances(instances_for($cfg->{names}));
     my $log_file = "$case/logs/error.log";
     my $master = fork // die "fork: $!";
+    $Running = $master;
     if (!$master) {
         setsid();
         open STDOUT, '>', "$case/logs/stdout";
@@ -532,6 +537,7 @@ sub start_and_use {
         $why .= diagnose($case, $master) if $why =~ /hung|within|did not/;
         kill 'KILL', -$master;
         waitpid($master, 0);
+        undef $Running;
         return fail($seed, $case, $why, $texts, read_file($log_file) . read_file("$case/logs/stdout"));
     };
     # Started: the workers are up.
@@ -540,6 +546,8 @@ sub start_and_use {
     while (time < $deadline && worker_count($master) < $workers) {
         if (waitpid($master, WNOHANG) == $master) {
             my $st = $? & 127 ? 'signal ' . ($? & 127) : 'exit ' . ($? >> 8);
+            kill 'KILL', -$master;
+            undef $Running;
             return fail($seed, $case, "nginx did not start after nginx -t accepted it ($st)", $texts,
                         read_file($log_file) . read_file("$case/logs/stdout"));
         }
@@ -644,6 +652,7 @@ sub start_and_use {
     }
     return $finish->("nginx did not stop within $HANG_STOP s of QUIT") unless defined $status;
     kill 'KILL', -$master;                                     # nothing of it may be left
+    undef $Running;
     my $log = read_file($log_file) . read_file("$case/logs/stdout");
     my @bad = grep {
         /exited on signal|core dumped|panicked|\[(?:alert|crit)\]/
@@ -658,7 +667,12 @@ sub start_and_use {
 
 # --- main -----------------------------------------------------------------------
 
-$SIG{INT} = $SIG{TERM} = sub { hostile_stop(); remove_tree($Work) unless $opt{keep}; exit 130 };
+$SIG{INT} = $SIG{TERM} = sub {
+    kill 'KILL', -$Running if $Running;
+    hostile_stop();
+    remove_tree($Work) unless $opt{keep};
+    exit 130;
+};
 
 # The module loads and a plain line passes: else every case would be
 # "refused" for a reason that is not the case's.
