@@ -8,6 +8,8 @@
 #   fuzz-smoke   scripts/fuzz.sh: each cargo fuzz target for a few seconds
 #   prove        the Test::Nginx suite on the vendored nginx: prove -I t/lib -r t/
 #                (t/020-faults.t prints "fault: ... connections tried N / failed M")
+#   config-fuzz  scripts/config-fuzz.pl: 60 generated configurations through nginx -t,
+#                the accepted ones started and sent connections (about 1 min)
 #   demo         scripts/demo.sh --short (the README's first command)
 #   debian-nginx Debian's packaged nginx + scripts/build-module.sh for it
 #   prove-debian the suite again on Debian's nginx, at debug level (scripts/ci/prove-debian.sh)
@@ -24,6 +26,8 @@
 #   SKIP_STEPS="docker deb"      leave these steps out (names as above)
 #   NGX_CONSUL_NETNS=0           run prove in the host's network namespace
 #   NGX_CONSUL_FUZZ_SECONDS=N    seconds per fuzz target in the smoke run (default 5, 0: skip)
+#   NGX_CONSUL_CONFIG_FUZZ_COUNT=N  configurations in the config-fuzz step (default 60, 0: skip);
+#                                NGX_CONSUL_CONFIG_FUZZ_SEED=S replays a run
 # Exits non-zero when any step fails; leaves no daemon running.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -151,6 +155,20 @@ if [ "${NGX_CONSUL_NETNS:-1}" != 0 ] && unshare -n sh -c 'ip link set lo up' 2>/
     step prove unshare -n sh -c 'ip link set lo up && exec "$@"' sh "${prove_cmd[@]}"
 else
     step prove "${prove_cmd[@]}"
+fi
+
+# Generated configurations (scripts/config-fuzz.pl; its own private network
+# namespace, like prove's): no crash, hang or worker death. The long run is
+# the script's default (2000 configurations).
+config_fuzz_count=${NGX_CONSUL_CONFIG_FUZZ_COUNT:-60}
+if [ "$config_fuzz_count" != 0 ]; then
+    config_fuzz=(perl scripts/config-fuzz.pl --count "$config_fuzz_count")
+    [ -n "${NGX_CONSUL_CONFIG_FUZZ_SEED:-}" ] && config_fuzz+=(--seed "$NGX_CONSUL_CONFIG_FUZZ_SEED")
+    if [ "${NGX_CONSUL_NETNS:-1}" = 0 ]; then
+        step config-fuzz env NGX_CONSUL_CONFIG_FUZZ_NETNS=host "${config_fuzz[@]}"
+    else
+        step config-fuzz "${config_fuzz[@]}"
+    fi
 fi
 
 # The README's first command, short (20 connections per step; release build).

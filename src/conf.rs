@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void};
+use std::path::Path;
 use std::ptr;
 
 use ngx::core::Pool;
@@ -12,12 +13,15 @@ use ngx::ffi::{
     NGX_STREAM_UPSTREAM_BACKUP,
 };
 
-use consul_core::peer::source_tag;
+use consul_core::peer::line_source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
+use consul_core::state::resolved_path;
 use consul_core::view::{Balancing, PeerView};
 use consul_core::zone::MAX_LINES;
 
-use crate::upstream::{add_placeholder, Fallback, Line, Local, MainConf, SrvConf, Upstream};
+use crate::upstream::{
+    add_placeholder, Fallback, Line, Local, MainConf, SrvConf, StatePath, Upstream,
+};
 use crate::{ffi, zone};
 
 pub unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
@@ -73,13 +77,15 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let words: Vec<&str> = owned.iter().map(String::as_str).collect();
     let mut settings = Settings::parse(&words).map_err(|e| e.0)?;
     let api = crate::api::configure(&mut settings, &mut |p| full_name(cf, p))?;
-    // SAFETY: conf_file, when set, is the file being parsed.
-    let (file, line) = match unsafe { cf.conf_file.as_ref() } {
-        Some(f) => (str_of(&f.file.name), f.line),
-        None => (String::new(), 0),
-    };
+    let (file, line) = ffi::conf_position(cf);
+    let taken: Vec<u32> = srv
+        .upstream
+        .iter()
+        .flat_map(|up| &up.lines)
+        .map(|l| l.tag)
+        .collect();
     let new = Line {
-        tag: source_tag(&settings.query),
+        tag: line_source_tag(&settings.query, &taken),
         settings,
         file,
         line,
@@ -88,13 +94,15 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
 
     // A further line adds the instances of another query to the same upstream.
     if let Some(up) = srv.upstream.as_mut() {
-        if let Some(same) = up.lines.iter().find(|l| l.tag == new.tag) {
-            if same.settings.query == new.settings.query {
-                return Err("\"consul_upstream\" directive is duplicate".into());
-            }
+        if let Some(same) = up
+            .lines
+            .iter()
+            .find(|l| l.settings.query == new.settings.query)
+        {
+            // However it is written (`service=redis`, `redis.service.consul`).
             return Err(format!(
-                "queries \"{}\" and \"{}\" cannot be told apart in the zone: rename one",
-                same.settings.query, new.settings.query
+                "\"consul_upstream\" directive is duplicate: query \"{}\" is already in {}:{}",
+                same.settings.query, same.file, same.line
             ));
         }
         if let Some(w) = upstream_wide_param(&words) {
@@ -135,12 +143,25 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
     let state_path = match &new.settings.state_path {
         Some(path) => {
             let full = full_name(cf, path)?;
-            if let Some((_, other)) = main.state_paths.iter().find(|(p, _)| *p == full) {
+            // One file, one upstream, however it is spelled (see resolved_path;
+            // a directory created later is judged as written).
+            let file = resolved_path(Path::new(&full));
+            if let Some(other) = main.state_paths.iter().find(|s| s.file == file) {
+                let same = if other.written == full {
+                    String::new()
+                } else {
+                    format!(" (as \"{}\")", other.written)
+                };
                 return Err(format!(
-                    "state file \"{full}\" is already used by upstream \"{other}\""
+                    "state file \"{full}\" is already used by upstream \"{}\"{same}",
+                    other.upstream
                 ));
             }
-            main.state_paths.push((full.clone(), name.clone()));
+            main.state_paths.push(StatePath {
+                file,
+                written: full.clone(),
+                upstream: name.clone(),
+            });
             Some(full)
         }
         None => None,
@@ -173,8 +194,25 @@ fn full_name(cf: &mut ngx_conf_t, path: &str) -> Result<String, String> {
     Ok(str_of(&name))
 }
 
+/// An `[emerg]` line outside a directive (the message names the place).
+fn emerg(cf: &ngx_conf_t, msg: &str) {
+    // SAFETY: a plain log call with a "%*s" format and its two arguments.
+    unsafe {
+        ngx_log_error_core(
+            NGX_LOG_EMERG as usize,
+            cf.log,
+            0,
+            c"%*s".as_ptr(),
+            msg.len(),
+            msg.as_ptr(),
+        )
+    };
+}
+
 /// After `stream {}` is parsed: a later `hash`, `least_conn` or `random` in the
-/// same block replaced our balancer (nginx only warns); refuse that.
+/// same block replaced our balancer (nginx only warns); refuse that. A
+/// `backup` server taken after `hash` or `random` in a block that got no
+/// `consul_upstream` line is refused as nginx refuses it.
 pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx passes the configuration of the parsed stream block.
     let cf_ref = unsafe { &mut *cf };
@@ -183,6 +221,17 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let Some(main) = main else {
         return NGX_OK as ngx_int_t;
     };
+    for &srv in &main.deferred_backups {
+        // SAFETY: block confs live as long as the configuration.
+        let srv = unsafe { &*srv };
+        if let (None, Some((file, line))) = (&srv.upstream, &srv.deferred_backup) {
+            emerg(
+                cf_ref,
+                &format!("balancing method does not support parameter \"backup\" in {file}:{line}"),
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
     for &up in &main.upstreams {
         // SAFETY: upstream confs live as long as the configuration.
         let up = unsafe { &*up };
@@ -191,22 +240,14 @@ pub unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         let kept =
             unsafe { (*up.uscf).peer.init_upstream }.is_some_and(|f| std::ptr::fn_addr_eq(f, ours));
         if !kept {
-            let msg = format!(
-                "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
-                up.first().file,
-                up.first().line
+            emerg(
+                cf_ref,
+                &format!(
+                    "\"consul_upstream\" cannot be combined with another load balancing method in {}:{}",
+                    up.first().file,
+                    up.first().line
+                ),
             );
-            // SAFETY: a plain log call with a "%*s" format and its two arguments.
-            unsafe {
-                ngx_log_error_core(
-                    NGX_LOG_EMERG as usize,
-                    cf_ref.log,
-                    0,
-                    c"%*s".as_ptr(),
-                    msg.len(),
-                    msg.as_ptr(),
-                )
-            };
             return NGX_ERROR as ngx_int_t;
         }
     }

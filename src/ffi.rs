@@ -84,6 +84,19 @@ pub fn pool_str(cf: &ngx_conf_t, text: &str) -> Option<ngx::ffi::ngx_str_t> {
     })
 }
 
+/// The file and line of the directive being parsed (for messages that name
+/// it later); ("", 0) outside a file (`-g`).
+pub fn conf_position(cf: &ngx_conf_t) -> (String, usize) {
+    // SAFETY: conf_file, when set, is the file being parsed.
+    match unsafe { cf.conf_file.as_ref() } {
+        Some(f) => (
+            String::from_utf8_lossy(f.file.name.as_bytes()).into_owned(),
+            f.line,
+        ),
+        None => (String::new(), 0),
+    }
+}
+
 /// This module's own `ngx_module_t` (its `ctx_index` locates its confs).
 pub fn module() -> &'static ngx_module_t {
     // SAFETY: the module's own static; nginx writes its indexes while loading the

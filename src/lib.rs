@@ -60,9 +60,10 @@ static mut CTX: ngx_stream_module_t = ngx_stream_module_t {
     merge_srv_conf: None,
 };
 
-/// `consul_upstream`, and nginx's own balancing directives, which this module
-/// sees first and hands on (see [`methods`]).
-static mut COMMANDS: [ngx_command_t; 5] = [
+/// `consul_upstream`, and nginx's own directives that this module sees first
+/// and hands on: the balancing methods and `server` (see [`methods`]), `zone`
+/// (see [`zone`]).
+static mut COMMANDS: [ngx_command_t; 7] = [
     ngx_command_t {
         name: ngx::ngx_string!("consul_upstream"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -91,6 +92,22 @@ static mut COMMANDS: [ngx_command_t; 5] = [
         name: ngx::ngx_string!("random"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_NOARGS | NGX_CONF_TAKE12) as ngx_uint_t,
         set: Some(methods::directive),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("server"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(methods::server),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx::ngx_string!("zone"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE12) as ngx_uint_t,
+        set: Some(zone::zone_directive),
         conf: NGX_STREAM_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),
@@ -146,8 +163,9 @@ pub static mut ngx_http_consul_upstream_status_module: ngx_module_t = ngx_module
 
 /// What nginx reads from a dynamic module's file: its modules (one `load_module`
 /// line loads both), their names, and where they go among the others. The
-/// stream module goes before nginx's balancer modules, so that their directives
-/// reach it first (see [`methods`]); the http module goes last, as usual.
+/// stream module goes before nginx's upstream module and its balancer and zone
+/// modules, so that their directives reach it first (see [`methods`]); the
+/// http module goes last, as usual.
 /// Written out: ngx 0.5.1's `ngx_modules!` takes one module and no order.
 #[cfg(feature = "export-modules")]
 #[allow(non_upper_case_globals)]
@@ -172,11 +190,13 @@ mod exports {
     ];
 
     #[no_mangle]
-    pub static mut ngx_module_order: [*const c_char; 5] = [
+    pub static mut ngx_module_order: [*const c_char; 7] = [
         c"ngx_stream_consul_upstream_module".as_ptr(),
+        c"ngx_stream_upstream_module".as_ptr(),
         c"ngx_stream_upstream_hash_module".as_ptr(),
         c"ngx_stream_upstream_random_module".as_ptr(),
         c"ngx_stream_upstream_least_conn_module".as_ptr(),
+        c"ngx_stream_upstream_zone_module".as_ptr(),
         ptr::null(),
     ];
 }

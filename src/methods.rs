@@ -1,8 +1,10 @@
 //! nginx's own balancing directives — `least_conn;`, `hash KEY [consistent];`,
-//! `random [two [least_conn]];` — in an upstream that has `consul_upstream`.
+//! `random [two [least_conn]];` — in an upstream that has `consul_upstream`, and
+//! nginx's `server` line after `hash` or `random` (its `backup`).
 //!
-//! The module is placed before nginx's balancer modules (`ngx_module_order` in
-//! lib.rs), so these directives reach its commands first. Each one records the
+//! The module is placed before nginx's upstream and balancer modules
+//! (`ngx_module_order` in lib.rs), so these directives reach its commands
+//! first ([`NginxHandler`] hands them on; `zone` too, see `zone.rs`). Each one records the
 //! method in the block's conf, then hands the directive on, unchanged, to nginx's
 //! own module: an upstream without `consul_upstream` works exactly as before,
 //! and nginx checks the arguments as it always does. With `consul_upstream` in the
@@ -23,7 +25,7 @@ use ngx::ffi::{
 use consul_core::method::Method;
 
 use crate::ffi;
-use crate::upstream::SrvConf;
+use crate::upstream::{MainConf, SrvConf};
 
 /// The method an upstream block asked for, with the hash key when it has one.
 #[derive(Clone, Copy)]
@@ -78,6 +80,70 @@ fn command(module: &ngx_module_t, directive: &str) -> Option<&'static ngx_comman
         }
         // SAFETY: not past the terminating command.
         cmd = unsafe { cmd.add(1) };
+    }
+}
+
+/// nginx's own handler of a directive that this module sees first.
+pub struct NginxHandler {
+    module: &'static ngx_module_t,
+    cmd: &'static ngx_command_t,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+}
+
+impl NginxHandler {
+    /// `directive` of nginx's stream module `owner` (its conf at
+    /// NGX_STREAM_SRV_CONF_OFFSET, as for every directive handed on here).
+    pub fn find(cf: &ngx_conf_t, owner: &str, directive: &str) -> Result<NginxHandler, String> {
+        let module = stream_module(cf, owner).ok_or_else(|| {
+            format!("\"{directive}\" is not available: this nginx is built without {owner}")
+        })?;
+        command(module, directive)
+            .and_then(|cmd| cmd.set.map(|set| NginxHandler { module, cmd, set }))
+            .ok_or_else(|| format!("\"{directive}\" is not available in {owner}"))
+    }
+
+    /// Calls it on the directive being parsed, as nginx would have.
+    pub fn call(&self, cf: &mut ngx_conf_t) -> *mut c_char {
+        // SAFETY: inside a stream block: the owner module's conf of this block,
+        // as nginx would pass it.
+        let their_conf = unsafe { ffi::conf_srv_conf(cf, self.module) };
+        // SAFETY: nginx's own handler, with the arguments and confs it expects.
+        unsafe {
+            (self.set)(
+                cf,
+                self.cmd as *const ngx_command_t as *mut ngx_command_t,
+                their_conf,
+            )
+        }
+    }
+}
+
+/// The stream upstream module's conf of the `upstream {}` block being parsed.
+///
+/// # Safety
+/// `cf` must be inside `upstream {}` of `stream {}`.
+pub unsafe fn block_uscf(cf: &ngx_conf_t) -> &'static mut ngx_stream_upstream_srv_conf_t {
+    // SAFETY: per the contract; the conf lives as long as the cycle.
+    unsafe {
+        &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
+            as *mut ngx_stream_upstream_srv_conf_t)
+    }
+}
+
+/// Runs a directive handler's body: a panic or an error becomes nginx's error.
+pub fn directive_result(
+    cf: &mut ngx_conf_t,
+    body: impl FnOnce(&mut ngx_conf_t) -> Result<*mut c_char, String>,
+) -> *mut c_char {
+    let cf_ptr: *mut ngx_conf_t = cf;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(cf)))
+        .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
+    match result {
+        Ok(rv) => rv,
+        Err(msg) => {
+            ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf_ptr, "{}", msg);
+            ffi::conf_error()
+        }
     }
 }
 
@@ -137,15 +203,7 @@ pub unsafe extern "C" fn directive(
     // SAFETY: nginx calls directive handlers with the configuration being parsed,
     // the command, and (NGX_STREAM_SRV_CONF_OFFSET) this module's block conf.
     let (cf, cmd, srv) = unsafe { (&mut *cf, &*cmd, &mut *(conf as *mut SrvConf)) };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass_on(cf, cmd, srv)))
-        .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
-    match result {
-        Ok(rv) => rv,
-        Err(msg) => {
-            ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, cf, "{}", msg);
-            ffi::conf_error()
-        }
-    }
+    directive_result(cf, |cf| pass_on(cf, cmd, srv))
 }
 
 fn pass_on(
@@ -159,17 +217,9 @@ fn pass_on(
         "hash" => "ngx_stream_upstream_hash_module",
         _ => "ngx_stream_upstream_random_module",
     };
-    let module = stream_module(cf, owner).ok_or_else(|| {
-        format!("\"{directive}\" is not available: this nginx is built without {owner}")
-    })?;
-    let theirs = command(module, &directive)
-        .and_then(|c| c.set.map(|set| (c, set)))
-        .ok_or_else(|| format!("\"{directive}\" is not available in {owner}"))?;
-    // SAFETY: inside `upstream {}` of `stream {}`: the upstream module's conf.
-    let uscf = unsafe {
-        &mut *(ffi::conf_srv_conf(cf, &*ptr::addr_of!(ngx_stream_upstream_module))
-            as *mut ngx_stream_upstream_srv_conf_t)
-    };
+    let theirs = NginxHandler::find(cf, owner, &directive)?;
+    // SAFETY: inside `upstream {}` of `stream {}`.
+    let uscf = unsafe { block_uscf(cf) };
     let ours = srv.upstream.is_some();
     if ours {
         // consul_upstream's balancer stays, with this method: nginx's "load
@@ -183,18 +233,7 @@ fn pass_on(
             );
         }
     }
-    // SAFETY: the owner module's conf of this block, as nginx would pass it
-    // (its commands use NGX_STREAM_SRV_CONF_OFFSET, as ours do).
-    let their_conf = unsafe { ffi::conf_srv_conf(cf, module) };
-    let (their_cmd, set) = theirs;
-    // SAFETY: nginx's own handler, with the arguments and confs it expects.
-    let rv = unsafe {
-        set(
-            cf,
-            their_cmd as *const ngx_command_t as *mut ngx_command_t,
-            their_conf,
-        )
-    };
+    let rv = theirs.call(cf);
     if ours {
         uscf.peer.init_upstream = Some(crate::balancer::init_upstream);
         // Static servers stay round robin's, which has backups.
@@ -213,4 +252,42 @@ fn pass_on(
     };
     srv.method = Some(Chosen { method, key });
     Ok(ffi::CONF_OK)
+}
+
+/// `server` in `upstream {}`, seen before nginx's upstream module. After
+/// `hash` or `random`, nginx refuses `backup`; but a `consul_upstream` line
+/// that follows makes the block's static servers round robin's, which has
+/// backups (every other order of these lines is accepted). Such a server is
+/// taken, and the block refused after all with nginx's own message for that
+/// line if no `consul_upstream` line came (see conf::postconfiguration).
+pub unsafe extern "C" fn server(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: as in `directive`.
+    let (cf, srv) = unsafe { (&mut *cf, &mut *(conf as *mut SrvConf)) };
+    directive_result(cf, |cf| {
+        let theirs = NginxHandler::find(cf, "ngx_stream_upstream_module", "server")?;
+        // SAFETY: inside `upstream {}` of `stream {}`.
+        let uscf = unsafe { block_uscf(cf) };
+        let backup = NGX_STREAM_UPSTREAM_BACKUP as ngx_uint_t;
+        let deferred = srv.upstream.is_none()
+            && srv.method.is_some()
+            && uscf.flags & backup == 0
+            && words(cf).iter().skip(2).any(|w| w == "backup");
+        if !deferred {
+            return Ok(theirs.call(cf));
+        }
+        uscf.flags |= backup;
+        let rv = theirs.call(cf);
+        uscf.flags &= !backup;
+        if rv.is_null() && srv.deferred_backup.is_none() {
+            srv.deferred_backup = Some(ffi::conf_position(cf));
+            // SAFETY: the stream block's context: this module's main conf.
+            let main = unsafe { &mut *(ffi::conf_main_conf(cf, ffi::module()) as *mut MainConf) };
+            main.deferred_backups.push(srv as *const SrvConf);
+        }
+        Ok(rv)
+    })
 }

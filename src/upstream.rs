@@ -175,6 +175,18 @@ pub struct SrvConf {
     pub upstream: Option<Box<Upstream>>,
     /// `least_conn`, `hash` or `random` in the block.
     pub method: Option<crate::methods::Chosen>,
+    /// The first `backup` server taken after `hash` or `random` before any
+    /// `consul_upstream` line (file, line): refused if none comes.
+    pub deferred_backup: Option<(String, usize)>,
+}
+
+/// A `state=` file in use.
+pub struct StatePath {
+    /// The file, however spelled (`consul_core::state::resolved_path`).
+    pub file: std::path::PathBuf,
+    /// As written (under nginx's prefix).
+    pub written: String,
+    pub upstream: String,
 }
 
 /// Every upstream that uses `consul_upstream`, for the discovery process.
@@ -182,7 +194,9 @@ pub struct SrvConf {
 pub struct MainConf {
     pub upstreams: Vec<*const Upstream>,
     /// `state=` files in use, with their upstream: one file, one upstream.
-    pub state_paths: Vec<(String, String)>,
+    pub state_paths: Vec<StatePath>,
+    /// Blocks with a deferred `backup` server (see `SrvConf::deferred_backup`).
+    pub deferred_backups: Vec<*const SrvConf>,
 }
 
 /// The module's conf of an upstream block.

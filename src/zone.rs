@@ -6,14 +6,14 @@
 //! holding it, the master frees it (as for every shared zone). Readers never
 //! lock; see `consul_core::zone` for how a killed writer leaves nothing torn.
 
-use std::ffi::c_void;
+use std::ffi::{c_char, c_void};
 use std::mem::size_of;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
-    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_calloc, ngx_slab_page_t, ngx_slab_pool_t,
-    ngx_slab_stat_t, ngx_stream_upstream_module, NGX_ERROR, NGX_OK,
+    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add,
+    ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_page_t,
+    ngx_slab_pool_t, ngx_slab_stat_t, ngx_str_t, ngx_stream_module, NGX_ERROR, NGX_OK,
 };
 
 use std::sync::atomic::AtomicU32;
@@ -149,19 +149,59 @@ pub fn size_for(peers: usize) -> usize {
     size
 }
 
-/// Registers `consul_upstream:v<LAYOUT>:<upstream>` of `size` bytes. The tag is a
-/// symbol of the nginx binary, not of this module, so that the zone (and its
-/// peers) survives a reload even when the module's file moved.
+/// The protocol part of the zones' names: an http upstream (later) and a
+/// stream upstream of the same name get zones of their own.
+const PROTOCOL: &str = "stream";
+
+/// The zone's name for `upstream`: `consul_upstream:v<LAYOUT>:stream:<upstream>`.
+fn zone_name(upstream: &str) -> String {
+    format!("consul_upstream:v{LAYOUT}:{PROTOCOL}:{upstream}")
+}
+
+/// The tag of this module's zones: a symbol of nginx (of its stream module),
+/// not of this module, so that a zone (and its peers) survives a reload even
+/// when the module's file moved; and one that no other zone of nginx uses, so
+/// that a zone of another directive with the same name is refused instead of
+/// shared (nginx's stream upstream `zone` uses the upstream module's address).
+fn tag() -> *mut c_void {
+    ptr::addr_of_mut!(ngx_stream_module) as *mut c_void
+}
+
+/// The zone named `name` that the cycle being configured already has, with its tag.
+fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
+    // SAFETY: the cycle being configured and its list of zones.
+    let mut part = unsafe { &(*cf.cycle).shared_memory.part } as *const ngx::ffi::ngx_list_part_t;
+    while !part.is_null() {
+        // SAFETY: a part of the cycle's list of zones.
+        let p = unsafe { &*part };
+        let zones = p.elts as *const ngx_shm_zone_t;
+        for i in 0..p.nelts {
+            // SAFETY: i < nelts.
+            let z = unsafe { &*zones.add(i) };
+            if z.shm.name.as_bytes() == name {
+                return Some(z.tag);
+            }
+        }
+        part = p.next;
+    }
+    None
+}
+
+/// Registers the zone of `upstream` with `size` bytes.
 pub fn register(
     cf: &mut ngx_conf_t,
     upstream: &str,
     size: usize,
 ) -> Result<*mut ngx_shm_zone_t, String> {
-    let text = format!("consul_upstream:v{LAYOUT}:{upstream}");
+    let text = zone_name(upstream);
+    if declared(cf, text.as_bytes()).is_some_and(|t| t != tag()) {
+        return Err(format!(
+            "shared memory zone \"{text}\" is already declared for a different use: this name is the zone of \"consul_upstream\" in upstream \"{upstream}\""
+        ));
+    }
     let mut name = ffi::pool_str(cf, &text).ok_or("out of memory")?;
-    let tag = ptr::addr_of_mut!(ngx_stream_upstream_module) as *mut c_void;
     // SAFETY: cf is the configuration being parsed.
-    let shm_zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, tag) };
+    let shm_zone = unsafe { ngx_shared_memory_add(cf, &mut name, size, tag()) };
     if shm_zone.is_null() {
         return Err(format!("could not add shared zone \"{text}\""));
     }
@@ -171,6 +211,35 @@ pub fn register(
         (*shm_zone).data = ptr::null_mut();
     }
     Ok(shm_zone)
+}
+
+/// nginx's `zone NAME [SIZE];` in a stream `upstream {}`, seen first: a name
+/// that is the zone of a `consul_upstream` upstream is refused (nginx would
+/// share that zone, or refuse it less clearly); every other goes on to nginx.
+pub unsafe extern "C" fn zone_directive(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls directive handlers with the configuration being parsed.
+    let cf = unsafe { &mut *cf };
+    crate::methods::directive_result(cf, |cf| {
+        let theirs =
+            crate::methods::NginxHandler::find(cf, "ngx_stream_upstream_zone_module", "zone")?;
+        // SAFETY: cf.args holds the directive's words (nginx checked their count).
+        let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
+        if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
+            if declared(cf, name).is_some_and(|t| t == tag()) {
+                let name = String::from_utf8_lossy(name);
+                let prefix = zone_name("");
+                let upstream = name.strip_prefix(prefix.as_str()).unwrap_or(&name);
+                return Err(format!(
+                    "zone \"{name}\" is the zone of \"consul_upstream\" in upstream \"{upstream}\": choose another name"
+                ));
+            }
+        }
+        Ok(theirs.call(cf))
+    })
 }
 
 /// The shm zone `init` callback, in the master (or the single process). `data`
@@ -193,15 +262,22 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     let pages =
         unsafe { ((*pool).end as usize).saturating_sub((*pool).start as usize) } / pagesize();
     let capacity = capacity_of(zone.shm.size).min(capacity_for(pages * pagesize()));
-    // SAFETY: a fresh pool; the memory comes back zeroed, which is every
-    // atomic's initial state.
-    let mem = unsafe { ngx_slab_calloc(pool, bytes_for(capacity)) };
+    // Not zeroed: only the header needs it (records, slots and tree nodes are
+    // written before they are read), and zeroing the rest would touch every
+    // page of a big `zone=`, at `nginx -t` too, where nginx's own zones touch
+    // only their page descriptors.
+    // SAFETY: a fresh pool.
+    let mem = unsafe { ngx_slab_alloc(pool, bytes_for(capacity)) };
     if mem.is_null() {
         return NGX_ERROR as ngx_int_t;
     }
     let header = mem as *mut Header;
-    // SAFETY: header..+bytes_for(capacity) is ours, zeroed; nobody reads it yet.
-    unsafe { (*header).format(capacity) };
+    // SAFETY: header..+bytes_for(capacity) is ours; nobody reads it yet. All
+    // zero is every atomic's initial state.
+    unsafe {
+        ptr::write_bytes(header as *mut u8, 0, size_of::<Header>());
+        (*header).format(capacity);
+    }
     zone.data = mem;
     // SAFETY: just laid out.
     let Some(new) = (unsafe { map(header) }) else {

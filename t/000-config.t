@@ -130,6 +130,98 @@ _EOC_
         is($rc, 0, "nginx-conf/" . ($file =~ s{.*/}{}r) . ' passes nginx -t') or diag $out;
     }
 
+    # hash/random, a backup server and consul_upstream: every order is
+    # accepted (main at 3025645 refused method, backup, consul_upstream).
+    # Without consul_upstream, nginx's own refusal of backup stays, at its line.
+    my @parts = ('server 127.0.0.1:6382 backup;', 'consul_upstream redis.service.dc1.consul;');
+    for my $method ('hash $remote_addr;', 'hash $remote_addr consistent;', 'random;', 'random two least_conn;') {
+        for my $order ([0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]) {
+            my $body = join "\n        ", ($method, @parts)[@$order];
+            ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream redis {
+        $body
+    }
+    server { listen 127.0.0.1:1986; proxy_pass redis; }
+}
+_EOC_
+            is($rc, 0, "accepted: " . ($body =~ s/\s+/ /gr)) or diag $out;
+        }
+        ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream plain {
+        $method
+        server 127.0.0.1:6380;
+        server 127.0.0.1:6382 backup;
+    }
+    server { listen 127.0.0.1:1986; proxy_pass plain; }
+}
+_EOC_
+        isnt($rc, 0, "without consul_upstream, $method then a backup server is refused");
+        like($out, qr/\[emerg\] balancing method does not support parameter "backup" in \Q$conf\E:7$/m,
+             "with nginx's own message and line") or diag $out;
+    }
+
+    # nginx's `zone` named like the zone of a consul_upstream upstream, before
+    # or after it: refused (main at 3025645 shared the zone or took it over).
+    my ($layout) = do {
+        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone.rs" or die $!;
+        map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
+    };
+    my $ours = "consul_upstream:v$layout:stream:b";
+    for my $case (['before', "upstream a { zone $ours 256k; server 127.0.0.1:6380; }",
+                   'upstream b { consul_upstream b.service.consul; }', 7,
+                   qr/shared memory zone "\Q$ours\E" is already declared for a different use: this name is the zone of "consul_upstream" in upstream "b"/],
+                  ['after', 'upstream b { consul_upstream b.service.consul; }',
+                   "upstream a { zone $ours 256k; server 127.0.0.1:6380; }", 7,
+                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/],
+                  ['in the same upstream, without a size', "upstream b { consul_upstream b.service.consul;",
+                   "zone $ours; }", 7,
+                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/]) {
+        my ($what, $first, $second, $line, $msg) = @$case;
+        ($rc, $out, $conf) = nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream c { zone c 64k; server 127.0.0.1:6380; }
+    server { listen 127.0.0.1:1986; proxy_pass b; }
+    $first
+    $second
+}
+_EOC_
+        isnt($rc, 0, "nginx's zone named like consul_upstream's zone, $what: refused");
+        like($out, qr/\[emerg\] $msg in \Q$conf\E:$line$/m, "clearly, at the zone's or consul_upstream's line")
+            or diag $out;
+    }
+
+    # zone= costs what its peers use, at nginx -t too: three zone=1024m
+    # upstreams against nginx's own three `zone ... 1024m` in the same run
+    # (main at 3025645: 3 GB and 10 s against 27 MB and 0.04 s).
+    my %ru;
+    for my $kind (qw(nginx consul_upstream)) {
+        my $blocks = join '', map {
+            $kind eq 'nginx' ? "    upstream $_ { zone $_ 1024m; server 127.0.0.1:6380; }\n"
+                             : "    upstream $_ { consul_upstream $_.service.consul zone=1024m; }\n"
+        } qw(a b c);
+        ($rc, $out, $conf, $ru{$kind}) = nginx_t(<<"_EOC_", rusage => 1);
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+$blocks    server { listen 127.0.0.1:1986; proxy_pass a; }
+}
+_EOC_
+        is($rc, 0, "three 1024m zones ($kind): nginx -t passes") or diag $out;
+    }
+    my ($ours, $theirs) = map { $ru{$_}{maxrss_kb} } qw(consul_upstream nginx);
+    diag(sprintf 'nginx -t with three 1024m zones: consul_upstream %d kB %.2f s, nginx %d kB %.2f s',
+         $ours, $ru{consul_upstream}{wall_s}, $theirs, $ru{nginx}{wall_s});
+    cmp_ok($ours / $theirs, '<', 1.5,
+           "three zone=1024m cost nginx -t about what nginx's own 1024m zones cost ($ours kB, $theirs kB)");
+
     # 33 lines: one more than the zone keeps line records for.
     my $lines = join '', map { "        consul_upstream r$_.service.consul;\n" } 1 .. 33;
     ($rc, $out, $conf) = nginx_t(<<"_EOC_");
@@ -265,12 +357,15 @@ upstream redis {
 
 
 
-=== TEST 15: duplicate directive
+=== TEST 15: duplicate directive, naming the earlier line
 --- stream_config
 upstream redis {
     consul_upstream redis.service.yunlu_office.consul;
-    consul_upstream redis.service.yunlu_office.consul;   # emerg: "consul_upstream" directive is duplicate
+    consul_upstream redis.service.yunlu_office.consul;
 }
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:4\s*$/
 
 
 
@@ -278,7 +373,74 @@ upstream redis {
 --- stream_config
 upstream redis {
     consul_upstream redis.service.yunlu_office.consul;
-    consul_upstream redis.service.yunlu_office.consul interval=5s;   # emerg: "consul_upstream" directive is duplicate
+    consul_upstream redis.service.yunlu_office.consul interval=5s;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:4\s*$/
+
+
+
+=== TEST 15d: the same query written another way is a duplicate, naming the earlier line
+--- stream_config
+upstream redis {
+    consul_upstream service=redis datacenter=yunlu_office;
+    consul_upstream interval=2s
+                    Redis.Service.Yunlu_Office.Consul.;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: "consul_upstream" directive is duplicate: query "redis\.service\.yunlu_office\.consul" is already in \S*\/stream\.conf:3 in \S*\/stream\.conf:5\s*$/
+
+
+
+=== TEST 15e: two queries whose 32-bit tags collide are two lines (main: "cannot be told apart")
+--- stream_config
+upstream redis {
+    consul_upstream s31597.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+    consul_upstream s618190.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT;
+}
+--- no_error_log
+[emerg]
+
+
+
+=== TEST 15f: a service name where the query goes
+--- stream_config
+upstream redis {
+    consul_upstream redis resolver=127.0.0.1:8600;   # emerg: invalid parameter "redis": a query is an SRV name such as "redis.service.consul", or use "service=redis"
+}
+
+
+
+=== TEST 15g: a repeated unit in a time, as nginx's own times refuse it
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul interval=1s1s;   # emerg: invalid parameter "interval=1s1s"
+}
+
+
+
+=== TEST 15h: units out of order in a time, as nginx's own times refuse them
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul timeout=30s1m;   # emerg: invalid parameter "timeout=30s1m"
+}
+
+
+
+=== TEST 15i: tcp and udp together
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul tcp udp;   # emerg: "tcp" and "udp" cannot both be given
+}
+
+
+
+=== TEST 15j: a parameter given twice is named as written, without a stray "="
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul interval=1s interval=2s;   # emerg: duplicate parameter "interval"
 }
 
 
@@ -462,6 +624,59 @@ upstream redis {
 --- must_die
 --- error_log eval
 qr/\[emerg\] \d+#\d+: state file "[^"]+\/x\.state" is already used by upstream "a" in \S*\/stream\.conf:6\s*$/
+
+
+
+=== TEST 29f: one state file under two spellings: ".", "..", "//"
+--- setup
+use File::Path qw(make_path);
+make_path("$Test::Nginx::Consul::TmpDir/st/sub");
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/st/s.state;
+}
+upstream b {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/./st/sub/..//s.state;
+}
+upstream redis {
+    consul_upstream c.service.consul state=$TEST_NGINX_CONSUL_TMP/st/c.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/\.\/st\/sub\/\.\.\/\/s\.state" is already used by upstream "a" \(as "[^"]+\/st\/s\.state"\) in \S*\/stream\.conf:6\s*$/
+
+
+
+=== TEST 29g: one state file through a symbolic link to its directory
+--- setup
+use File::Path qw(make_path);
+make_path("$Test::Nginx::Consul::TmpDir/st");
+unlink "$Test::Nginx::Consul::TmpDir/link";
+symlink("$Test::Nginx::Consul::TmpDir/st", "$Test::Nginx::Consul::TmpDir/link") or die "symlink: $!";
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/st/s.state;
+}
+upstream redis {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/link/s.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/link\/s\.state" is already used by upstream "a" \(as "[^"]+\/st\/s\.state"\) in \S*\/stream\.conf:6\s*$/
+
+
+
+=== TEST 29h: a directory that does not exist yet is judged as written
+--- stream_config
+upstream a {
+    consul_upstream a.service.consul state=$TEST_NGINX_CONSUL_TMP/later/s.state;
+}
+upstream redis {
+    consul_upstream b.service.consul state=$TEST_NGINX_CONSUL_TMP/later/x/../s.state;
+}
+--- must_die
+--- error_log eval
+qr/\[emerg\] \d+#\d+: state file "[^"]+\/later\/x\/\.\.\/s\.state" is already used by upstream "a" \(as "[^"]+\/later\/s\.state"\) in \S*\/stream\.conf:6\s*$/
 
 
 

@@ -199,3 +199,52 @@ ok($took < 8, sprintf("dropped %.1f s after ra's last answer (max_stale=6s; a re
 ok(wait_for_backends([6381], only => 1, first_set => 0, timeout => 3), 'rb alone serves');
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: zone=1024m costs what its peers use; a reload reuses it, a zone= change copies the set
+The zone's memory is touched only where peers are (as nginx's own zones):
+no process maps more than a few MB of it, before and after the reloads.
+--- workers: 2
+--- dns
+instance ra.service.yunlu_office.consul 127.0.0.1:6380
+instance ra.service.yunlu_office.consul 127.0.0.1:6381 weight=3
+--- backends: 6380 6381
+--- stream_listen_options: reuseport
+--- stream_config
+upstream redis {
+    least_conn;
+    consul_upstream ra.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s zone=1024m;
+}
+--- check
+# Shared memory each nginx process has touched (kB), from /proc.
+my $touched = sub {
+    my %kb;
+    for my $pid (nginx_pid(), nginx_worker_pids()) {
+        open my $fh, '<', "/proc/$pid/status" or next;
+        while (<$fh>) { $kb{$pid} = $1 if /^RssShmem:\s+(\d+)/ }
+    }
+    my @over = grep { $kb{$_} > 32 * 1024 } sort keys %kb;
+    return join(' ', map { "$_: $kb{$_} kB" } @over);
+};
+ok(wait_for_backends([6380, 6381]), 'discovered');
+my $t = tally(40);
+ok(!$t->{fail} && $t->{6380} && $t->{6381}, 'both serve: ' . tally_str($t));
+is($touched->(), '', 'no process has touched more than 32 MB of shared memory');
+ok(nginx_reload(), 'reloaded (the zone is reused)');
+$t = tally(40);
+ok(!$t->{fail} && $t->{6380} && $t->{6381}, 'both serve after the reload: ' . tally_str($t));
+dns_stop();
+ok(wait_for_log(qr/resolving ra\.service\.yunlu_office\.consul failed: .+, keeping 2 peers/, 4), 'DNS down noticed');
+stream_config_set(<<'_EOC_');
+upstream redis {
+    least_conn;
+    consul_upstream ra.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s zone=512m;
+}
+_EOC_
+ok(nginx_reload(), 'reloaded with zone=512m while Consul is down');
+$t = tally(40);
+ok(!$t->{fail} && $t->{6380} && $t->{6381}, 'the new zone has the set: ' . tally_str($t));
+is($touched->(), '', 'still no process over 32 MB');
+--- no_error_log
+[error]

@@ -161,3 +161,31 @@ is_tally(tally(20), {6380 => 10, 6381 => 10}, '6380 is not counted twice');
 --- no_error_log
 [error]
 [warn]
+
+
+
+=== TEST 7: two queries whose 32-bit tags collide are two lines, each with its part
+s31597.service.consul and s618190.service.consul have one FNV-1a hash
+(main refused them: "cannot be told apart in the zone: rename one").
+--- workers: 2
+--- dns
+instance s31597.service.consul 127.0.0.1:6380
+instance s618190.service.consul 127.0.0.1:6381
+--- backends: 6380 6381
+--- stream_listen_options: reuseport
+--- stream_config
+upstream redis {
+    consul_upstream s31597.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s on_empty=fail;
+    consul_upstream s618190.service.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s on_empty=fail;
+}
+--- check
+ok(wait_for_backends([6380, 6381]), 'both lines discovered');
+consul_deregister_all('s618190.service.consul');
+ok(wait_for_backends([6380], only => 1, timeout => 5), 'one line emptied: only its own peer left');
+ok(nginx_reload(), 'reloaded');
+is_tally(tally(10), {6380 => 10}, 'after the reload each line still owns its part');
+ok(wait_for_log(qr/s618190\.service\.consul has no healthy instances \(NXDOMAIN\), dropping 1 peer/, 1), 'the emptied line dropped its own peer');
+consul_register('s618190.service.consul', '127.0.0.1:6381');
+ok(wait_for_backends([6380, 6381]), 'and it comes back');
+--- no_error_log
+[error]

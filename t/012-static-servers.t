@@ -211,3 +211,23 @@ is(join(' ', map { $_->{name} } @unnamed), '', '"no live upstreams" with the ups
 no live upstreams
 --- no_error_log
 exited on signal
+
+
+
+=== TEST 7: random, then a backup server, then consul_upstream: the backup serves until discovery
+(main refused this order: "balancing method does not support parameter "backup"")
+--- workers: 2
+--- backends: 6380 6381 6382
+--- stream_listen_options: reuseport
+--- stream_config
+upstream redis {
+    random two least_conn;
+    server 127.0.0.1:6382 backup;
+    consul_upstream redis.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- check
+is_tally(tally(10), {6382 => 10}, 'no DNS yet: the backup serves');
+dns_start(records => "instance $::NAME 127.0.0.1:6380\ninstance $::NAME 127.0.0.1:6381\n");
+ok(wait_for_backends([6380, 6381], only => 1, first_set => 0, timeout => 5), 'discovered: random over them, the backup rests');
+--- no_error_log
+[error]

@@ -86,7 +86,7 @@ is(log_count(qr/\[alert\]/), 2, 'no alert but the death and the lock nginx freed
 --- allow_alert
 --- error_log eval
 [qr/\[alert\] \d+#\d+: worker process \d+ exited on signal 9/,
- qr/\[alert\] \d+#\d+: shared memory zone "consul_upstream:v\d+:redis" was locked by \d+/]
+ qr/\[alert\] \d+#\d+: shared memory zone "consul_upstream:v\d+:stream:redis" was locked by \d+/]
 --- no_error_log
 [crit]
 panicked

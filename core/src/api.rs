@@ -534,7 +534,7 @@ mod tests {
         }
         assert_eq!(
             err("service=redis tag=a tag=b"),
-            "duplicate parameter \"tag=\"",
+            "duplicate parameter \"tag\"",
             "one tag in a DNS name"
         );
         assert_eq!(
@@ -579,7 +579,7 @@ mod tests {
         );
         assert_eq!(
             err("service=redis api=http://127.0.0.1 api=http://127.0.0.2"),
-            "duplicate parameter \"api=\""
+            "duplicate parameter \"api\""
         );
     }
 }

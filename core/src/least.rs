@@ -92,6 +92,10 @@ pub struct Tree<'a> {
     nodes: &'a [AtomicU32],
     slots: &'a [PeerSlot],
     leaves: usize,
+    /// Slots `0..used` may be in the set; the leaves beyond are empty, and
+    /// neither they nor the nodes above only them are read (a big zone's
+    /// memory stays untouched where no peer ever was).
+    used: usize,
 }
 
 /// A candidate in the best-first search, with its key as read when found.
@@ -128,6 +132,15 @@ impl<'a> Tree<'a> {
             nodes,
             slots,
             leaves,
+            used: slots.len(),
+        }
+    }
+
+    /// The same tree, where only slots `0..used` may be in the set.
+    pub fn in_use(self, used: usize) -> Tree<'a> {
+        Tree {
+            used: used.min(self.slots.len()),
+            ..self
         }
     }
 
@@ -135,7 +148,7 @@ impl<'a> Tree<'a> {
     fn value(&self, node: usize) -> u32 {
         if node >= self.leaves {
             let slot = node - self.leaves;
-            if slot < self.slots.len() {
+            if slot < self.used {
                 slot as u32
             } else {
                 NONE
@@ -163,10 +176,33 @@ impl<'a> Tree<'a> {
         }
     }
 
-    /// Replays every match (a new set: weights, priorities, slots changed).
+    /// Replays every match over the slots in use (a new set: weights,
+    /// priorities, slots changed), level by level from the leaves up. The
+    /// right neighbour of a level's last node covers no slot in use: it is set
+    /// to NONE, so that every node a replay or a search reads was written here,
+    /// and the rest of the tree's memory is never touched.
     pub fn rebuild(&self) {
-        for node in (1..self.leaves).rev() {
-            self.replay(node);
+        if self.leaves == 1 {
+            return;
+        }
+        if self.used == 0 {
+            if let Some(root) = self.nodes.get(1) {
+                root.store(NONE, Ordering::Relaxed);
+            }
+            return;
+        }
+        let (mut first, mut last) = (self.leaves, self.leaves + self.used - 1);
+        while first > 1 {
+            if first < self.leaves && last % 2 == 0 {
+                if let Some(n) = self.nodes.get(last + 1) {
+                    n.store(NONE, Ordering::Relaxed);
+                }
+            }
+            first /= 2;
+            last /= 2;
+            for node in first..=last {
+                self.replay(node);
+            }
         }
     }
 
@@ -326,6 +362,47 @@ mod tests {
         assert_eq!(none.pick(|_| true), None);
         let one = Fixture::new(&[(1, 1)]);
         assert_eq!(one.pick(|_| true), Some(0));
+    }
+
+    #[test]
+    fn only_the_slots_in_use_and_the_nodes_above_them_are_touched() {
+        // 64 slots, 5 in use; the slots beyond look like peers (junk memory).
+        let spec: Vec<(u32, u32)> = (0..64).map(|i| (if i < 5 { 1 } else { 7 }, 1)).collect();
+        let mut f = Fixture::new(&spec);
+        fn tree(f: &Fixture) -> Tree<'_> {
+            f.tree().in_use(5)
+        }
+        const JUNK: u32 = 0xdead;
+        f.nodes = (0..nodes_for(64)).map(|_| AtomicU32::new(JUNK)).collect();
+        tree(&f).rebuild();
+        // The nodes over slots 0..5 (leaves are 64..128) and, per inner level,
+        // the right neighbour of the last one, set to NONE.
+        let written: Vec<usize> = (1..64)
+            .filter(|&n| f.nodes[n].load(Ordering::Relaxed) != JUNK)
+            .collect();
+        assert_eq!(written, [1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 34, 35]);
+        for n in [3, 5, 9, 35] {
+            assert_eq!(f.nodes[n].load(Ordering::Relaxed), NONE, "node {n}");
+        }
+        // The same over zeroed memory (a node that was never written names
+        // slot 0): picks and updates stay within the slots in use.
+        for n in &f.nodes {
+            n.store(0, Ordering::Relaxed);
+        }
+        tree(&f).rebuild();
+        let mut counts = [0; 5];
+        for _ in 0..50 {
+            let s = tree(&f).best(|_| true).unwrap();
+            assert!(s < 5, "slot {s} is not in use");
+            f.slots[s as usize].conns.fetch_add(1, Ordering::Relaxed);
+            tree(&f).update(s);
+            counts[s as usize] += 1;
+        }
+        assert_eq!(counts, [10; 5]);
+        assert_eq!(tree(&f).best(|s| s > 4), None);
+        for n in [6, 7, 10, 15, 18, 31, 36, 63] {
+            assert_eq!(f.nodes[n].load(Ordering::Relaxed), 0, "node {n} untouched");
+        }
     }
 
     #[test]

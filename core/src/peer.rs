@@ -112,6 +112,28 @@ pub fn source_tag(query: &str) -> u32 {
     })
 }
 
+/// The tag of a line's query in its upstream: [`source_tag`], unless an
+/// earlier line of the upstream has it already (two queries whose 32-bit
+/// hashes collide, about one pair in four billion: `s31597.service.consul` and
+/// `s618190.service.consul`), then the first free one of a salted sequence.
+/// Never 0 (a free line record). The same lines in the same order get the same
+/// tags in every configuration, so that a reload keeps each line's peers.
+pub fn line_source_tag(query: &str, taken: &[u32]) -> u32 {
+    (0u32..)
+        .map(|salt| {
+            if salt == 0 {
+                return source_tag(query);
+            }
+            salt.to_le_bytes()
+                .iter()
+                .fold(source_tag(query), |h: u32, &b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                })
+        })
+        .find(|t| *t != 0 && !taken.contains(t))
+        .unwrap_or(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +189,21 @@ mod tests {
                 ("127.0.0.1:1".to_string(), 9)
             ]
         );
+    }
+
+    #[test]
+    fn colliding_queries_get_distinct_line_tags() {
+        let (a, b) = ("s31597.service.consul", "s618190.service.consul");
+        assert_eq!(source_tag(a), source_tag(b), "a 32-bit collision");
+        let ta = line_source_tag(a, &[]);
+        let tb = line_source_tag(b, &[ta]);
+        assert_eq!(ta, source_tag(a));
+        assert_ne!(tb, ta);
+        assert_ne!(tb, 0);
+        // Stable: the same lines in the same order, the same tags.
+        assert_eq!(line_source_tag(b, &[line_source_tag(a, &[])]), tb);
+        // Never 0, whatever is taken.
+        assert_ne!(line_source_tag("x.service.consul", &[0, 1]), 0);
     }
 
     #[test]

@@ -69,36 +69,62 @@ fn invalid(arg: &str) -> ConfError {
     ConfError(format!("invalid parameter \"{arg}\""))
 }
 
-/// nginx time syntax: `500ms`, `1s`, `1m30s`, `2h`, `1d`; a bare number is seconds.
+/// nginx's time syntax in milliseconds, as `ngx_parse_time(value, 0)` reads
+/// it (nginx's `*_timeout` directives): numbers each followed by a unit, `w`,
+/// `d`, `h`, `m`, `s`, `ms`, in this order and each at most once (`1s1s` and
+/// `30s1m` are not times); a number without a unit, last, counts as seconds
+/// (`90`, `1m30`); spaces may separate the parts. A value too large for nginx
+/// comes back as `u64::MAX` (the caller bounds it).
 pub fn parse_time_ms(s: &str) -> Option<u64> {
-    if s.is_empty() {
-        return None;
-    }
-    if s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse::<u64>().ok()?.checked_mul(1000);
-    }
-    let mut total: u64 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
+    // ngx_parse_time's steps; milliseconds start past years and months.
+    const WEEK: u8 = 3;
+    const DAY: u8 = 4;
+    const HOUR: u8 = 5;
+    const MIN: u8 = 6;
+    const SEC: u8 = 7;
+    const MSEC: u8 = 8;
+    const LAST: u8 = 9;
+    let b = s.as_bytes();
+    let (mut step, mut valid) = (2u8, false);
+    let (mut value, mut total) = (0u128, 0u128);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        i += 1;
+        if c.is_ascii_digit() {
+            value = (value * 10 + u128::from(c - b'0')).min(u128::from(u64::MAX));
+            valid = true;
+            continue;
         }
-        let value: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(|b| !b.is_ascii_digit()).count();
-        let scale = match &rest[..unit_len] {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
+        let (next, scale_ms) = match c {
+            b'w' => (WEEK, 7 * 86_400_000),
+            b'd' => (DAY, 86_400_000),
+            b'h' => (HOUR, 3_600_000),
+            b'm' if b.get(i) == Some(&b's') => {
+                i += 1;
+                (MSEC, 1)
+            }
+            b'm' => (MIN, 60_000),
+            b's' => (SEC, 1_000),
+            // A space ends a number of seconds (after no unit of seconds or less).
+            b' ' if step < SEC => (LAST, 1_000),
             _ => return None,
         };
-        rest = &rest[unit_len..];
-        total = total.checked_add(value.checked_mul(scale)?)?;
+        if step >= next {
+            return None;
+        }
+        step = next;
+        total = total.saturating_add(value * scale_ms);
+        value = 0;
+        while b.get(i) == Some(&b' ') {
+            i += 1;
+        }
     }
-    Some(total)
+    if !valid {
+        return None;
+    }
+    let total = total.saturating_add(value * 1_000);
+    Some(u64::try_from(total).unwrap_or(u64::MAX))
 }
 
 /// nginx size syntax: `65536`, `64k`, `1m`.
@@ -188,9 +214,20 @@ impl Settings {
             };
             if key != "resolver" && key != "tag" && value.is_some() {
                 if seen.contains(&key) {
-                    return Err(ConfError(format!("duplicate parameter \"{key}=\"")));
+                    return Err(ConfError(format!("duplicate parameter \"{key}\"")));
                 }
                 seen.push(key);
+            }
+            if value.is_none() && (arg == "tcp" || arg == "udp") {
+                match transport {
+                    Some(t) if t == arg => {
+                        return Err(ConfError(format!("duplicate parameter \"{arg}\"")))
+                    }
+                    Some(_) => {
+                        return Err(ConfError("\"tcp\" and \"udp\" cannot both be given".into()))
+                    }
+                    None => transport = Some(arg),
+                }
             }
             let time = |v: Option<&str>| {
                 let t = v.and_then(parse_time_ms).ok_or_else(|| invalid(arg))?;
@@ -212,14 +249,8 @@ impl Settings {
                 continue;
             }
             match (key, value) {
-                ("tcp", None) => {
-                    s.transport = Transport::Tcp;
-                    transport = Some(arg);
-                }
-                ("udp", None) => {
-                    s.transport = Transport::Udp;
-                    transport = Some(arg);
-                }
+                ("tcp", None) => s.transport = Transport::Tcp,
+                ("udp", None) => s.transport = Transport::Udp,
                 ("resolver", Some(v)) => {
                     let addr = parse_resolver(v)
                         .ok_or_else(|| ConfError(format!("invalid resolver address \"{v}\"")))?;
@@ -236,7 +267,9 @@ impl Settings {
                 ("max_stale", v) => s.max_stale_ms = Some(time(v).and_then(|t| nonzero(t, arg))?),
                 ("on_empty", v) => s.on_empty = policy(v)?,
                 ("on_error", v) => s.on_error = policy(v)?,
-                ("max_fails", Some(v)) => {
+                ("max_fails", Some(v))
+                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) =>
+                {
                     s.health.max_fails = v.parse().map_err(|_| invalid(arg))?
                 }
                 ("max_conns", Some(v)) => s.max_conns = v.parse().map_err(|_| invalid(arg))?,
@@ -271,6 +304,17 @@ impl Settings {
                     }
                     query = Some(arg);
                 }
+                // `consul_upstream redis;`: a service name where a query goes.
+                (_, None)
+                    if query.is_none()
+                        && st.service.is_none()
+                        && valid_label(arg)
+                        && !PARAMETERS.contains(&arg) =>
+                {
+                    return Err(ConfError(format!(
+                        "invalid parameter \"{arg}\": a query is an SRV name such as \"{arg}.service.consul\", or use \"service={arg}\""
+                    )));
+                }
                 _ => return Err(invalid(arg)),
             }
         }
@@ -294,7 +338,7 @@ impl Settings {
             return Ok(s);
         }
         if st.tags.len() > 1 {
-            return Err(ConfError("duplicate parameter \"tag=\"".into()));
+            return Err(ConfError("duplicate parameter \"tag\"".into()));
         }
         for (v, key) in st
             .service
@@ -360,6 +404,38 @@ pub fn upstream_wide_param<'a>(args: &[&'a str]) -> Option<&'a str> {
         .copied()
         .find(|a| a.split_once('=').is_some_and(|(k, _)| KEYS.contains(&k)))
 }
+
+/// The parameters' names and keyword values: a bare one is not taken for a
+/// service name.
+const PARAMETERS: [&str; 27] = [
+    "service",
+    "tag",
+    "datacenter",
+    "domain",
+    "resolver",
+    "interval",
+    "timeout",
+    "tcp",
+    "udp",
+    "on_empty",
+    "on_error",
+    "max_stale",
+    "zone",
+    "state",
+    "max_fails",
+    "fail_timeout",
+    "slow_start",
+    "max_conns",
+    "api",
+    "token_file",
+    "filter",
+    "api_ca",
+    "wait",
+    "only_passing",
+    "keep",
+    "fail",
+    "off",
+];
 
 /// A bare word with a dot is a query; other bare words are unknown flags.
 fn looks_like_name(arg: &str) -> bool {
@@ -556,7 +632,27 @@ mod tests {
         );
         assert_eq!(
             err("r.service.consul interval=1s interval=2s"),
-            "duplicate parameter \"interval=\""
+            "duplicate parameter \"interval\""
+        );
+        assert_eq!(
+            err("r.service.consul tcp tcp"),
+            "duplicate parameter \"tcp\""
+        );
+        assert_eq!(
+            err("r.service.consul tcp udp"),
+            "\"tcp\" and \"udp\" cannot both be given"
+        );
+        assert_eq!(
+            err("r.service.consul udp tcp"),
+            "\"tcp\" and \"udp\" cannot both be given"
+        );
+        assert_eq!(
+            err("r.service.consul max_fails=+3"),
+            "invalid parameter \"max_fails=+3\""
+        );
+        assert_eq!(
+            err("r.service.consul max_fails="),
+            "invalid parameter \"max_fails=\""
         );
         assert_eq!(err("a.consul b.consul"), "invalid parameter \"b.consul\"");
         assert_eq!(
@@ -653,13 +749,97 @@ mod tests {
     }
 
     #[test]
+    fn a_bare_service_name_is_explained() {
+        assert_eq!(
+            err("redis"),
+            "invalid parameter \"redis\": a query is an SRV name such as \"redis.service.consul\", or use \"service=redis\""
+        );
+        assert_eq!(
+            err("redis resolver=127.0.0.1"),
+            "invalid parameter \"redis\": a query is an SRV name such as \"redis.service.consul\", or use \"service=redis\""
+        );
+        // Not where a query is given already, nor for the parameters' own words.
+        assert_eq!(err("r.service.consul redis"), "invalid parameter \"redis\"");
+        assert_eq!(err("service=r redis"), "invalid parameter \"redis\"");
+        assert_eq!(err("interval"), "invalid parameter \"interval\"");
+        assert_eq!(err("keep"), "invalid parameter \"keep\"");
+        for word in ["max_conns", "api", "token_file", "filter", "api_ca", "wait"] {
+            assert_eq!(err(word), format!("invalid parameter \"{word}\""));
+        }
+        assert_eq!(err("re$dis"), "invalid parameter \"re$dis\"");
+    }
+
+    #[test]
+    fn times_are_read_as_nginx_reads_them() {
+        // ngx_parse_time(value, 0), case by case; which of them nginx 1.28.3
+        // accepts was checked with `proxy_timeout "VALUE";` and nginx -t.
+        for (text, ms) in [
+            ("30", Some(30_000)),
+            ("500ms", Some(500)),
+            ("1h2m3s4ms", Some(3_723_004)),
+            ("1d", Some(86_400_000)),
+            ("1w", Some(7 * 86_400_000)),
+            ("1m30", Some(90_000)),
+            ("1s30", Some(31_000)),
+            ("1m 30s", Some(90_000)),
+            ("30 ", Some(30_000)),
+            ("1d 2h", Some(93_600_000)),
+            ("0", Some(0)),
+            ("m1", Some(1_000)),
+            // units out of order or repeated: not a time
+            ("1s1s", None),
+            ("30s1m", None),
+            ("1ms1s", None),
+            ("1m1m", None),
+            ("1h1d", None),
+            ("1ms1ms", None),
+            ("1s ", Some(1_000)),
+            ("1ms 2", Some(2_001)),
+            ("1 2", Some(3_000)),
+            ("1s  2", Some(3_000)),
+            ("1w2d3h4m5s6ms", Some(788_645_006)),
+            ("1 s", None),
+            (" 1s", None),
+            ("2 ms", None),
+            ("w", None),
+            // no number, unknown or years/months (seconds-only units)
+            ("", None),
+            ("s", None),
+            ("ms", None),
+            ("1y", None),
+            ("1M", None),
+            ("1x", None),
+            ("-1s", None),
+            ("1.5s", None),
+        ] {
+            assert_eq!(parse_time_ms(text), ms, "{text:?}");
+        }
+        assert_eq!(parse_time_ms("99999999999999999999"), Some(u64::MAX));
+        assert_eq!(
+            err("r.service.consul interval=1s1s"),
+            "invalid parameter \"interval=1s1s\""
+        );
+        assert_eq!(
+            err("r.service.consul timeout=30s1m"),
+            "invalid parameter \"timeout=30s1m\""
+        );
+        assert_eq!(
+            err("r.service.consul interval=99999999999999999999"),
+            "invalid parameter \"interval=99999999999999999999\": at most 24d is allowed"
+        );
+        assert_eq!(
+            parse("r.service.consul interval=3w").unwrap().interval_ms,
+            21 * 86_400_000
+        );
+    }
+
+    #[test]
     fn time_and_size_syntax() {
         assert_eq!(parse_time_ms("30"), Some(30_000));
         assert_eq!(parse_time_ms("1h2m3s4ms"), Some(3_723_004));
         assert_eq!(parse_time_ms("1d"), Some(86_400_000));
         assert_eq!(parse_time_ms("s"), None);
         assert_eq!(parse_time_ms("1y"), None);
-        assert_eq!(parse_time_ms("99999999999999999999"), None);
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("2M"), Some(2 << 20));
         assert_eq!(parse_size("k"), None);

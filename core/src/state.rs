@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Value};
@@ -229,6 +229,45 @@ pub fn load(path: &Path, upstream: &str, max_peers: usize) -> Result<Option<Save
         .read_to_string(&mut text)
         .map_err(|e| e.to_string())?;
     decode(&text, upstream, max_peers).map(Some)
+}
+
+/// The file a state path names, for telling two spellings of one file apart
+/// (`st/s.state`, `./st/sub/../s.state`, `st//s.state`, a symbolic link to
+/// `st`): the directory resolved, the file name kept as it is (the file is
+/// replaced by a rename, never written through a link). A directory that does
+/// not exist yet is resolved as far as it exists, the rest taken as written
+/// with `.` and `..` applied. `path` is absolute (nginx's prefix applied).
+pub fn resolved_path(path: &Path) -> PathBuf {
+    let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+        return lexical(Path::new("/"), path.components());
+    };
+    let mut existing = dir;
+    loop {
+        if let Ok(real) = fs::canonicalize(existing) {
+            let rest = dir.strip_prefix(existing).unwrap_or(Path::new(""));
+            return lexical(&real, rest.components()).join(file);
+        }
+        match existing.parent() {
+            Some(up) => existing = up,
+            None => return lexical(Path::new("/"), dir.components()).join(file),
+        }
+    }
+}
+
+/// `base` followed by `parts`, `.` and `..` applied without the file system.
+fn lexical<'a>(base: &Path, parts: impl Iterator<Item = Component<'a>>) -> PathBuf {
+    let mut out = base.to_path_buf();
+    for part in parts {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir => out = PathBuf::from("/"),
+            Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
 }
 
 /// The largest state file that can hold `max_peers` peers.
@@ -526,6 +565,44 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn one_file_under_several_spellings_resolves_to_one_path() {
+        let dir = tmpdir("spellings");
+        fs::create_dir_all(dir.join("st/sub")).unwrap();
+        std::os::unix::fs::symlink(dir.join("st"), dir.join("link")).unwrap();
+        let real = fs::canonicalize(&dir).unwrap().join("st/s.state");
+        for spelling in [
+            "st/s.state",
+            "./st/sub/../s.state",
+            "st//s.state",
+            "st/./s.state",
+            "link/s.state",
+            "link/sub/../s.state",
+        ] {
+            assert_eq!(resolved_path(&dir.join(spelling)), real, "{spelling}");
+        }
+        // Another file name, or the link itself as the file: other files.
+        assert_ne!(resolved_path(&dir.join("st/t.state")), real);
+        assert_ne!(
+            resolved_path(&dir.join("link")),
+            resolved_path(&dir.join("st"))
+        );
+        // A directory that does not exist (yet): as far as it exists, then as written.
+        let missing = fs::canonicalize(&dir).unwrap().join("st/new/s.state");
+        for spelling in [
+            "link/new/s.state",
+            "st/new/x/../s.state",
+            "st/./new//s.state",
+        ] {
+            assert_eq!(resolved_path(&dir.join(spelling)), missing, "{spelling}");
+        }
+        assert_eq!(
+            resolved_path(Path::new("/nonexistent-ngx-consul/a/../b/s.state")),
+            Path::new("/nonexistent-ngx-consul/b/s.state")
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

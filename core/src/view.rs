@@ -116,6 +116,11 @@ impl<'z> SlotRef<'z> {
     /// worker that starts the window tries it (one probe, whichever worker).
     /// A peer at `max_conns` is passed over.
     fn take(&self, policy: &HealthPolicy, now_ms: u64, max_conns: u32) -> bool {
+        if !self.current() {
+            // The peer left the set after this worker copied it: its slot may
+            // be another peer's by now (the zone reuses freed slots).
+            return false;
+        }
         let s = self.slot;
         if self.full(max_conns) {
             return false;
@@ -688,6 +693,24 @@ mod tests {
         held.release(true, &HealthPolicy::default(), 5);
         assert_eq!(s[0].fails.load(Ordering::Relaxed), 0);
         assert_eq!(s[0].conns.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_peer_that_left_is_not_taken_from_an_older_copy() {
+        let ps = two();
+        let s = slots_for(&ps);
+        let mut w = Worker::new(view(&ps, &s, rr(HealthPolicy::default()), None));
+        // The writer freed slot 0 and gave it to another peer; this worker
+        // has not copied the new set yet.
+        s[0].epoch.fetch_add(2, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(w.select(|_| false, 0), Some(1));
+        }
+        assert_eq!(
+            s[0].conns.load(Ordering::Relaxed),
+            0,
+            "nothing counted on the new peer"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::peer::Peer;
 pub const MAGIC: u64 = 0x6e67_785f_636f_6e73;
 /// Bumped whenever the layout changes; it is also part of the zone's name, so a
 /// reload into a module with another layout gets a fresh zone instead of a misread.
-pub const LAYOUT: u32 = 4;
+pub const LAYOUT: u32 = 5;
 /// `consul_upstream` lines one upstream may have (each keeps a line record).
 pub const MAX_LINES: usize = 32;
 /// Text kept of a line's last failure reason.
@@ -80,7 +80,10 @@ pub struct Header {
     /// Generation of the active buffer: a worker compares it on every connection.
     pub generation: AtomicU64,
     pub active: AtomicU32,
-    _pad: AtomicU32,
+    /// Slots `0..slots_used` have been given to a peer at least once; the
+    /// slots, and the least_conn tree's nodes, beyond were never touched (a
+    /// `zone=` of 1024m costs what its peers use, as nginx's own zones do).
+    pub slots_used: AtomicU32,
     /// The pass of the latest least_conn pick: newcomers start there.
     pub vtime: AtomicU64,
     pub bufs: [BufHeader; 2],
@@ -93,9 +96,12 @@ impl Header {
         self.capacity.load(Ordering::Relaxed) as usize
     }
 
-    /// Lays a fresh zone of `capacity` peers out (zeroed memory nobody reads yet).
+    /// Lays a fresh zone of `capacity` peers out (a zeroed header nobody reads
+    /// yet; the records, slots and tree nodes need no zeroing: each is written
+    /// before it is first read).
     pub fn format(&self, capacity: usize) {
         self.capacity.store(capacity as u32, Ordering::Relaxed);
+        self.slots_used.store(0, Ordering::Relaxed);
         self.layout.store(LAYOUT, Ordering::Relaxed);
         self.magic.store(MAGIC, Ordering::Release);
     }
@@ -458,7 +464,12 @@ impl<'a> Zone<'a> {
 
     /// The least_conn tree over the slots.
     pub fn tree(&self) -> Tree<'a> {
-        Tree::new(self.tree, self.slots)
+        Tree::new(self.tree, self.slots).in_use(self.slots_used())
+    }
+
+    /// Slots given to a peer at least once: `0..slots_used()`.
+    fn slots_used(&self) -> usize {
+        (self.header.slots_used.load(Ordering::Acquire) as usize).min(self.slots.len())
     }
 
     /// Where least_conn newcomers start (the latest pick's pass).
@@ -568,7 +579,10 @@ impl<'a> Zone<'a> {
             .into_iter()
             .map(|(p, slot, _)| (p.addr, slot))
             .collect();
-        let mut used = vec![false; capacity];
+        // Only slots below the high-water mark were ever given out: those are
+        // read, and reused first; the mark grows only when they are all taken.
+        let slots_used = self.slots_used();
+        let mut used = vec![false; slots_used];
         let mut assigned: Vec<Option<u32>> = peers
             .iter()
             .map(|(p, _)| old.get(&p.addr).copied())
@@ -587,9 +601,15 @@ impl<'a> Zone<'a> {
                 }
             }
         }
-        let mut free: Vec<usize> = (0..capacity).filter(|&i| !used[i]).collect();
-        free.sort_by_key(|&i| self.slots[i].freed_gen.load(Ordering::Relaxed));
-        let mut free = free.into_iter();
+        // Free slots: those freed by an earlier set, longest ago first; then
+        // never-used ones; those freed just now last (a worker whose copy is
+        // older than this set may still pick the peer that left).
+        let freed_at = |i: usize| self.slots[i].freed_gen.load(Ordering::Relaxed);
+        let (mut earlier, now): (Vec<usize>, Vec<usize>) = (0..slots_used)
+            .filter(|&i| !used[i])
+            .partition(|&i| freed_at(i) < generation);
+        earlier.sort_by_key(|&i| freed_at(i));
+        let mut free = earlier.into_iter().chain(slots_used..capacity).chain(now);
         // Peers joining a set that has peers ramp up (slow_start); the first set does not.
         let ramp_ms = if old.is_empty() { 0 } else { now_ms.max(1) };
         let vtime = self.header.vtime.load(Ordering::Relaxed);
@@ -604,6 +624,11 @@ impl<'a> Zone<'a> {
                 s.weight.store(u32::from(p.share()), Ordering::Relaxed);
                 s.band.store(p.band(), Ordering::Relaxed);
             }
+        }
+        let highest = assigned.iter().flatten().map(|&i| i as usize + 1).max();
+        if let Some(mark) = highest.filter(|&m| m > slots_used) {
+            // Before the set is published: a reader of the new set sees it.
+            self.header.slots_used.store(mark as u32, Ordering::Release);
         }
         self.tree().rebuild();
 
@@ -825,6 +850,63 @@ pub(crate) mod tests {
         let peers = [p("127.0.0.1:1", 1, 1), p("127.0.0.1:2", 1, 1)];
         assert_eq!(z.publish(&set(&peers), 0, 0), Err(TooLarge { capacity: 1 }));
         assert_eq!(z.generation(), 0);
+    }
+
+    #[test]
+    fn a_big_zone_is_touched_only_where_peers_are() {
+        // Memory the zone never wrote, marked: it must stay as it is.
+        const MARK: u64 = 0x5eed;
+        let o = Owned::new(4096);
+        for s in &o.slots {
+            s.since_unix.store(MARK, Ordering::Relaxed);
+        }
+        for r in o.records.iter().flatten() {
+            r.0[0].store(MARK, Ordering::Relaxed);
+        }
+        for n in &o.tree {
+            n.store(MARK as u32, Ordering::Relaxed);
+        }
+        let z = o.zone();
+        // Sets of 3 to 10 peers, each replacing every peer of the one before.
+        let mut largest = 0;
+        for round in 0..50u16 {
+            let n = 3 + usize::from(round % 8);
+            largest = largest.max(n);
+            let peers: Vec<Peer> = (0..n)
+                .map(|i| p(&format!("127.0.0.{}:{}", 1 + round % 200, 1000 + i), 1, 1))
+                .collect();
+            z.publish(&set(&peers), 100, 0).unwrap();
+            let snap = z.read().unwrap();
+            assert_eq!(snap.peers.len(), n);
+            assert!(snap
+                .peers
+                .iter()
+                .all(|sp| (sp.slot as usize) < z.slots_used()));
+        }
+        let used = z.slots_used();
+        assert!(
+            (largest..=2 * largest).contains(&used),
+            "{used} slots used for sets of at most {largest}"
+        );
+        assert!(o.slots[used..]
+            .iter()
+            .all(|s| s.since_unix.load(Ordering::Relaxed) == MARK));
+        for buf in &o.records {
+            assert!(buf[largest..]
+                .iter()
+                .all(|r| r.0[0].load(Ordering::Relaxed) == MARK));
+        }
+        let nodes = o
+            .tree
+            .iter()
+            .filter(|n| n.load(Ordering::Relaxed) != MARK as u32)
+            .count();
+        assert!(nodes < 2 * used + 2 * 13, "{nodes} tree nodes written");
+        // least_conn over it picks among the set only.
+        let tree = z.tree();
+        let snap = z.read().unwrap();
+        let slot = tree.best(|_| true).unwrap();
+        assert!(snap.peers.iter().any(|sp| sp.slot == slot));
     }
 
     #[test]

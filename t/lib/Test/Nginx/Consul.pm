@@ -1022,9 +1022,10 @@ sub nginx_restart {
 }
 
 # nginx -t on a standalone configuration text. The text may use
-# $TEST_NGINX_CONSUL_MODULE etc. Returns (exit code, output, conf path).
+# $TEST_NGINX_CONSUL_MODULE etc. Returns (exit code, output, conf path); with
+# rusage => 1 also { maxrss_kb, cpu_s, wall_s } of the nginx -t process.
 sub nginx_t {
-    my $text = shift;
+    my ($text, %o) = @_;
     my $dir = "$TmpDir/nginx-t";
     remove_tree($dir);
     make_path("$dir/conf", "$dir/logs");
@@ -1034,10 +1035,15 @@ sub nginx_t {
         . $text;
     my $conf = "$dir/conf/nginx.conf";
     _write_file($conf, $text);
-    my $out = `$NginxBinary -t -p $dir/ -c $conf -e $dir/logs/error.log 2>&1`;
+    my $wrap = $o{rusage} ? "python3 $RootDir/t/lib/rusage.py $dir/rusage " : '';
+    my $out = `$wrap$NginxBinary -t -p $dir/ -c $conf -e $dir/logs/error.log 2>&1`;
     # A crash is not a success: killed by signal N gives 128 + N, as in a shell.
     my $rc = $? & 127 ? 128 + ($? & 127) : $? >> 8;
-    return ($rc, $out, $conf);
+    return ($rc, $out, $conf) unless $o{rusage};
+    open my $fh, '<', "$dir/rusage" or die "rusage: $!\n";
+    my %ru;
+    @ru{qw(maxrss_kb cpu_s wall_s)} = split ' ', scalar <$fh>;
+    return ($rc, $out, $conf, \%ru);
 }
 
 # ---------------------------------------------------------------------------
