@@ -348,9 +348,11 @@ pub enum Exclusive {
     Deferred(Writer),
 }
 
-/// The lock file next to a state file: `PATH.lock`.
-pub fn lock_path(path: &Path) -> std::path::PathBuf {
-    let mut p = path.as_os_str().to_owned();
+/// The lock file next to a state file: `PATH.lock`, with PATH resolved as the
+/// one-file-per-upstream check resolves it ([`resolved_path`]): two nginx
+/// instances that spell one state file differently name one lock file.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut p = resolved_path(path).into_os_string();
     p.push(".lock");
     p.into()
 }
@@ -773,6 +775,33 @@ mod tests {
         release(&path, 101).unwrap();
         assert_eq!(
             save_exclusive(&path, &sample(), (200, 201), 12, alive).unwrap(),
+            Exclusive::Written
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn two_spellings_of_one_state_file_share_its_lock() {
+        let dir = tmpdir("lock-spellings");
+        fs::create_dir_all(dir.join("st/sub")).unwrap();
+        std::os::unix::fs::symlink(dir.join("st"), dir.join("link")).unwrap();
+        let (one, other) = (dir.join("st/s.state"), dir.join("link/sub/../s.state"));
+        let lock = fs::canonicalize(&dir).unwrap().join("st/s.state.lock");
+        assert_eq!(lock_path(&one), lock);
+        assert_eq!(lock_path(&other), lock);
+        let alive = |_: i64| true;
+        assert_eq!(
+            save_exclusive(&one, &sample(), (100, 101), 10, alive).unwrap(),
+            Exclusive::Written
+        );
+        // Another nginx instance, its configuration spelling the file otherwise.
+        assert!(matches!(
+            save_exclusive(&other, &sample(), (200, 201), 11, alive).unwrap(),
+            Exclusive::Deferred(Writer { master: 100, .. })
+        ));
+        release(&one, 101).unwrap();
+        assert_eq!(
+            save_exclusive(&other, &sample(), (200, 201), 12, alive).unwrap(),
             Exclusive::Written
         );
         fs::remove_dir_all(&dir).unwrap();
