@@ -445,6 +445,30 @@ upstream redis {
 
 
 
+=== TEST 15k: max_conns= is a count as nginx reads it (no sign), as max_fails= is
+--- stream_config
+upstream redis {
+    consul_upstream redis.service.consul max_conns=+3;   # emerg: invalid parameter "max_conns=+3"
+}
+
+
+
+=== TEST 15l: a parameter's own name alone is not taken for a service name
+--- stream_config
+upstream redis {
+    consul_upstream max_conns;   # emerg: invalid parameter "max_conns"
+}
+
+
+
+=== TEST 15m: a flag of an API line given twice
+--- stream_config
+upstream redis {
+    consul_upstream service=redis api=http://127.0.0.1:8500 only_passing only_passing;   # emerg: duplicate parameter "only_passing"
+}
+
+
+
 === TEST 15c: upstream-wide parameters only on the first line
 --- stream_config
 upstream redis {

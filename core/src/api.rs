@@ -282,6 +282,10 @@ impl<'a> ApiArgs<'a> {
             ("only_passing", Some(_)) => return Err(invalid(arg)),
             _ => return Ok(false),
         };
+        if value.is_none() && slot.is_some() {
+            // A flag given twice, as "tcp tcp" (the others are checked by name).
+            return Err(ConfError(format!("duplicate parameter \"{arg}\"")));
+        }
         *slot = Some(value.unwrap_or(arg));
         Ok(true)
     }
@@ -532,6 +536,10 @@ mod tests {
                 format!("\"{name}\" needs \"api=\"")
             );
         }
+        assert_eq!(
+            err("service=redis api=http://127.0.0.1 only_passing only_passing"),
+            "duplicate parameter \"only_passing\""
+        );
         assert_eq!(
             err("service=redis tag=a tag=b"),
             "duplicate parameter \"tag\"",

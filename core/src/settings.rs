@@ -267,12 +267,12 @@ impl Settings {
                 ("max_stale", v) => s.max_stale_ms = Some(time(v).and_then(|t| nonzero(t, arg))?),
                 ("on_empty", v) => s.on_empty = policy(v)?,
                 ("on_error", v) => s.on_error = policy(v)?,
-                ("max_fails", Some(v))
-                    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) =>
-                {
+                ("max_fails", Some(v)) if digits(v) => {
                     s.health.max_fails = v.parse().map_err(|_| invalid(arg))?
                 }
-                ("max_conns", Some(v)) => s.max_conns = v.parse().map_err(|_| invalid(arg))?,
+                ("max_conns", Some(v)) if digits(v) => {
+                    s.max_conns = v.parse().map_err(|_| invalid(arg))?
+                }
                 ("zone", Some(v)) => {
                     let size = parse_size(v).ok_or_else(|| invalid(arg))?;
                     if size < MIN_ZONE_SIZE {
@@ -436,6 +436,11 @@ const PARAMETERS: [&str; 27] = [
     "fail",
     "off",
 ];
+
+/// A count as nginx's `ngx_atoi` takes it: digits only (no sign, no space).
+fn digits(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())
+}
 
 /// A bare word with a dot is a query; other bare words are unknown flags.
 fn looks_like_name(arg: &str) -> bool {
@@ -706,6 +711,7 @@ mod tests {
             "max_conns=",
             "max_conns",
             "max_conns=4294967296",
+            "max_conns=+3",
         ] {
             assert_eq!(
                 err(&format!("r.service.consul {bad}")),
