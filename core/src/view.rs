@@ -331,7 +331,9 @@ impl<'z> PeerView<'z> {
     ) -> Option<usize> {
         if self.peers.len() == 1 {
             let s = self.slots.first()?;
-            if tried(0) || !s.count_in(self.balancing.max_conns) {
+            // Not a peer whose slot changed hands (see `take`): its release
+            // would not count the connection out again.
+            if tried(0) || !s.current() || !s.count_in(self.balancing.max_conns) {
                 return None;
             }
             return Some(0);
@@ -711,6 +713,13 @@ mod tests {
             0,
             "nothing counted on the new peer"
         );
+        // A set of one peer (nginx tries it whatever its health) too.
+        let one = [ps[0]];
+        let s = slots_for(&one);
+        let mut w = Worker::new(view(&one, &s, rr(HealthPolicy::default()), None));
+        s[0].epoch.fetch_add(2, Ordering::Relaxed);
+        assert_eq!(w.select(|_| false, 0), None);
+        assert_eq!(s[0].conns.load(Ordering::Relaxed), 0, "a set of one");
     }
 
     #[test]
