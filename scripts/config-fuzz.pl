@@ -7,7 +7,9 @@
 # like Consul's agent, or misbehaves on purpose), sends connections through
 # every upstream while the DNS answers change, sometimes reloads into another
 # accepted configuration (connections going on meanwhile) or kills a worker,
-# then stops nginx.
+# then stops nginx. Lines are DNS lines and `api=` lines (Consul's HTTP API:
+# the harness's API double, t/lib/consul_api_double.py, with instances,
+# health states and misbehaviours switched per phase).
 #
 # A failure is: `nginx -t` killed by a signal or hanging; a refusal without an
 # [emerg] message; nginx failing to start after `nginx -t` accepted it; any
@@ -16,8 +18,8 @@
 # is generated from its own seed, printed with the configuration on failure,
 # and replayed with `--seed SEED --count 1`.
 #
-#   scripts/config-fuzz.pl                       # 2000 configurations (the long run, about an hour)
-#   scripts/config-fuzz.pl --count 40            # a smoke run (scripts/test.sh: about 1.5 min)
+#   scripts/config-fuzz.pl                       # 2000 configurations (the long run, about 25 min)
+#   scripts/config-fuzz.pl --count 60            # the smoke run of scripts/test.sh (about 1 min)
 #   scripts/config-fuzz.pl --seed 1234 --count 1 --keep    # replay one case, keep its files
 #
 # Options: --count N, --seed S (first case's seed; default from the clock),
@@ -26,6 +28,7 @@
 # --module SO, --verbose. Environment: NGX_CONSUL_PROFILE (debug|release: which
 # build), NGX_CONSUL_EXTRA_MODULES (modules loaded first, e.g. Debian's
 # ngx_stream_module.so), NGX_CONSUL_HOSTILE_PORT (the DNS server's port, 8653).
+# The API double listens on 127.0.0.1:8654 (its control port: 8655).
 #
 # It runs in a private network namespace (unshare -n, loopback up) so that its
 # fixed loopback ports (DNS 8653, nginx 7600-7800) collide with nothing; it
@@ -40,6 +43,8 @@ use File::Path qw(make_path remove_tree);
 use Getopt::Long qw(GetOptions);
 use IO::Select;
 use IO::Socket::INET;
+use HTTP::Tiny ();
+use JSON::PP ();
 use POSIX qw(WNOHANG setsid);
 use Time::HiRes qw(time sleep);
 
@@ -87,10 +92,12 @@ make_path($Work);
 my $DnsPort = hostile_port();
 
 # Fixed loopback ports (a private network namespace: nothing else uses them).
-my @BACKENDS = (7600 .. 7605);          # stream servers answering "b<port>"
+my @BACKENDS = (7600 .. 7605);          # the backends' process answers "b<port>"
 my @DEAD = (7690, 7691);                 # nothing listens
 my $PROXY_BASE = 7700;                   # one listening port per upstream
 my $HTTP_PORT = 7800;                    # consul_upstream_status
+my $API_PORT = 8654;                     # the Consul HTTP API double
+my $API_CONTROL_PORT = 8655;             # ...and its control port
 
 my $HANG_CONNECTION = 20;                # seconds: a connection that takes longer hangs
 my $HANG_T = 60;                         # nginx -t
@@ -143,13 +150,47 @@ sub a_query {
     return (join(' ', @w), $name);
 }
 
-# One consul_upstream line: (text, SRV name or undef).
+# An api= line's query: ([words], undef, service name or undef). Most ask the
+# API double; some a dead port, https of a plain HTTP agent (a failing TLS
+# handshake) or the agent by host name.
+sub an_api_query {
+    my ($case) = @_;
+    my $svc = pick(@SERVICES);
+    my $agent = "http://127.0.0.1:$API_PORT";
+    if (bad()) {
+        return (pick(["$svc.service.consul", "api=$agent"], ["api=$agent"],
+                     ["service=$svc", "api=ftp://127.0.0.1:$API_PORT"], ["service=$svc", "api=$agent", 'domain=consul'],
+                     ["service=$svc", "api=$agent", 'wait=11m'], ["service=$svc", "api=$agent", "api_ca=$case/ca.pem"],
+                     ["service=$svc", 'only_passing'], ["service=$svc", "api=$agent", "token_file=$case/missing"],
+                     ["service=a/b", "api=$agent"], ["service=$svc", "api=$agent", 'only_passing=1']),
+                undef, undef);
+    }
+    my $r = rand;
+    $agent = "http://127.0.0.1:$DEAD[0]" if $r < 0.05;
+    $agent = "https://127.0.0.1:$API_PORT" if $r >= 0.05 && $r < 0.08;
+    $agent = "http://localhost:$API_PORT" if $r >= 0.08 && $r < 0.15;
+    my @w = ("service=$svc", "api=$agent");
+    push @w, 'tag=primary' if chance(0.25);
+    push @w, 'tag=v2' if chance(0.05);
+    push @w, 'datacenter=' . pick('yunlu_office', 'yunlu_office', 'dc1') if chance(0.2);
+    push @w, 'only_passing' if chance(0.3);
+    push @w, 'filter=' . pick('Service.Port != 7604', '"primary" in Service.Tags', 'Node.Node == node-127.0.0.1',
+                              'Service.Nope == 1')
+        if chance(0.15);
+    push @w, 'wait=' . pick('1s', '2s', '10s', '1m', '5m') if chance(0.3);
+    push @w, "token_file=$case/token" if chance(0.15);
+    return (\@w, undef, $svc);
+}
+
+# One consul_upstream line: (text, SRV name or undef, API service or undef).
 sub a_line {
     my ($first, $case) = @_;
-    my ($q, $name) = a_query();
+    my ($q, $name, $api) = chance(0.2) ? an_api_query($case) : a_query();
     my @p;
     my $r = rand;
-    if ($r < 0.75) {
+    if ($api && chance(0.7)) {
+        # No resolver: an API line needs one only for host names in answers.
+    } elsif ($r < 0.75) {
         push @p, "resolver=127.0.0.1:$DnsPort";
     } elsif ($r < 0.85) {
         push @p, 'resolver=127.0.0.1:1', "resolver=127.0.0.1:$DnsPort";    # a dead one first
@@ -164,7 +205,7 @@ sub a_line {
     }
     push @p, 'interval=' . a_time() if chance(0.8);
     push @p, 'timeout=' . a_time() if chance(0.5);
-    push @p, pick('tcp', 'udp') if chance(0.3);
+    push @p, pick('tcp', 'udp') if chance(0.3) && (!$api || grep { /^resolver=/ } @p);
     push @p, pick('tcp', 'udp') if bad();
     push @p, 'on_empty=' . (bad() ? 'drop' : pick('keep', 'fail')) if chance(0.3);
     push @p, 'on_error=' . pick('keep', 'fail') if chance(0.3);
@@ -179,6 +220,7 @@ sub a_line {
         push @p, 'max_fails=' . (bad() ? pick('+1', 'x', '') : pick(0, 1, 3)) if chance(0.2);
         push @p, 'fail_timeout=' . a_time() if chance(0.2);
         push @p, 'slow_start=' . a_time() if chance(0.1);
+        push @p, 'max_conns=' . (bad() ? pick('+1', 'x', '-1', '') : pick(0, 1, 2, 10)) if chance(0.15);
     }
     if (bad()) {                                         # mutations
         my $i = int rand @p;
@@ -190,10 +232,11 @@ sub a_line {
             else { push @p, pick('weight=2', 'backup', 'down', '""', "\xc3\xa9t\xc3\xa9", '=') }
         }
     }
-    my @words = shuffle(split(' ', $q), @p);
-    @words = (split(' ', $q), @p) if chance(0.5);          # the usual order
+    my @q = ref $q ? @$q : split(' ', $q);
+    my @words = shuffle(@q, @p);
+    @words = (@q, @p) if chance(0.5);                      # the usual order
     my $text = 'consul_upstream ' . join(' ', map { / |^$|"/ ? "'$_'" : $_ } @words) . ';';
-    return ($text, $name);
+    return ($text, $name, $api);
 }
 
 sub a_server {
@@ -227,17 +270,18 @@ my $OUR_ZONE = do {
     "consul_upstream:v$layout:stream:";
 };
 
-# One upstream block: (text, [SRV names]).
+# One upstream block: (text, [SRV names], [API services]).
 sub an_upstream {
     my ($name, $case, $all_names) = @_;
     my $plain = chance(0.12);
-    my (@lines, @names);
+    my (@lines, @names, @api);
     if (!$plain) {
         my $n = chance(0.25) ? 2 + int rand 2 : 1;
         for my $i (0 .. $n - 1) {
-            my ($t, $srv) = a_line($i == 0, $case);
+            my ($t, $srv, $svc) = a_line($i == 0, $case);
             push @lines, $t;
             push @names, $srv if defined $srv;
+            push @api, $svc if defined $svc;
         }
         push @lines, $lines[0] if bad();                     # the same line twice
     }
@@ -263,20 +307,22 @@ sub an_upstream {
         @directives = @shuffled;
     }
     my $text = "    upstream $name {\n" . join('', map { "        $_\n" } @directives) . "    }\n";
-    return ($text, \@names);
+    return ($text, \@names, \@api);
 }
 
-# A whole configuration: { text, ports => [proxy ports], names => [SRV names], http }.
+# A whole configuration: { text, ports => [proxy ports], names => [SRV names],
+# api => [API services], http }.
 sub a_config {
     my ($case) = @_;
     my $workers = pick(1, 2);
     my $n = 1 + int rand 4;
     my @unames = map { "u$_" } 0 .. $n - 1;
-    my (@blocks, @names, @ports);
+    my (@blocks, @names, @api, @ports);
     for my $i (0 .. $n - 1) {
-        my ($t, $names) = an_upstream($unames[$i], $case, \@unames);
+        my ($t, $names, $api) = an_upstream($unames[$i], $case, \@unames);
         push @blocks, $t;
         push @names, @$names;
+        push @api, @$api;
     }
     my $servers = '';
     for my $i (0 .. $n - 1) {
@@ -290,7 +336,6 @@ sub a_config {
         push @d, 'proxy_ssl on;' if $HasSsl && chance(0.05);
         $servers .= "    server { " . join(' ', @d) . " }\n";
     }
-    my $backends = join '', map { "    server { listen 127.0.0.1:$_; return \"b$_\\n\"; }\n" } @BACKENDS;
     my $http = chance(0.3);
     my $text = join '',
         (map { "load_module $_;\n" } @Extra, $Module),
@@ -300,11 +345,11 @@ sub a_config {
         "error_log logs/error.log info;\n",
         "pid logs/nginx.pid;\n",
         "events { worker_connections 4096; }\n",
-        "stream {\n", $backends, @blocks, $servers, "}\n",
+        "stream {\n", @blocks, $servers, "}\n",
         ($http ? "http {\n    access_log off;\n    server {\n        listen 127.0.0.1:$HTTP_PORT;\n"
                  . "        location = /status { consul_upstream_status; }\n"
                  . "        location = /metrics { consul_upstream_status prometheus; }\n    }\n}\n" : ());
-    return { text => $text, ports => \@ports, names => \@names, http => $http };
+    return { text => $text, ports => \@ports, names => \@names, api => \@api, http => $http };
 }
 
 # DNS instances for the SRV names: some have none (NXDOMAIN), some peers refuse.
@@ -323,9 +368,117 @@ sub instances_for {
     return $text;
 }
 
-my @MODES = (('ok') x 12, 'flap', 'flap', 'slow:0.05', 'never', 'random', 'wrong_id', 'long_prefix',
-             'lying_counts', 'ptr_loop', 'wrong_question', 'other_name', 'many', 'count_10k',
-             'close_mid', 'servfail', 'nxdomain');
+my @MODES = (('ok') x 12, ('consul') x 3, 'flap', 'flap', 'slow:0.05', 'never', 'random', 'wrong_id',
+             'long_prefix', 'lying_counts', 'ptr_loop', 'wrong_question', 'other_name', 'many',
+             'count_10k', 'close_mid', 'servfail', 'nxdomain');
+
+# --- the backends -------------------------------------------------------------
+
+# One process of the fuzzer's own answers "b<port>" on each backend port and
+# closes: not nginx's own listening sockets, which the module leaves out of
+# every answer (instances there would never be discovered peers).
+my $BackendsPid;
+
+sub backends_start {
+    my @socks = map {
+        IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $_, Proto => 'tcp', Listen => 1024,
+                              ReuseAddr => 1)
+            or die "config-fuzz: cannot listen on 127.0.0.1:$_: $!\n"
+    } @BACKENDS;
+    $BackendsPid = fork // die "fork: $!";
+    if (!$BackendsPid) {
+        setsid();
+        my $sel = IO::Select->new(@socks);
+        while (1) {
+            for my $l ($sel->can_read) {
+                my $c = $l->accept or next;
+                syswrite $c, 'b' . $l->sockport . "\n";
+                close $c;
+            }
+        }
+    }
+    close $_ for @socks;
+}
+
+sub backends_stop {
+    return unless $BackendsPid;
+    kill 'KILL', $BackendsPid;
+    waitpid($BackendsPid, 0);
+    undef $BackendsPid;
+}
+
+# --- the Consul HTTP API double (t/lib/consul_api_double.py) ------------------
+
+my $Http = HTTP::Tiny->new(timeout => 10);
+my $Json = JSON::PP->new->canonical;
+my $ApiPid;
+my @API_NODES = map { "127.0.0.$_" } 1 .. 4;
+
+sub api_put {
+    my ($path, $data) = @_;
+    my $r = $Http->request('PUT', "http://127.0.0.1:$API_CONTROL_PORT$path",
+                           { content => $Json->encode($data) });
+    die "config-fuzz: API double: PUT $path: $r->{status} $r->{content}\n" unless $r->{success};
+}
+
+sub api_start {
+    $ApiPid = fork // die "fork: $!";
+    if (!$ApiPid) {
+        setsid();
+        open STDIN, '<', '/dev/null';
+        open STDOUT, '>>', "$Work/api-double.log";
+        open STDERR, '>&', \*STDOUT;
+        exec('python3', "$Root/t/lib/consul_api_double.py", '--port', $API_PORT,
+             '--control-port', $API_CONTROL_PORT) or POSIX::_exit(127);
+    }
+    for (1 .. 200) {
+        return 1 if $Http->get("http://127.0.0.1:$API_CONTROL_PORT/state")->{success};
+        die "config-fuzz: the API double exited (see $Work/api-double.log)\n"
+            if waitpid($ApiPid, WNOHANG) == $ApiPid;
+        sleep 0.05;
+    }
+    die "config-fuzz: the API double did not start (see $Work/api-double.log)\n";
+}
+
+sub api_stop {
+    return unless $ApiPid;
+    kill 'KILL', -$ApiPid;
+    waitpid($ApiPid, 0);
+    undef $ApiPid;
+}
+
+# How the double's health answers misbehave (t/lib/consul_api_double.py).
+my @API_MODES = (('ok') x 12, 'no_leader', 'permission_denied', 'close', 'truncated', 'close_mid_body',
+                 'malformed', 'wrong_types', 'object', 'index_zero', 'no_index', 'gzip', 'http10',
+                 'bad_chunk', 'drop_keepalive', 'silent');
+
+# The double's catalog: random instances of the API lines' services (some on
+# dead ports, some not passing, some services with none).
+sub api_instances {
+    my ($services) = @_;
+    api_put('/deregister', { Node => "node-$_" }) for @API_NODES;
+    my %seen;
+    for my $svc (grep { !$seen{$_}++ } @$services) {
+        next if chance(0.15);
+        for (1 .. 1 + int rand 4) {
+            my $addr = chance(0.1) ? pick(@API_NODES[1 .. 3]) : $API_NODES[0];
+            my $port = chance(0.15) ? pick(@DEAD) : pick(@BACKENDS);
+            my $id = "$svc-$addr-$port";
+            api_put('/register', {
+                Node => "node-$addr", Address => $addr,
+                Service => { ID => $id, Service => $svc, Port => 0 + $port, Address => '',
+                             Tags => [chance(0.5) ? ('primary') : ()],
+                             Weights => { Passing => pick(1, 1, 2, 5), Warning => pick(0, 1, 1) } },
+                Checks => [
+                    { CheckID => 'serfHealth', Name => 'Serf Health Status',
+                      Status => chance(0.05) ? 'critical' : 'passing' },
+                    { CheckID => "service:$id", Name => "Service '$svc' check", ServiceID => $id,
+                      Status => pick(('passing') x 6, 'warning', 'critical') },
+                ],
+            });
+        }
+    }
+}
 
 # --- running nginx ----------------------------------------------------------
 
@@ -467,12 +620,12 @@ sub diagnose {
 
 # The nginx being run (its own process group), stopped if the fuzzer is.
 our $Running;
-END { kill 'KILL', -$Running if $Running }
+END { kill 'KILL', -$Running if $Running; api_stop(); backends_stop() }
 
 # --- one case -----------------------------------------------------------------
 
-my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, reloads => 0, kills => 0,
-             connections => 0);
+my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, with_api => 0, reloads => 0,
+             kills => 0, connections => 0, answered => 0);
 my %refusals;
 my @failures;
 
@@ -499,6 +652,7 @@ sub run_case {
     remove_tree($case);
     make_path("$case/conf", "$case/logs", "$case/st/sub");
     symlink("$case/st", "$case/link");
+    write_file("$case/token", "6d7e8f90-1c2b-4a3d-9e8f-0a1b2c3d4e5f\n");
     my $cfg = a_config($case);
     write_file("$case/conf/nginx.conf", $cfg->{text});
     $stats{cases}++;
@@ -529,8 +683,11 @@ sub run_case {
 sub start_and_use {
     my ($seed, $case, $cfg) = @_;
     $stats{started}++;
+    $stats{with_api}++ if @{ $cfg->{api} };
     hostile_mode('ok');
     hostile_instances(instances_for($cfg->{names}));
+    api_put('/mode', { mode => 'ok' });
+    api_instances($cfg->{api});
     my $log_file = "$case/logs/error.log";
     my $master = fork // die "fork: $!";
     $Running = $master;
@@ -569,13 +726,18 @@ sub start_and_use {
     for my $phase (1 .. $phases) {
         my $mode = pick(@MODES);
         hostile_mode($mode);
+        my $api_mode = pick(@API_MODES);
+        api_put('/mode', { mode => $api_mode });
+        $mode .= ", API mode $api_mode";
         action($case, "phase $phase: DNS mode $mode");
         hostile_instances(instances_for($cfg->{names})) if chance(0.4);
+        api_instances($cfg->{api}) if chance(0.4);
         sleep(0.2 + rand 0.8);
         for my $port (@{ $cfg->{ports} }) {
             for (1 .. 1 + int rand 3) {
                 my $r = connect_once($port);
                 $stats{connections}++;
+                $stats{answered}++ if $r =~ /^b/;
                 return $finish->("a connection to port $port hung (DNS mode $mode)") if $r eq 'hang';
             }
         }
@@ -646,6 +808,7 @@ sub start_and_use {
             return $finish->('a connection during the reload hung') if $client_status != 0;
             $cfg = $next;
             hostile_instances(instances_for($cfg->{names}));
+            api_instances($cfg->{api});
         }
         return $finish->('the master process died') if waitpid($master, WNOHANG) == $master;
     }
@@ -679,6 +842,8 @@ sub start_and_use {
 $SIG{INT} = $SIG{TERM} = sub {
     kill 'KILL', -$Running if $Running;
     hostile_stop();
+    api_stop();
+    backends_stop();
     remove_tree($Work) unless $opt{keep};
     exit 130;
 };
@@ -699,6 +864,8 @@ $SIG{INT} = $SIG{TERM} = sub {
     remove_tree($case);
 }
 hostile_start(port => $DnsPort);
+api_start();
+backends_start();
 my $base = $opt{seed} // (time() * 1000 % 1_000_000_000);
 my $t0 = time;
 printf "config-fuzz: %d configurations from seed %d (nginx %s, %s)\n", $opt{count}, $base,
@@ -713,10 +880,13 @@ for my $i (0 .. $opt{count} - 1) {
     }
 }
 hostile_stop();
+api_stop();
+backends_stop();
 printf "config-fuzz: %d configurations in %.0f s: %d refused by nginx -t, %d accepted, %d started "
-    . "(%d reloads, %d workers killed, %d connections); %d failed\n",
-    $stats{cases}, time - $t0, $stats{refused}, $stats{accepted}, $stats{started}, $stats{reloads},
-    $stats{kills}, $stats{connections}, scalar @failures;
+    . "(%d with api= lines, %d reloads, %d workers killed, %d connections, %d answered by a backend); "
+    . "%d failed\n",
+    $stats{cases}, time - $t0, $stats{refused}, $stats{accepted}, $stats{started}, $stats{with_api},
+    $stats{reloads}, $stats{kills}, $stats{connections}, $stats{answered}, scalar @failures;
 if ($opt{verbose}) {
     print "config-fuzz: refusals by message:\n";
     printf "  %5d  %s\n", $refusals{$_}, $_ for sort { $refusals{$b} <=> $refusals{$a} } keys %refusals;
