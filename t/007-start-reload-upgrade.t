@@ -172,12 +172,13 @@ sub no_failure {
         or diag("failures:\n" . ($Test::Nginx::Consul::LastFailure // ''));
 }
 
-# The lock file's writer: (master, pid).
+# The lock file's writer: (master, pid); (0, 0) when it names none (no lock file
+# yet, or one given up or being rewritten).
 sub state_writer {
     my $lock = shift;
-    open my $fh, '<', $lock or return;
+    open my $fh, '<', $lock or return (0, 0);
     my $l = <$fh> // '';
-    return $l =~ /master=(\d+) pid=(\d+)/ ? ($1, $2) : ();
+    return $l =~ /master=(\d+) pid=(\d+)/ ? ($1, $2) : (0, 0);
 }
 
 run_tests();
