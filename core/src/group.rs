@@ -731,6 +731,12 @@ impl<'a, E: GroupEnv> Group<'a, E> {
         let (kind, confirmed, peers) = (part.kind, part.confirmed_unix, part.published.len());
         let index = part.index;
         let _lock = self.env.lock();
+        // Records are the writer's: after a newer worker 0 took the zone over,
+        // an answer this process was still waiting for would show its part
+        // (or its drop) as the line's until the new one's next answer.
+        if !self.master && self.zone.writer() != self.pid {
+            return;
+        }
         self.zone.update_line(self.conf.lines[line].tag, |rec| {
             if let Some(lookup) = lookup {
                 rec.lookups[lookup as usize] += 1;
@@ -1554,5 +1560,33 @@ mod tests {
         assert_eq!(env.released.get(), 1);
         drop(g);
         assert_eq!(env.released.get(), 1, "given up once");
+    }
+
+    #[test]
+    fn a_stopped_writer_leaves_the_line_records_to_the_new_one() {
+        let lines = [settings(&format!("{A} on_empty=fail"))];
+        let o = Owned::new(16);
+        let z = o.zone();
+        let old = Rec::new(100);
+        let mut g = Group::start(conf(&lines, None), z, &old);
+        answer_line(&mut g, 0, answer(&[1]));
+        // A reload: the new worker 0 takes over and hears of a second peer
+        // while the old one's lookups are still under way.
+        let new = Rec::new(200);
+        new.advance_s(5);
+        let mut g2 = Group::start(conf(&lines, None), z, &new);
+        answer_line(&mut g2, 0, answer(&[1, 2]));
+        let theirs = record(&z, A);
+        assert_eq!(
+            (SetKind::from_u32(theirs.kind), theirs.peers),
+            (SetKind::Live, 2)
+        );
+        // The old one's answers change neither the set nor the record.
+        old.advance_s(10);
+        answer_line(&mut g, 0, answer(&[1]));
+        answer_line(&mut g, 0, Resolved::Empty { nxdomain: true });
+        assert_eq!(held(&z), [(1, A), (2, A)]);
+        assert_eq!(record(&z, A), theirs);
+        assert!(!g.still_writer());
     }
 }
