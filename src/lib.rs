@@ -46,6 +46,7 @@ mod runtime;
 mod sockaddr;
 mod status;
 mod sync_resolve;
+mod sync_socket;
 #[cfg(ngx_feature = "ssl")]
 mod tls;
 mod upstream;

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use consul_core::answer::OwnAddresses;
@@ -27,7 +27,7 @@ use consul_core::lookup::{Failover, Next, Outcome, Outgoing, QueryIds, Resolved,
 use consul_core::settings::{Settings, Transport};
 
 use crate::api::sync_get::Get;
-use crate::sockaddr::SockaddrBuf;
+use crate::sync_socket;
 
 /// Sockets open at once; further lookups start as earlier ones end (the
 /// master's descriptor limit is nginx's default, not `worker_rlimit_nofile`).
@@ -58,35 +58,12 @@ struct Conn {
 
 impl Conn {
     fn open(addr: SocketAddr, tcp: bool) -> io::Result<Conn> {
-        let domain = if addr.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
         let kind = if tcp {
             libc::SOCK_STREAM
         } else {
             libc::SOCK_DGRAM
         };
-        // SAFETY: plain socket(2); the descriptor is owned below.
-        let raw =
-            unsafe { libc::socket(domain, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor socket(2) just returned, owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let (sa, len) = SockaddrBuf::new(&addr);
-        // SAFETY: sa holds a socket address of len bytes.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), sa.as_ptr(), len) };
-        let mut connecting = false;
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if !(tcp && err.raw_os_error() == Some(libc::EINPROGRESS)) {
-                return Err(err);
-            }
-            connecting = true;
-        }
+        let (fd, connecting) = sync_socket::connect(addr, kind)?;
         Ok(Conn {
             fd,
             tcp,
@@ -152,24 +129,7 @@ impl Conn {
 
     /// A connect in progress ended: Ok once connected.
     fn connected(&mut self) -> io::Result<()> {
-        let mut err: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: err and len are valid for getsockopt's SO_ERROR.
-        let rc = unsafe {
-            libc::getsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                (&mut err as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if err != 0 {
-            return Err(io::Error::from_raw_os_error(err));
-        }
+        sync_socket::connect_result(&self.fd)?;
         self.connecting = false;
         self.flush()
     }

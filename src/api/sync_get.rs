@@ -10,7 +10,7 @@
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use consul_core::api::{ApiSettings, Token};
@@ -20,7 +20,7 @@ use consul_core::settings::Settings;
 
 use super::http::{io_reason, seconds};
 use super::ApiConf;
-use crate::sockaddr::SockaddrBuf;
+use crate::sync_socket;
 
 #[cfg(ngx_feature = "ssl")]
 use super::tls::{TlsContext, TlsStream, Transport};
@@ -432,61 +432,15 @@ impl Get {
 
 /// A non-blocking TCP socket connecting to `addr`: `true` once connected.
 fn open(addr: SocketAddr) -> io::Result<(Polled, bool)> {
-    let domain = if addr.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
-    // SAFETY: plain socket(2); the descriptor is owned below.
-    let raw = unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor socket(2) just returned, owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let (sa, len) = SockaddrBuf::new(&addr);
-    // SAFETY: sa holds a socket address of len bytes.
-    let rc = unsafe { libc::connect(fd.as_raw_fd(), sa.as_ptr(), len) };
+    let (fd, in_progress) = sync_socket::connect(addr, libc::SOCK_STREAM)?;
     let polled = Polled {
         fd,
         want: Cell::new(libc::POLLOUT),
     };
-    if rc == 0 {
-        return Ok((polled, true));
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok((polled, false))
-    } else {
-        Err(err)
-    }
+    Ok((polled, !in_progress))
 }
 
 /// How a connect in progress ended.
 fn connect_result(polled: &Polled) -> io::Result<()> {
-    let mut err: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: err and len are valid for getsockopt's SO_ERROR.
-    let rc = unsafe {
-        libc::getsockopt(
-            polled.fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ERROR,
-            (&mut err as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if err != 0 {
-        return Err(io::Error::from_raw_os_error(err));
-    }
-    Ok(())
+    sync_socket::connect_result(&polled.fd)
 }
