@@ -2,7 +2,10 @@
 
 use std::cell::Cell;
 
-use ngx::ffi::{ngx_log_t, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE, NGX_LOG_WARN};
+use ngx::ffi::{
+    ngx_log_t, NGX_LOG_ALERT, NGX_LOG_DEBUG, NGX_LOG_ERR, NGX_LOG_INFO, NGX_LOG_NOTICE,
+    NGX_LOG_WARN,
+};
 
 use consul_core::policy::Level;
 
@@ -11,6 +14,9 @@ pub fn level_of(level: Level) -> u32 {
         Level::Error => NGX_LOG_ERR,
         Level::Warn => NGX_LOG_WARN,
         Level::Notice => NGX_LOG_NOTICE,
+        Level::Info => NGX_LOG_INFO,
+        // A line for nginx's debug log goes through [`debug`].
+        Level::Debug => NGX_LOG_DEBUG,
     }
 }
 
@@ -59,10 +65,6 @@ pub fn error(msg: &str) {
 
 pub fn warn(msg: &str) {
     log(NGX_LOG_WARN, msg);
-}
-
-pub fn notice(msg: &str) {
-    log(NGX_LOG_NOTICE, msg);
 }
 
 pub fn info(msg: &str) {

@@ -152,10 +152,7 @@ fn fill(cycle: &ngx_cycle_t) {
     if dns.is_empty() && api.is_empty() {
         return;
     }
-    let settings: Vec<_> = dns
-        .iter()
-        .map(|&(g, l)| groups[g].0.line_settings(l))
-        .collect();
+    let settings: Vec<_> = dns.iter().map(|&(g, l)| groups[g].0.settings(l)).collect();
     let started = Instant::now();
     let results = sync_resolve::lookup_all(&settings, &mut gets, &own, BOUND);
     log::debug(&format!(

@@ -66,12 +66,6 @@ impl SharedZone {
     }
 }
 
-impl WriteGuard {
-    pub fn zone(&self) -> &Zone<'static> {
-        &self.zone.zone
-    }
-}
-
 impl Drop for WriteGuard {
     fn drop(&mut self) {
         // SAFETY: locked by lock().

@@ -12,12 +12,15 @@
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
+//! - [`group`]: one upstream's lines in the writing process: their parts of the
+//!   set, merged and sized, each line's record, when the state file is written.
 //! - [`state`]: the state file that carries the last good set across restarts.
 //! - [`status`]: what the balancer sees, as JSON and Prometheus text.
 
 pub mod answer;
 pub mod api;
 pub mod blocking;
+pub mod group;
 pub mod health;
 pub mod http;
 pub mod least;

@@ -34,11 +34,16 @@ pub enum Action {
     Drop,
 }
 
+/// The level of a log line discovery writes (the policy's own lines are
+/// errors, warnings and notices).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
     Error,
     Warn,
     Notice,
+    Info,
+    /// nginx's debug log (a build `--with-debug`).
+    Debug,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
