@@ -319,3 +319,12 @@ cmp_ok($t->{fail} // 0, '>=', 1, 'the background client counts the 502s of the d
 like($Test::Nginx::Consul::LastFailure, qr/status 502/, 'and says why');
 --- error_log eval
 qr/connect\(\) failed \(111: Connection refused\)/
+
+
+
+=== TEST 12: "# emerg:" in --- http_config expects nginx's error with http.conf:LINE
+--- no_module
+--- http_config
+upstream api {
+    server 127.0.0.1:8081 weight=0;   # emerg: invalid parameter "weight=0"
+}
