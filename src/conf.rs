@@ -13,6 +13,7 @@ use ngx::ffi::{
     NGX_STREAM_UPSTREAM_BACKUP,
 };
 
+use consul_core::key::UpstreamKey;
 use consul_core::peer::line_source_tag;
 use consul_core::settings::{upstream_wide_param, Settings};
 use consul_core::state::resolved_path;
@@ -147,26 +148,22 @@ fn directive(cf: &mut ngx_conf_t, srv: &mut SrvConf) -> Result<(), String> {
             // a directory created later is judged as written).
             let file = resolved_path(Path::new(&full));
             if let Some(other) = main.state_paths.iter().find(|s| s.file == file) {
-                let same = if other.written == full {
-                    String::new()
-                } else {
-                    format!(" (as \"{}\")", other.written)
-                };
-                return Err(format!(
-                    "state file \"{full}\" is already used by upstream \"{}\"{same}",
-                    other.upstream
-                ));
+                return Err(other.upstream.state_file_taken(&full, &other.written));
             }
             main.state_paths.push(StatePath {
                 file,
                 written: full.clone(),
-                upstream: name.clone(),
+                upstream: UpstreamKey::stream(name.as_str()),
             });
             Some(full)
         }
         None => None,
     };
-    let shm_zone = zone::register(cf, &name, new.settings.zone_size)?;
+    let shm_zone = zone::register(
+        cf,
+        &UpstreamKey::stream(name.as_str()),
+        new.settings.zone_size,
+    )?;
     let upstream = Box::new(Upstream {
         name,
         lines: vec![new],

@@ -64,7 +64,7 @@ impl Upstream {
 
     /// `consul upstream "redis": `, the start of every runtime log line.
     pub fn prefix(&self) -> String {
-        consul_core::policy::log_prefix(&self.name)
+        consul_core::key::UpstreamKey::stream(self.name.as_str()).log_prefix()
     }
 
     /// The zone, once nginx has initialized it.
@@ -186,7 +186,7 @@ pub struct StatePath {
     pub file: std::path::PathBuf,
     /// As written (under nginx's prefix).
     pub written: String,
-    pub upstream: String,
+    pub upstream: consul_core::key::UpstreamKey,
 }
 
 /// Every upstream that uses `consul_upstream`, for the discovery process.

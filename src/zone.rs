@@ -18,8 +18,9 @@ use ngx::ffi::{
 
 use std::sync::atomic::AtomicU32;
 
+use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
-use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone, LAYOUT};
+use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone};
 
 use crate::{ffi, log};
 
@@ -143,15 +144,6 @@ pub fn size_for(peers: usize) -> usize {
     size
 }
 
-/// The protocol part of the zones' names: an http upstream (later) and a
-/// stream upstream of the same name get zones of their own.
-const PROTOCOL: &str = "stream";
-
-/// The zone's name for `upstream`: `consul_upstream:v<LAYOUT>:stream:<upstream>`.
-fn zone_name(upstream: &str) -> String {
-    format!("consul_upstream:v{LAYOUT}:{PROTOCOL}:{upstream}")
-}
-
 /// The tag of this module's zones: a symbol of nginx (of its stream module),
 /// not of this module, so that a zone (and its peers) survives a reload even
 /// when the module's file moved; and one that no other zone of nginx uses, so
@@ -184,13 +176,13 @@ fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
 /// Registers the zone of `upstream` with `size` bytes.
 pub fn register(
     cf: &mut ngx_conf_t,
-    upstream: &str,
+    upstream: &UpstreamKey,
     size: usize,
 ) -> Result<*mut ngx_shm_zone_t, String> {
-    let text = zone_name(upstream);
+    let text = upstream.zone_name();
     if declared(cf, text.as_bytes()).is_some_and(|t| t != tag()) {
         return Err(format!(
-            "shared memory zone \"{text}\" is already declared for a different use: this name is the zone of \"consul_upstream\" in upstream \"{upstream}\""
+            "shared memory zone \"{text}\" is already declared for a different use: this name is the zone of \"consul_upstream\" in {upstream}"
         ));
     }
     let mut name = ffi::pool_str(cf, &text).ok_or("out of memory")?;
@@ -225,10 +217,10 @@ pub unsafe extern "C" fn zone_directive(
         if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
             if declared(cf, name).is_some_and(|t| t == tag()) {
                 let name = String::from_utf8_lossy(name);
-                let prefix = zone_name("");
-                let upstream = name.strip_prefix(prefix.as_str()).unwrap_or(&name);
+                let upstream = UpstreamKey::from_zone_name(&name)
+                    .map_or_else(|| format!("upstream \"{name}\""), |k| k.to_string());
                 return Err(format!(
-                    "zone \"{name}\" is the zone of \"consul_upstream\" in upstream \"{upstream}\": choose another name"
+                    "zone \"{name}\" is the zone of \"consul_upstream\" in {upstream}: choose another name"
                 ));
             }
         }

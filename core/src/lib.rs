@@ -1,5 +1,7 @@
 //! The FFI-free half of ngx-consul: everything `cargo test` can reach without nginx.
 //!
+//! - [`key`]: an upstream's protocol and name, and everything named after them
+//!   (zone name, log prefix, status label, state file identity).
 //! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
 //! - [`api`]: an `api=` line's parameters, agent address, ACL token and request target.
 //! - [`health`]: Consul's `/v1/health/service` answer (JSON) to a peer set.
@@ -23,6 +25,7 @@ pub mod blocking;
 pub mod group;
 pub mod health;
 pub mod http;
+pub mod key;
 pub mod least;
 pub mod lookup;
 pub mod message;

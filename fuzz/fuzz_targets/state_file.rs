@@ -3,6 +3,7 @@
 #![no_main]
 
 use consul_core::peer::canonicalize;
+use consul_core::key::UpstreamKey;
 use consul_core::state::{decode, encode};
 use libfuzzer_sys::fuzz_target;
 
@@ -13,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let saved = match decode(text, "redis", MAX_PEERS) {
+    let saved = match decode(text, &UpstreamKey::stream("redis"), MAX_PEERS) {
         Ok(s) => s,
         Err(e) => {
             assert!(!e.is_empty());
@@ -32,6 +33,6 @@ fuzz_target!(|data: &[u8]| {
         canonicalize(&mut again);
         assert_eq!(again, src.peers, "peers of {} not canonical", src.query);
     }
-    let back = decode(&encode(&saved), "redis", MAX_PEERS).expect("an encoded state file decodes");
+    let back = decode(&encode(&saved), &UpstreamKey::stream("redis"), MAX_PEERS).expect("an encoded state file decodes");
     assert_eq!(back, saved);
 });
