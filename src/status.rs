@@ -25,7 +25,7 @@ use consul_core::status::{
     PROMETHEUS_CONTENT_TYPE,
 };
 
-use crate::upstream::MainConf;
+use crate::registry::Registry;
 use crate::{ffi, log};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,10 +47,10 @@ pub unsafe extern "C" fn consul_upstream_status(
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| directive(cf_ref)))
         .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
     match result {
-        Ok(()) => ffi::CONF_OK,
+        Ok(()) => ngx::core::NGX_CONF_OK,
         Err(msg) => {
             ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", msg);
-            ffi::conf_error()
+            ngx::core::NGX_CONF_ERROR
         }
     }
 }
@@ -184,17 +184,12 @@ fn read_report() -> Report {
     let Some(cycle) = (unsafe { cycle.as_ref() }) else {
         return report;
     };
-    // SAFETY: as above; null without `stream {}`.
-    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
-    // SAFETY: null, or the stream module's main conf, alive with the cycle.
-    let Some(main) = (unsafe { main.as_ref() }) else {
+    let Some(registry) = Registry::of_cycle(cycle) else {
         return report;
     };
-    for &up in &main.upstreams {
-        // SAFETY: upstream confs live as long as their cycle.
-        let up = unsafe { &*up };
+    for up in registry.upstreams() {
         let conf = UpstreamConf {
-            name: &up.name,
+            name: &up.key.name,
             lines: up
                 .lines
                 .iter()

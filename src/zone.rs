@@ -22,6 +22,8 @@ use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
 use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone};
 
+use crate::conf::methods::NginxHandler;
+use crate::protocol::Protocol;
 use crate::{ffi, log};
 
 /// One zone as this process sees it: core's view of its memory and the slab
@@ -173,7 +175,9 @@ fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
     None
 }
 
-/// Registers the zone of `upstream` with `size` bytes.
+/// Registers the zone of `upstream` with `size` bytes, named by its key
+/// (`consul_upstream:v<LAYOUT>:<stream|http>:<name>`): an http and a stream
+/// upstream of the same name get zones of their own.
 pub fn register(
     cf: &mut ngx_conf_t,
     upstream: &UpstreamKey,
@@ -199,32 +203,32 @@ pub fn register(
     Ok(shm_zone)
 }
 
-/// nginx's `zone NAME [SIZE];` in a stream `upstream {}`, seen first: a name
-/// that is the zone of a `consul_upstream` upstream is refused (nginx would
-/// share that zone, or refuse it less clearly); every other goes on to nginx.
-pub unsafe extern "C" fn zone_directive(
+/// nginx's `zone NAME [SIZE];` in an `upstream {}` of either protocol, seen
+/// first: a name that is the zone of a `consul_upstream` upstream is refused
+/// (nginx would share that zone, or refuse it less clearly); every other goes
+/// on to nginx.
+pub unsafe extern "C" fn zone_directive<P: Protocol>(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
 ) -> *mut c_char {
     // SAFETY: nginx calls directive handlers with the configuration being parsed.
     let cf = unsafe { &mut *cf };
-    crate::methods::directive_result(cf, |cf| {
-        let theirs =
-            crate::methods::NginxHandler::find(cf, "ngx_stream_upstream_zone_module", "zone")?;
+    crate::conf::directive_result(cf, |cf| {
+        let theirs = NginxHandler::find::<P>(cf, P::ZONE_MODULE, "zone")?;
         // SAFETY: cf.args holds the directive's words (nginx checked their count).
         let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
         if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
             if declared(cf, name).is_some_and(|t| t == tag()) {
                 let name = String::from_utf8_lossy(name);
-                let upstream = UpstreamKey::from_zone_name(&name)
+                let owner = UpstreamKey::from_zone_name(&name)
                     .map_or_else(|| format!("upstream \"{name}\""), |k| k.to_string());
                 return Err(format!(
-                    "zone \"{name}\" is the zone of \"consul_upstream\" in {upstream}: choose another name"
+                    "zone \"{name}\" is the zone of \"consul_upstream\" in {owner}: choose another name"
                 ));
             }
         }
-        Ok(theirs.call(cf))
+        Ok(theirs.call::<P>(cf))
     })
 }
 

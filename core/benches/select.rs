@@ -261,6 +261,7 @@ fn bench_pick(c: &mut Criterion) {
                     now += 1;
                     key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
                     let mut ctx = PickContext {
+                        retry: false,
                         key_hash: Some(key),
                         rng: &mut rng,
                     };

@@ -105,7 +105,7 @@ fn instance() -> i64 {
 /// The upstream's lines, as its group sees them.
 fn conf_of(up: &'static Upstream) -> GroupConf<'static> {
     GroupConf {
-        key: UpstreamKey::stream(up.name.as_str()),
+        key: up.key.clone(),
         lines: up
             .lines
             .iter()
