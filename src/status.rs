@@ -20,6 +20,7 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 
+use consul_core::key::UpstreamKey;
 use consul_core::status::{
     json, prometheus, LineConf, Report, UpstreamConf, UpstreamReport, JSON_CONTENT_TYPE,
     PROMETHEUS_CONTENT_TYPE,
@@ -194,7 +195,7 @@ fn read_report() -> Report {
         // SAFETY: upstream confs live as long as their cycle.
         let up = unsafe { &*up };
         let conf = UpstreamConf {
-            name: &up.name,
+            key: UpstreamKey::stream(up.name.as_str()),
             lines: up
                 .lines
                 .iter()

@@ -12,6 +12,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
+use crate::key::UpstreamKey;
 use crate::peer::Peer;
 use crate::settings::{Settings, Transport};
 use crate::view::HealthPolicy;
@@ -33,14 +34,15 @@ pub struct LineConf<'a> {
 /// One upstream as configured.
 #[derive(Clone, Debug)]
 pub struct UpstreamConf<'a> {
-    pub name: &'a str,
+    pub key: UpstreamKey,
     /// Never empty; the first line holds the upstream-wide parameters.
     pub lines: Vec<LineConf<'a>>,
     /// Static `server` lines of the block.
     pub fallback_servers: usize,
 }
 
-/// The whole report: every upstream, at one moment.
+/// The whole report: every upstream, at one moment, in the caller's order
+/// (stream upstreams, then http, each in configuration order).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
     pub now_unix: u64,
@@ -49,7 +51,8 @@ pub struct Report {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UpstreamReport {
-    pub name: String,
+    /// Protocol and name: a stream and an http upstream may share a name.
+    pub key: UpstreamKey,
     pub generation: u64,
     /// Peers the zone holds.
     pub capacity: usize,
@@ -166,7 +169,7 @@ impl UpstreamReport {
             })
             .collect();
         let mut report = UpstreamReport {
-            name: conf.name.to_string(),
+            key: conf.key.clone(),
             generation: 0,
             capacity: 0,
             health,
@@ -349,10 +352,11 @@ pub fn json(report: &Report) -> String {
 
 fn json_upstream(o: &mut String, u: &UpstreamReport, now_unix: u64) {
     o.push_str("\n{\"name\":");
-    json_str(o, &u.name);
+    json_str(o, &u.key.name);
     let _ = write!(
         o,
-        ",\"generation\":{},\"capacity\":{},\"busy\":{},\"peers_total\":{},\"usable_peers\":{},\"max_fails\":{},\"fail_timeout_ms\":{},\"max_conns\":{}",
+        ",\"protocol\":\"{}\",\"generation\":{},\"capacity\":{},\"busy\":{},\"peers_total\":{},\"usable_peers\":{},\"max_fails\":{},\"fail_timeout_ms\":{},\"max_conns\":{}",
+        u.key.label(),
         u.generation,
         u.capacity,
         u.busy,
@@ -517,22 +521,25 @@ impl<'o> Family<'o> {
         Family { out, name }
     }
 
-    fn put(&mut self, labels: &[(&str, &str)], value: Value) {
+    /// One sample of upstream `up`: every series starts with the labels
+    /// `upstream` and `protocol` (one label set per family; a stream and an
+    /// http upstream of the same name are two series), then `labels`.
+    fn put(&mut self, up: &UpstreamKey, labels: &[(&str, &str)], value: Value) {
         let o = &mut *self.out;
         o.push_str(self.name);
-        if !labels.is_empty() {
-            o.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    o.push(',');
-                }
-                o.push_str(k);
-                o.push_str("=\"");
-                label_value(o, v);
-                o.push('"');
-            }
-            o.push('}');
+        o.push_str("{upstream=\"");
+        label_value(o, &up.name);
+        o.push_str("\",protocol=\"");
+        o.push_str(up.label());
+        o.push('"');
+        for (k, v) in labels {
+            o.push(',');
+            o.push_str(k);
+            o.push_str("=\"");
+            label_value(o, v);
+            o.push('"');
         }
+        o.push('}');
         let _ = match value {
             Value::N(n) => writeln!(o, " {n}"),
             Value::Ms(ms) if ms % 1000 == 0 => writeln!(o, " {}", ms / 1000),
@@ -695,15 +702,14 @@ pub fn prometheus(report: &Report) -> String {
 
 fn upstream_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, now_unix: u64) {
     use Metric::*;
-    let up = u.name.as_str();
-    let ul = [("upstream", up)];
+    let up = &u.key;
     match m {
-        UpstreamGeneration => f.put(&ul, Value::N(u.generation)),
-        UpstreamCapacity => f.put(&ul, Value::N(u.capacity as u64)),
-        UpstreamFallbackServers => f.put(&ul, Value::N(u.fallback_servers as u64)),
+        UpstreamGeneration => f.put(up, &[], Value::N(u.generation)),
+        UpstreamCapacity => f.put(up, &[], Value::N(u.capacity as u64)),
+        UpstreamFallbackServers => f.put(up, &[], Value::N(u.fallback_servers as u64)),
         UpstreamMaxConns => {
             if u.max_conns > 0 {
-                f.put(&ul, Value::N(u64::from(u.max_conns)));
+                f.put(up, &[], Value::N(u64::from(u.max_conns)));
             }
         }
         // A set that could not be read has no peer numbers: absent, not 0.
@@ -715,14 +721,11 @@ fn upstream_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, now_unix:
         UpstreamPeers => {
             for t in u.tiers() {
                 let prio = t.priority.to_string();
-                f.put(
-                    &[("upstream", up), ("priority", &prio)],
-                    Value::N(t.peers as u64),
-                );
+                f.put(up, &[("priority", &prio)], Value::N(t.peers as u64));
             }
         }
-        UpstreamUsablePeers => f.put(&ul, Value::N(u.usable() as u64)),
-        UpstreamFallbackActive => f.put(&ul, Value::N(u64::from(u.serving_fallback()))),
+        UpstreamUsablePeers => f.put(up, &[], Value::N(u.usable() as u64)),
+        UpstreamFallbackActive => f.put(up, &[], Value::N(u64::from(u.serving_fallback()))),
         LineInfo
         | LineInterval
         | LineMaxStale
@@ -749,11 +752,11 @@ fn upstream_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, now_unix:
     }
 }
 
-fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_unix: u64) {
+fn line_samples(f: &mut Family<'_>, m: Metric, up: &UpstreamKey, l: &LineReport, now_unix: u64) {
     use Metric::*;
     let r = &l.record;
     let q = l.query.as_str();
-    let ll = [("upstream", up), ("query", q)];
+    let ll = [("query", q)];
     let streak = streak_of(r.streak_kind);
     match m {
         LineInfo => {
@@ -764,7 +767,6 @@ fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_uni
                 None => ("dns", ""),
             };
             let labels = [
-                ("upstream", up),
                 ("query", q),
                 ("source", source),
                 ("resolvers", resolvers.as_str()),
@@ -772,43 +774,40 @@ fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_uni
                 ("api", agent),
             ];
             // A DNS line has no agent label (rather than an empty one).
-            let n = if l.api.is_some() { 6 } else { 5 };
-            f.put(&labels[..n], Value::N(1));
+            let n = if l.api.is_some() { 5 } else { 4 };
+            f.put(up, &labels[..n], Value::N(1));
         }
-        LineIndex if l.api.is_some() => f.put(&ll, Value::N(r.index)),
-        LineInterval => f.put(&ll, Value::Ms(l.interval_ms)),
+        LineIndex if l.api.is_some() => f.put(up, &ll, Value::N(r.index)),
+        LineInterval => f.put(up, &ll, Value::Ms(l.interval_ms)),
         LineMaxStale => {
             if let Some(ms) = l.max_stale_ms {
-                f.put(&ll, Value::Ms(ms));
+                f.put(up, &ll, Value::Ms(ms));
             }
         }
         LineMaxStaleRemaining => {
             if let Some(left) = max_stale_left_s(l, now_unix) {
-                f.put(&ll, Value::N(left));
+                f.put(up, &ll, Value::N(left));
             }
         }
-        LinePeers => f.put(&ll, Value::N(u64::from(r.peers))),
+        LinePeers => f.put(up, &ll, Value::N(u64::from(r.peers))),
         LineSet => {
             let current = SetKind::from_u32(r.kind);
             for kind in SETS {
-                let labels = [("upstream", up), ("query", q), ("set", set_name(kind))];
-                f.put(&labels, Value::N(u64::from(kind == current)));
+                let labels = [("query", q), ("set", set_name(kind))];
+                f.put(up, &labels, Value::N(u64::from(kind == current)));
             }
         }
-        LineLastSuccess if r.confirmed_unix > 0 => f.put(&ll, Value::N(r.confirmed_unix)),
-        LineLastChange if r.changed_unix > 0 => f.put(&ll, Value::N(r.changed_unix)),
+        LineLastSuccess if r.confirmed_unix > 0 => f.put(up, &ll, Value::N(r.confirmed_unix)),
+        LineLastChange if r.changed_unix > 0 => f.put(up, &ll, Value::N(r.changed_unix)),
         LineLookups => {
             for (outcome, n) in OUTCOMES.iter().zip(r.lookups) {
-                f.put(
-                    &[("upstream", up), ("query", q), ("outcome", outcome)],
-                    Value::N(n),
-                );
+                f.put(up, &[("query", q), ("outcome", outcome)], Value::N(n));
             }
         }
         LineStreak => {
             for kind in STREAKS {
-                let labels = [("upstream", up), ("query", q), ("kind", streak_name(kind))];
-                f.put(&labels, Value::N(u64::from(kind == streak)));
+                let labels = [("query", q), ("kind", streak_name(kind))];
+                f.put(up, &labels, Value::N(u64::from(kind == streak)));
             }
         }
         LineStreakLookups => {
@@ -817,10 +816,10 @@ fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_uni
             } else {
                 r.streak_count
             };
-            f.put(&ll, Value::N(u64::from(n)));
+            f.put(up, &ll, Value::N(u64::from(n)));
         }
         LineStreakStart if streak != StreakKind::None && r.streak_since_unix > 0 => {
-            f.put(&ll, Value::N(r.streak_since_unix))
+            f.put(up, &ll, Value::N(r.streak_since_unix))
         }
         _ => {}
     }
@@ -828,30 +827,30 @@ fn line_samples(f: &mut Family<'_>, m: Metric, up: &str, l: &LineReport, now_uni
 
 fn peer_samples(f: &mut Family<'_>, m: Metric, u: &UpstreamReport, p: &PeerReport) {
     use Metric::*;
+    let up = &u.key;
     let addr = p.peer.addr.to_string();
-    let pl = [("upstream", u.name.as_str()), ("peer", addr.as_str())];
+    let pl = [("peer", addr.as_str())];
     match m {
         PeerInfo => {
             let labels = [
-                ("upstream", u.name.as_str()),
                 ("peer", addr.as_str()),
                 ("query", u.query_of(p).unwrap_or("")),
             ];
-            f.put(&labels, Value::N(1));
+            f.put(up, &labels, Value::N(1));
         }
-        PeerWeight => f.put(&pl, Value::N(u64::from(p.peer.weight))),
-        PeerPriority => f.put(&pl, Value::N(u64::from(p.peer.priority))),
-        PeerUp => f.put(&pl, Value::N(u64::from(p.usable()))),
+        PeerWeight => f.put(up, &pl, Value::N(u64::from(p.peer.weight))),
+        PeerPriority => f.put(up, &pl, Value::N(u64::from(p.peer.priority))),
+        PeerUp => f.put(up, &pl, Value::N(u64::from(p.usable()))),
         PeerDownUntil => {
             if let Some(until) = p.down_until_unix {
-                f.put(&pl, Value::N(until));
+                f.put(up, &pl, Value::N(until));
             }
         }
-        PeerFails => f.put(&pl, Value::N(u64::from(p.fails))),
-        PeerActive => f.put(&pl, Value::N(u64::from(p.active))),
-        PeerConnections => f.put(&pl, Value::N(p.connections)),
-        PeerFailures => f.put(&pl, Value::N(p.failures)),
-        PeerStart => f.put(&pl, Value::N(p.since_unix)),
+        PeerFails => f.put(up, &pl, Value::N(u64::from(p.fails))),
+        PeerActive => f.put(up, &pl, Value::N(u64::from(p.active))),
+        PeerConnections => f.put(up, &pl, Value::N(p.connections)),
+        PeerFailures => f.put(up, &pl, Value::N(p.failures)),
+        PeerStart => f.put(up, &pl, Value::N(p.since_unix)),
         _ => {}
     }
 }
@@ -894,7 +893,7 @@ mod tests {
 
         fn conf(&self, name: &'static str, fallback_servers: usize) -> UpstreamConf<'_> {
             UpstreamConf {
-                name,
+                key: UpstreamKey::stream(name),
                 lines: vec![
                     LineConf {
                         settings: &self.s1,
@@ -1086,7 +1085,9 @@ mod tests {
             now_unix: 0,
             upstreams: vec![u],
         });
-        assert!(text.contains("nginx_consul_upstream_generation{upstream=\"redis\"} 1\n"));
+        assert!(text.contains(
+            "nginx_consul_upstream_generation{upstream=\"redis\",protocol=\"stream\"} 1\n"
+        ));
         assert!(!text.contains("nginx_consul_upstream_usable_peers{"));
         let none = UpstreamReport::read(&f.conf("redis", 1), None, 0, 0);
         assert!(none.busy);
@@ -1097,7 +1098,7 @@ mod tests {
         let f = Fixture::new();
         let limited = settings(&format!("{Q1} max_conns=5"));
         let conf = UpstreamConf {
-            name: "redis",
+            key: UpstreamKey::stream("redis"),
             lines: vec![LineConf {
                 settings: &limited,
                 tag: source_tag(Q1),
@@ -1129,9 +1130,11 @@ mod tests {
             (Some("127.0.0.2:1"), Some(0))
         );
         let text = prometheus(&r);
-        assert!(text.contains("nginx_consul_upstream_max_conns{upstream=\"redis\"} 5\n"));
+        assert!(text.contains(
+            "nginx_consul_upstream_max_conns{upstream=\"redis\",protocol=\"stream\"} 5\n"
+        ));
         assert!(
-            text.contains("nginx_consul_peer_weight{upstream=\"redis\",peer=\"127.0.0.2:1\"} 0\n")
+            text.contains("nginx_consul_peer_weight{upstream=\"redis\",protocol=\"stream\",peer=\"127.0.0.2:1\"} 0\n")
         );
         let unlimited = prometheus(&scenario(&f));
         assert!(!unlimited.contains("nginx_consul_upstream_max_conns{"));
@@ -1147,6 +1150,7 @@ mod tests {
         assert_eq!(v["time"], 200);
         let u = &v["upstreams"][0];
         assert_eq!(u["name"], "redis");
+        assert_eq!(u["protocol"], "stream");
         assert_eq!(u["generation"], 1);
         assert_eq!(u["peers_total"], 3);
         assert_eq!(u["usable_peers"], 2);
@@ -1265,95 +1269,95 @@ mod tests {
         let v = |series: &str| value(&s, series);
         let q1 = format!("query=\"{Q1}\"");
         assert_eq!(
-            v("nginx_consul_upstream_generation{upstream=\"redis\"}"),
+            v("nginx_consul_upstream_generation{upstream=\"redis\",protocol=\"stream\"}"),
             Some("1")
         );
         assert_eq!(
-            v("nginx_consul_upstream_peers{upstream=\"redis\",priority=\"1\"}"),
+            v("nginx_consul_upstream_peers{upstream=\"redis\",protocol=\"stream\",priority=\"1\"}"),
             Some("2")
         );
         assert_eq!(
-            v("nginx_consul_upstream_peers{upstream=\"redis\",priority=\"2\"}"),
+            v("nginx_consul_upstream_peers{upstream=\"redis\",protocol=\"stream\",priority=\"2\"}"),
             Some("1")
         );
         assert_eq!(
-            v("nginx_consul_upstream_usable_peers{upstream=\"redis\"}"),
+            v("nginx_consul_upstream_usable_peers{upstream=\"redis\",protocol=\"stream\"}"),
             Some("2")
         );
         assert_eq!(
-            v("nginx_consul_upstream_fallback_active{upstream=\"redis\"}"),
+            v("nginx_consul_upstream_fallback_active{upstream=\"redis\",protocol=\"stream\"}"),
             Some("0")
         );
         assert_eq!(
-            v(&format!("nginx_consul_line_info{{upstream=\"redis\",{q1},source=\"dns\",resolvers=\"127.0.0.1:8600,[::1]:53\",transport=\"tcp\"}}")),
+            v(&format!("nginx_consul_line_info{{upstream=\"redis\",protocol=\"stream\",{q1},source=\"dns\",resolvers=\"127.0.0.1:8600,[::1]:53\",transport=\"tcp\"}}")),
             Some("1")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_interval_seconds{{upstream=\"redis\",query=\"{Q2}\"}}"
+                "nginx_consul_line_interval_seconds{{upstream=\"redis\",protocol=\"stream\",query=\"{Q2}\"}}"
             )),
             Some("0.5")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_max_stale_seconds{{upstream=\"redis\",{q1}}}"
+                "nginx_consul_line_max_stale_seconds{{upstream=\"redis\",protocol=\"stream\",{q1}}}"
             )),
             Some("30")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_max_stale_remaining_seconds{{upstream=\"redis\",{q1}}}"
+                "nginx_consul_line_max_stale_remaining_seconds{{upstream=\"redis\",protocol=\"stream\",{q1}}}"
             )),
             Some("20")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_set{{upstream=\"redis\",{q1},set=\"kept\"}}"
+                "nginx_consul_line_set{{upstream=\"redis\",protocol=\"stream\",{q1},set=\"kept\"}}"
             )),
             Some("1")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_set{{upstream=\"redis\",{q1},set=\"live\"}}"
+                "nginx_consul_line_set{{upstream=\"redis\",protocol=\"stream\",{q1},set=\"live\"}}"
             )),
             Some("0")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_lookups_total{{upstream=\"redis\",{q1},outcome=\"error\"}}"
+                "nginx_consul_line_lookups_total{{upstream=\"redis\",protocol=\"stream\",{q1},outcome=\"error\"}}"
             )),
             Some("3")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_streak{{upstream=\"redis\",{q1},kind=\"error\"}}"
+                "nginx_consul_line_streak{{upstream=\"redis\",protocol=\"stream\",{q1},kind=\"error\"}}"
             )),
             Some("1")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_streak_lookups{{upstream=\"redis\",{q1}}}"
+                "nginx_consul_line_streak_lookups{{upstream=\"redis\",protocol=\"stream\",{q1}}}"
             )),
             Some("3")
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_streak_start_timestamp_seconds{{upstream=\"redis\",{q1}}}"
+                "nginx_consul_line_streak_start_timestamp_seconds{{upstream=\"redis\",protocol=\"stream\",{q1}}}"
             )),
             Some("195")
         );
         assert_eq!(
-            v(&format!("nginx_consul_line_streak_start_timestamp_seconds{{upstream=\"redis\",query=\"{Q2}\"}}")),
+            v(&format!("nginx_consul_line_streak_start_timestamp_seconds{{upstream=\"redis\",protocol=\"stream\",query=\"{Q2}\"}}")),
             None,
             "no streak, no start"
         );
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_last_success_timestamp_seconds{{upstream=\"redis\",{q1}}}"
+                "nginx_consul_line_last_success_timestamp_seconds{{upstream=\"redis\",protocol=\"stream\",{q1}}}"
             )),
             Some("190")
         );
-        let a = "upstream=\"redis\",peer=\"127.0.0.1:1\"";
+        let a = "upstream=\"redis\",protocol=\"stream\",peer=\"127.0.0.1:1\"";
         assert_eq!(v(&format!("nginx_consul_peer_info{{{a},{q1}}}")), Some("1"));
         assert_eq!(v(&format!("nginx_consul_peer_up{{{a}}}")), Some("0"));
         assert_eq!(
@@ -1371,7 +1375,7 @@ mod tests {
             Some("7")
         );
         assert_eq!(v(&format!("nginx_consul_peer_weight{{{a}}}")), Some("3"));
-        let b = "upstream=\"redis\",peer=\"[::1]:2\"";
+        let b = "upstream=\"redis\",protocol=\"stream\",peer=\"[::1]:2\"";
         assert_eq!(v(&format!("nginx_consul_peer_up{{{b}}}")), Some("1"));
         assert_eq!(
             v(&format!("nginx_consul_peer_active_connections{{{b}}}")),
@@ -1403,7 +1407,7 @@ mod tests {
             )],
         };
         let text = prometheus(&r);
-        assert!(text.contains("nginx_consul_upstream_generation{upstream=\"a\\\"b\\\\c\\nd\"} 0\n"));
+        assert!(text.contains("nginx_consul_upstream_generation{upstream=\"a\\\"b\\\\c\\nd\",protocol=\"stream\"} 0\n"));
         parse(&text);
     }
 
@@ -1422,7 +1426,7 @@ mod tests {
             l.reason = "127.0.0.1:8500 answered 403 (ACL not found)".into();
         });
         let conf = UpstreamConf {
-            name: "redis",
+            key: UpstreamKey::stream("redis"),
             lines: vec![LineConf { settings: &s, tag }],
             fallback_servers: 0,
         };
@@ -1455,15 +1459,85 @@ mod tests {
         };
         assert_eq!(
             v(&format!(
-                "nginx_consul_line_index{{upstream=\"redis\",query=\"{q}\"}}"
+                "nginx_consul_line_index{{upstream=\"redis\",protocol=\"stream\",query=\"{q}\"}}"
             ))
             .as_deref(),
             Some("4242")
         );
         assert_eq!(
-            v(&format!("nginx_consul_line_info{{upstream=\"redis\",query=\"{q}\",source=\"api\",resolvers=\"\",transport=\"tcp\",api=\"http://127.0.0.1:8500\"}}")).as_deref(),
+            v(&format!("nginx_consul_line_info{{upstream=\"redis\",protocol=\"stream\",query=\"{q}\",source=\"api\",resolvers=\"\",transport=\"tcp\",api=\"http://127.0.0.1:8500\"}}")).as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn a_stream_and_an_http_upstream_of_one_name_are_two_entries() {
+        let f = Fixture::new();
+        let z = f.zone.zone();
+        let http_zone = Owned::new(4);
+        let hz = http_zone.zone();
+        hz.publish(&[(p("127.0.0.9:80", 1, 1), source_tag(Q1))], 100, 0)
+            .unwrap();
+        let mut http = f.conf("redis", 1);
+        http.key = UpstreamKey::http("redis");
+        let r = Report {
+            now_unix: 0,
+            upstreams: vec![
+                UpstreamReport::read(&f.conf("redis", 0), Some(&z), 0, 0),
+                UpstreamReport::read(&http, Some(&hz), 0, 0),
+            ],
+        };
+        let v: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
+        let ups = v["upstreams"].as_array().unwrap();
+        // The caller's order, kept.
+        let keys: Vec<_> = ups
+            .iter()
+            .map(|u| (u["name"].as_str(), u["protocol"].as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (Some("redis"), Some("stream")),
+                (Some("redis"), Some("http"))
+            ]
+        );
+        assert_eq!(
+            (
+                ups[0]["peers_total"].as_u64(),
+                ups[1]["peers_total"].as_u64()
+            ),
+            (Some(0), Some(1))
+        );
+        assert_eq!(ups[1]["peers"][0]["address"], "127.0.0.9:80");
+
+        let text = prometheus(&r);
+        let samples = parse(&text);
+        let v = |series: &str| value(&samples, series);
+        assert_eq!(
+            v("nginx_consul_upstream_fallback_servers{upstream=\"redis\",protocol=\"stream\"}"),
+            Some("0")
+        );
+        assert_eq!(
+            v("nginx_consul_upstream_fallback_servers{upstream=\"redis\",protocol=\"http\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            v("nginx_consul_peer_up{upstream=\"redis\",protocol=\"http\",peer=\"127.0.0.9:80\"}"),
+            Some("1")
+        );
+        // Every series names its upstream, then its protocol, then the rest.
+        for (series, _) in &samples {
+            let labels = series.split_once('{').unwrap().1;
+            assert!(
+                labels.starts_with("upstream=\"redis\",protocol=\"stream\"")
+                    || labels.starts_with("upstream=\"redis\",protocol=\"http\""),
+                "{series}"
+            );
+        }
+        let mut unique = samples.iter().map(|(s, _)| s).collect::<Vec<_>>();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), samples.len(), "a series twice");
     }
 
     #[test]
