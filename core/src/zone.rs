@@ -26,6 +26,7 @@ use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use crate::least::{nodes_for, Tree};
 use crate::peer::Peer;
+use crate::slot::PeerSlot;
 
 /// "ngx_cons": marks memory this module laid out.
 pub const MAGIC: u64 = 0x6e67_785f_636f_6e73;
@@ -122,42 +123,6 @@ pub struct BufHeader {
 #[repr(C)]
 #[derive(Default)]
 pub struct Record([AtomicU64; 4]);
-
-/// What every worker knows about one peer, updated with atomics on each connection.
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct PeerSlot {
-    /// Changes when the slot is given to another peer.
-    pub epoch: AtomicU32,
-    /// Connections open to the peer now, from all workers.
-    pub conns: AtomicU32,
-    /// Failed attempts in the current `fail_timeout` window (nginx's `fails`).
-    pub fails: AtomicU32,
-    _pad: AtomicU32,
-    /// Start of the current `fail_timeout` window (nginx's `checked`), in
-    /// nginx's monotonic milliseconds, which all processes share.
-    pub checked_ms: AtomicU64,
-    /// Last failure (nginx's `accessed`).
-    pub accessed_ms: AtomicU64,
-    /// Connections made to the peer since it appeared.
-    pub connections: AtomicU64,
-    /// Failed attempts since it appeared.
-    pub failures: AtomicU64,
-    /// When the peer appeared (Unix seconds).
-    pub since_unix: AtomicU64,
-    /// When the peer last became usable: it joined a set that had peers, or came
-    /// back after being down (monotonic milliseconds; `slow_start` ramps from
-    /// here; 0: no ramp).
-    pub usable_since_ms: AtomicU64,
-    /// Generation that freed the slot (the writer reuses the oldest free slot first).
-    freed_gen: AtomicU64,
-    /// The weight of the peer's share in its band, at least 1 (0: the slot is free).
-    pub weight: AtomicU32,
-    /// The peer's band (`Peer::band`): least_conn asks lower bands first.
-    pub band: AtomicU32,
-    /// least_conn's turn among equals (see `crate::least`).
-    pub pass: AtomicU64,
-}
 
 /// How a line's part of the set came to be what it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -322,30 +287,6 @@ impl Record {
             (w2 >> 32) as u16,
         );
         Some((peer, w3 as u32, (w3 >> 32) as u32))
-    }
-}
-
-impl PeerSlot {
-    /// Gives the slot to a new peer: a fresh epoch and nothing counted yet; its
-    /// ramp starts at `ramp_ms` (0: none), its least_conn pass at `pass`.
-    fn reset(&self, now_unix: u64, ramp_ms: u64, pass: u64) {
-        self.epoch.fetch_add(1, Ordering::Relaxed);
-        for a in [&self.conns, &self.fails] {
-            a.store(0, Ordering::Relaxed);
-        }
-        for a in [
-            &self.checked_ms,
-            &self.accessed_ms,
-            &self.connections,
-            &self.failures,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        self.since_unix.store(now_unix, Ordering::Relaxed);
-        self.usable_since_ms.store(ramp_ms, Ordering::Relaxed);
-        self.freed_gen.store(0, Ordering::Relaxed);
-        self.pass.store(pass, Ordering::Relaxed);
-        fence(Ordering::Release);
     }
 }
 
