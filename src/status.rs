@@ -189,7 +189,7 @@ fn read_report() -> Report {
     };
     for up in registry.upstreams() {
         let conf = UpstreamConf {
-            name: &up.key.name,
+            key: up.key.clone(),
             lines: up
                 .lines
                 .iter()

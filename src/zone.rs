@@ -20,7 +20,8 @@ use std::sync::atomic::AtomicU32;
 
 use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
-use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone};
+use consul_core::slot::PeerSlot;
+use consul_core::zone::{bytes_for, capacity_for, Header, Record, Zone};
 
 use crate::conf::methods::NginxHandler;
 use crate::protocol::Protocol;

@@ -169,7 +169,7 @@ _EOC_
     # nginx's `zone` named like the zone of a consul_upstream upstream, before
     # or after it: refused (main at 3025645 shared the zone or took it over).
     my ($layout) = do {
-        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone.rs" or die $!;
+        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone/layout.rs" or die $!;
         map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
     };
     my $ours = "consul_upstream:v$layout:stream:b";

@@ -328,14 +328,14 @@ is(peer_in($u, '127.0.0.1:6380')->{failures}, 0, 'without failures');
 is($u->{usable_peers}, 1, 'one usable peer');
 is_deeply($u->{tiers}, [{priority => 1, peers => 2, usable => 1}], 'tier counts');
 my $p = prom_parse((metrics())[0]);
-my %dead = (upstream => 'redis', peer => '127.0.0.1:20001');
+my %dead = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:20001');
 is(prom_value($p, 'nginx_consul_peer_up', %dead), 0, 'metrics: down');
 is(prom_value($p, 'nginx_consul_peer_failures_total', %dead), $dead->{failures}, 'metrics: failures');
 is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', %dead), $dead->{down_until},
    'metrics: down until');
-is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', upstream => 'redis', peer => '127.0.0.1:6380'),
+is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380'),
    undef, 'no down_until for a peer that is up');
-is(prom_value($p, 'nginx_consul_upstream_usable_peers', upstream => 'redis'), 1, 'metrics: one usable');
+is(prom_value($p, 'nginx_consul_upstream_usable_peers', upstream => 'redis', protocol => 'stream'), 1, 'metrics: one usable');
 --- error_log
 connect() failed (111: Connection refused)
 
@@ -380,9 +380,15 @@ for my $name (sort keys %f) {
     my @other = grep { $_->[3] eq $name && $_->[0] ne $want } @{ $p->{samples} };
     is(scalar @other, 0, "$name: $f{$name}{type}, samples named $want");
 }
-my %l = (upstream => 'redis', query => $::NAME);
-my %a = (upstream => 'redis', peer => '127.0.0.1:6380');
-my %b = (upstream => 'redis', peer => '127.0.0.1:6381');
+my @unlabelled = grep { ($_->[1]{upstream} // '') ne 'redis' || ($_->[1]{protocol} // '') ne 'stream' } @{ $p->{samples} };
+is(scalar @unlabelled, 0, 'every series has upstream="redis" and protocol="stream"')
+    or diag explain $unlabelled[0];
+my @order = grep { !/^#/ && !/^\w+\{upstream="redis",protocol="stream"[,}]/ } split /\n/, (keys %texts)[0];
+is(scalar @order, 0, 'protocol comes right after upstream') or diag $order[0];
+is($u->{protocol}, 'stream', 'JSON: the protocol');
+my %l = (upstream => 'redis', protocol => 'stream', query => $::NAME);
+my %a = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380');
+my %b = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6381');
 my $ja = peer_in($u, '127.0.0.1:6380');
 is(prom_value($p, 'nginx_consul_peer_connections_total', %a), $ja->{connections}, 'connections as in JSON');
 ok($ja->{connections} >= 12, 'at least the 12 counted');
@@ -392,11 +398,11 @@ is(prom_value($p, 'nginx_consul_peer_priority', %b), 2, 'priority');
 is(prom_value($p, 'nginx_consul_peer_up', %a), 1, 'up');
 is(prom_value($p, 'nginx_consul_peer_info', %a, query => $::NAME), 1, 'the query it came from');
 is(prom_value($p, 'nginx_consul_peer_start_timestamp_seconds', %a), $ja->{since}, 'start time as in JSON');
-is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', priority => 1), 1, 'tier 1: one peer');
-is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', priority => 2), 1, 'tier 2: one peer');
-is(prom_value($p, 'nginx_consul_upstream_generation', upstream => 'redis'), $u->{generation}, 'generation');
-is(prom_value($p, 'nginx_consul_upstream_fallback_servers', upstream => 'redis'), 1, 'one static server');
-is(prom_value($p, 'nginx_consul_upstream_fallback_active', upstream => 'redis'), 0, 'not serving');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', protocol => 'stream', priority => 1), 1, 'tier 1: one peer');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', protocol => 'stream', priority => 2), 1, 'tier 2: one peer');
+is(prom_value($p, 'nginx_consul_upstream_generation', upstream => 'redis', protocol => 'stream'), $u->{generation}, 'generation');
+is(prom_value($p, 'nginx_consul_upstream_fallback_servers', upstream => 'redis', protocol => 'stream'), 1, 'one static server');
+is(prom_value($p, 'nginx_consul_upstream_fallback_active', upstream => 'redis', protocol => 'stream'), 0, 'not serving');
 is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'ok'), $u->{lines}[0]{lookups}{ok}, 'lookups ok');
 is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'error'), 0, 'no lookup error');
 is(prom_value($p, 'nginx_consul_line_set', %l, set => 'live'), 1, 'live set');
@@ -427,8 +433,8 @@ location = /status { consul_upstream_status; }
 ok(wait_for_backends([6380]), 'discovered');
 is_tally(tally(5), {6380 => 5}, 'served');
 my $first = prom_parse((metrics())[0]);
-my %a = (upstream => 'redis', peer => '127.0.0.1:6380');
-my %l = (upstream => 'redis', query => $::NAME, outcome => 'ok');
+my %a = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380');
+my %l = (upstream => 'redis', protocol => 'stream', query => $::NAME, outcome => 'ok');
 
 # Scrapes in a child process until told to stop: "ok N", then any failure.
 my $file = "$TmpDir/scrapes";
@@ -440,7 +446,7 @@ if ($pid == 0) {
     my ($n, @bad) = (0);
     while (!-e $stop) {
         my ($code, $h, $body) = http_get('/metrics');
-        if ($code == 200 && $body =~ /^nginx_consul_peer_connections_total\{upstream="redis",peer="127\.0\.0\.1:6380"\} \d+$/m) {
+        if ($code == 200 && $body =~ /^nginx_consul_peer_connections_total\{upstream="redis",protocol="stream",peer="127\.0\.0\.1:6380"\} \d+$/m) {
             $n++;
         } else {
             push @bad, sprintf '%.3f %s %s', time, $code, substr($body, 0, 200);

@@ -12,6 +12,7 @@
 //! - [`lookup`]: how both DNS clients (worker 0's, the master's before it forks
 //!   workers) read a resolver's answers, and one line's lookup as bytes in and out.
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
+//! - [`slot`]: the per-peer atomics every worker shares in the zone.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
 //! - [`group`]: one upstream's lines in the writing process: their parts of the
@@ -34,6 +35,7 @@ pub mod peer;
 pub mod policy;
 pub mod select;
 pub mod settings;
+pub mod slot;
 pub mod state;
 pub mod status;
 pub mod view;

@@ -10,7 +10,7 @@ use crate::least::{Tree, STRIDE};
 use crate::method::{Method, Rng, Tier, TRIES};
 use crate::peer::Peer;
 use crate::select::Selector;
-use crate::zone::PeerSlot;
+use crate::slot::PeerSlot;
 
 /// nginx's `max_fails`/`fail_timeout`: the one place their defaults are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
