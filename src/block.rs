@@ -36,6 +36,9 @@ pub struct Block<P: Protocol> {
     /// installed in this block, which calls the balancer below it at init
     /// (see `crate::conf::chain`).
     pub keepalive: Option<InitUpstream<P>>,
+    /// What the balancer below `keepalive` is when the block has no
+    /// `consul_upstream` line: the method's `init_upstream`, or round robin.
+    pub below: Option<InitUpstream<P>>,
     /// A directive of another balancer that cannot work with discovered
     /// peers (`sticky`, `least_time`, `balancer_by_lua*`), seen in the block.
     pub foreign: Option<String>,
@@ -51,6 +54,7 @@ impl<P: Protocol> Default for Block<P> {
             method: None,
             deferred_backup: None,
             keepalive: None,
+            below: None,
             foreign: None,
             initialized: false,
         }

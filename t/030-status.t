@@ -484,3 +484,63 @@ is(prom_value($last, 'nginx_consul_peer_connections_total', %a)
    'every connection made during the reloads counted once');
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: an http and a stream upstream named "api": two entries with their protocol, peers and zones; both survive a reload
+The http upstream (issue 17) is listed after the stream one; Prometheus tells them
+apart by the protocol label; each keeps its own zone (its peers and counters) across a
+reload with Consul down.
+--- workers: 1
+--- dns
+instance api.service.yunlu_office.consul 127.0.0.1:6380
+instance web.service.yunlu_office.consul 127.0.0.1:6381
+instance web.service.yunlu_office.consul 127.0.0.2:6381
+--- backends: 6380
+--- stream_config
+upstream api {
+    consul_upstream api.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- stream_server_config
+    proxy_pass api;
+--- http_config
+upstream api {
+    consul_upstream web.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- config
+location = /status { consul_upstream_status; }
+location = /metrics { consul_upstream_status prometheus; }
+--- check
+my $both = sub {
+    my $doc = status_doc();
+    my @api = grep { $_->{name} eq 'api' } @{ $doc->{upstreams} };
+    return @api == 2 && @{ $api[0]{peers} } == 1 && @{ $api[1]{peers} } == 2 ? \@api : undef;
+};
+my $api;
+ok(wait_until(sub { $api = $both->() }, 6, 0.1), 'two upstreams named "api", each with its peers');
+is(join(' ', map { $_->{protocol} } @$api), 'stream http', 'stream first, then http');
+is(join(' ', map { $_->{address} } @{ $api->[0]{peers} }), '127.0.0.1:6380', 'the stream one: its peer');
+is(join(' ', sort map { $_->{address} } @{ $api->[1]{peers} }), '127.0.0.1:6381 127.0.0.2:6381', 'the http one: its peers');
+is($api->[1]{lines}[0]{query}, 'web.service.yunlu_office.consul', 'the http one: its query');
+is_tally(tally(4), {6380 => 4}, 'the stream upstream serves');
+my $p = prom_parse((metrics())[0]);
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'api', protocol => 'stream', priority => 1), 1,
+   'metrics: the stream one has 1 peer');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'api', protocol => 'http', priority => 1), 2,
+   'metrics: the http one has 2');
+is(prom_value($p, 'nginx_consul_peer_connections_total', upstream => 'api', protocol => 'stream', peer => '127.0.0.1:6380'),
+   $api->[0]{peers}[0]{connections} + 4, 'metrics: the stream peer counted its connections');
+is(prom_value($p, 'nginx_consul_peer_connections_total', upstream => 'api', protocol => 'http', peer => '127.0.0.1:6381'),
+   0, 'metrics: the http peer none');
+my @gen = map { $_->{generation} } @$api;
+dns_stop();
+ok(nginx_reload(), 'reload with Consul down');
+my $after;
+ok(wait_until(sub { $after = $both->() }, 6, 0.1), 'after the reload: both, with their peers');
+is(join(' ', map { $_->{protocol} } @$after), 'stream http', 'in the same order');
+is(join(' ', map { $_->{generation} } @$after), join(' ', @gen), 'each zone kept (generations unchanged)');
+is($after->[0]{peers}[0]{connections}, 4 + $api->[0]{peers}[0]{connections}, 'and its counters');
+is_tally(tally(2), {6380 => 2}, 'the stream upstream still serves');
+--- no_error_log
+[error]
+[emerg]

@@ -36,8 +36,8 @@ mod peer_data;
 use peer_data::{Current, PeerData, PeerDataInit, RoundRobin};
 
 /// The `extern "C"` entry points of protocol `$p` that a block's conf holds:
-/// `init_upstream` and `init_peer` (once per session or request), in a module
-/// `entry` beside the protocol. Each has one
+/// `init_upstream`, `init_peer` (once per session or request) and
+/// `below_keepalive`, in a module `entry` beside the protocol. Each has one
 /// address, which the directives compare.
 macro_rules! entry_points {
     ($p:ident) => {
@@ -65,6 +65,15 @@ macro_rules! entry_points {
             ) -> ngx_int_t {
                 // SAFETY: as above.
                 unsafe { crate::balancer::init_peer::<P>(s, us) }
+            }
+
+            /// The balancer below `keepalive` (see `crate::conf::chain`).
+            pub unsafe extern "C" fn below_keepalive(
+                cf: *mut ngx_conf_t,
+                us: *mut <P as Protocol>::Uscf,
+            ) -> ngx_int_t {
+                // SAFETY: as above.
+                unsafe { crate::balancer::below_keepalive::<P>(cf, us) }
             }
         }
     };
@@ -149,6 +158,32 @@ fn init_static<P: Protocol>(cf: &mut ngx_conf_t, us: &mut P::Uscf) -> ngx_int_t 
     }
     *P::hooks(us).init = Some(P::init_peer());
     NGX_OK as ngx_int_t
+}
+
+/// What `keepalive` calls as its balancer when its line came before any
+/// `consul_upstream` line (nginx < 1.29.7, see `crate::conf::chain`): the
+/// module's balancer if the block got one, else what was there before
+/// `keepalive` (a method, or round robin), as nginx alone would have called.
+///
+/// # Safety
+/// As for [`init_upstream`].
+pub unsafe fn below_keepalive<P: Protocol>(cf: *mut ngx_conf_t, us: *mut P::Uscf) -> ngx_int_t {
+    // SAFETY: per the contract.
+    let Some(block) = P::block(unsafe { &*us }) else {
+        return NGX_ERROR as ngx_int_t;
+    };
+    if block.upstream.is_some() {
+        // SAFETY: per the contract.
+        return unsafe { init_upstream::<P>(cf, us) };
+    }
+    // SAFETY: nginx's own init_upstream (the method's, or round robin), with
+    // the arguments nginx gave.
+    unsafe {
+        match block.below {
+            Some(below) => below(cf, us),
+            None => P::init_round_robin(cf, us),
+        }
+    }
 }
 
 /// `peer.init`, once per session or request.

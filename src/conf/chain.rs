@@ -7,7 +7,7 @@
 //! and installs its own; from 1.29.7 the handler only records `N`, and keepalive
 //! wraps every block's `peer.init` once all blocks are initialized, so the order
 //! of lines does not matter there. For the older regime this module sees
-//! `keepalive` first: in a block without `consul_upstream` yet,
+//! `keepalive` first ([`keepalive`]): in a block without `consul_upstream` yet,
 //! it puts the shim `below_keepalive` (see `crate::balancer`) under keepalive,
 //! which calls the module's balancer if a `consul_upstream` line follows, else
 //! what nginx's keepalive would have called (the method before it, or round
@@ -70,6 +70,40 @@ pub fn kept<P: Protocol>(block: &Block<P>, uscf: &mut P::Uscf) -> bool {
 
 fn refusal(directive: &str) -> String {
     format!("\"consul_upstream\" cannot be combined with \"{directive}\"")
+}
+
+/// `keepalive N [local]` in an http `upstream {}`, seen before nginx's
+/// keepalive module (see the module's opening).
+pub unsafe extern "C" fn keepalive<P: Protocol>(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls directive handlers with the configuration being parsed,
+    // the command, and (NGX_*_SRV_CONF_OFFSET) this module's block conf.
+    let (cf, cmd, block) = unsafe { (&mut *cf, &*cmd, block_of::<P>(conf)) };
+    directive_result(cf, |cf| {
+        let name = String::from_utf8_lossy(cmd.name.as_bytes()).into_owned();
+        let theirs = NginxHandler::find::<P>(cf, "ngx_http_upstream_keepalive_module", &name)?;
+        let uscf = P::block_uscf(cf).ok_or("no upstream block")?;
+        let before = *P::hooks(uscf).init_upstream;
+        let shim = P::below_keepalive();
+        if block.upstream.is_none() {
+            block.below = before;
+            *P::hooks(uscf).init_upstream = Some(shim);
+        }
+        let rv = theirs.call::<P>(cf);
+        let after = *P::hooks(uscf).init_upstream;
+        match after {
+            // nginx ≥ 1.29.7 (or a refusal): nothing wraps the shim.
+            Some(f) if std::ptr::fn_addr_eq(f, shim) => *P::hooks(uscf).init_upstream = before,
+            Some(f) if before.is_none_or(|b| !std::ptr::fn_addr_eq(f, b)) => {
+                block.keepalive = Some(f)
+            }
+            _ => {}
+        }
+        Ok(rv)
+    })
 }
 
 /// A directive of a balancer that cannot work with discovered peers: handed

@@ -21,8 +21,10 @@ use consul_core::key::ProtocolKind;
 
 use crate::block::Block;
 
+pub mod http;
 pub mod stream;
 
+pub use http::Http;
 pub use stream::Stream;
 
 /// `peer.init_upstream` of a block of protocol `P`.
@@ -100,6 +102,9 @@ pub trait Protocol: Sized + 'static {
     fn init_upstream() -> InitUpstream<Self>;
     /// The `init` entry point, once per session or request.
     fn init_peer() -> InitPeer<Self>;
+    /// What `keepalive` is given as the balancer below it (see
+    /// [`crate::conf::chain`]).
+    fn below_keepalive() -> InitUpstream<Self>;
 
     /// The upstream block being parsed.
     fn block_uscf(cf: &ngx_conf_t) -> Option<&'static mut Self::Uscf>;

@@ -87,6 +87,10 @@ impl Protocol for Stream {
         entry::init_peer
     }
 
+    fn below_keepalive() -> InitUpstream<Self> {
+        entry::below_keepalive
+    }
+
     fn block_uscf(cf: &ngx_conf_t) -> Option<&'static mut Self::Uscf> {
         NgxStreamUpstreamModule::server_conf_mut(cf)
     }
