@@ -17,8 +17,9 @@ per setup: requests/s, worker CPU µs per request, backend connections per 1,000
 requests (from the responder's counters), non-2xx answers and socket errors; ratios
 with 95 % bootstrap intervals over the slice pairs, as bench.py does for stream.
 
-Until issue 17's http side lands, (c) fails at nginx -t with `"consul_upstream"
-directive is not allowed here`: the run says so and measures (a) against (a2) only.
+With a module older than issue 17's http side, (c) fails at nginx -t with
+`"consul_upstream" directive is not allowed here`: the run says so and measures (a)
+against (a2) only.
 Writes bench/out/http.csv (one row per setup, peer count and method). Every address is
 in 127.0.0.0/8.
 """
@@ -249,7 +250,7 @@ def main():
                 log("== (c) consul_upstream in http is not measured: nginx -t says")
                 for line in msg.splitlines():
                     log(f"     {line}")
-                log("   (expected until issue 17's http side lands; (a) against (a2) only)")
+                log("   (a module without http upstreams, before issue 17; (a) against (a2) only)")
                 if "not allowed here" not in msg and "unknown directive" not in msg:
                     # the module itself does not load: measure without it
                     for i in insts.values():
