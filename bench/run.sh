@@ -9,6 +9,9 @@
 #                           peers; about 10 more minutes in a full run)
 #   Extra arguments go to bench/bench.py, e.g. --sizes 2,100 --pairs 40 --slice 0.25 --changes 30 --skip-e2e
 #   BENCH_NO_BUILD=1        skip the cargo builds (use what is in target/)
+#   bench/run.sh --http [--quick]   the http bench instead (bench/http.py, issue 17): wrk against a
+#                           static http upstream and consul_upstream, 2 and 1,000 peers, keepalive 64;
+#                           options after --http go to http.py (--sizes 2 --methods rr --pairs 3 ...)
 #
 # Builds in release mode, runs the selection micro-bench, starts a loopback backend with one
 # listener per peer, BIND 9 standing in for Consul's DNS interface, and nginx in three setups
@@ -27,8 +30,10 @@ case "$target" in /*) ;; *) target=$root/$target ;; esac
 quick=()
 methods=1
 args=()
+http=
 for a in "$@"; do
     case "$a" in
+        --http) http=1 ;;
         --quick) quick=(--quick); args+=("$a") ;;
         --skip-methods) methods= ;;
         *) args+=("$a") ;;
@@ -38,6 +43,21 @@ done
 for tool in named nsupdate dig python3 cargo; do
     command -v "$tool" >/dev/null || { echo "run.sh: $tool not found (run scripts/setup.sh)" >&2; exit 1; }
 done
+
+if [ -n "$http" ]; then
+    command -v wrk >/dev/null || { echo "run.sh: wrk not found (run scripts/setup.sh)" >&2; exit 1; }
+    if [ -z "${BENCH_NO_BUILD:-}" ]; then
+        cargo build --release || echo "run.sh: cargo build --release failed; (c) will not be measured" >&2
+        cargo build --release --quiet --manifest-path bench/responder/Cargo.toml --target-dir "$target/bench-responder"
+    fi
+    nginx=$(ls -td "$target"/release/build/nginx-sys-*/out/objs/nginx 2>/dev/null | head -n1 || true)
+    [ -x "$nginx" ] || { echo "run.sh: no nginx binary under $target/release/build/nginx-sys-*/out/objs" >&2; exit 1; }
+    module=$target/release/libngx_stream_consul_upstream_module.so
+    [ -f "$module" ] || module=
+    ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+    exec python3 "$here/http.py" --nginx "$nginx" --module "$module" \
+        --responder "$target/bench-responder/release/bench-responder" "${args[@]}"
+fi
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib
 
 mkdir -p "$here/out"

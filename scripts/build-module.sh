@@ -261,6 +261,13 @@ stream {
     }
     server { listen 127.0.0.1:16379; proxy_pass consul_check; }
 }
+http {
+    upstream consul_check {
+        consul_upstream api.service.yunlu_office.consul resolver=127.0.0.1:8600 interval=1s;
+        keepalive 8;
+    }
+    server { listen 127.0.0.1:16380; location / { proxy_pass http://consul_check; } }
+}
 EOF
 } >"$check/nginx.conf"
 if ! t_out=$("$bin" -t -p "$check/" -c "$check/nginx.conf" -e "$check/logs/error.log" 2>&1); then

@@ -261,12 +261,12 @@ sub a_method {
 
 my @ZONE_NAMES = qw(z0 z1 z2);
 
-# The name of a consul_upstream upstream's zone (src/zone.rs), with the zone
-# layout's version as core/src/zone.rs states it.
+# The name of a consul_upstream upstream's zone (core/src/key.rs), with the zone
+# layout's version as core/src/zone/layout.rs states it.
 my $OUR_ZONE = do {
-    open my $fh, '<', "$Root/core/src/zone.rs" or die "core/src/zone.rs: $!\n";
+    open my $fh, '<', "$Root/core/src/zone/layout.rs" or die "core/src/zone/layout.rs: $!\n";
     my ($layout) = map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
-    die "config-fuzz: no LAYOUT in core/src/zone.rs\n" unless $layout;
+    die "config-fuzz: no LAYOUT in core/src/zone/layout.rs\n" unless $layout;
     "consul_upstream:v$layout:stream:";
 };
 

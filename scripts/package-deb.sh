@@ -102,11 +102,12 @@ Depends: $depends
 Recommends: nginx
 Section: httpd
 Priority: optional
-Description: Consul service discovery for nginx stream upstreams
- The consul_upstream directive fills a stream upstream with the instances of a
- Consul service, read from the SRV records of the agent's DNS interface and
- refreshed every interval, with SRV weights and ports, priorities as tiers,
- and the last good set kept while Consul has trouble.
+Description: Consul service discovery for nginx stream and http upstreams
+ The consul_upstream directive fills a stream or http upstream with the
+ instances of a Consul service, read from the SRV records of the agent's DNS
+ interface or from its HTTP API, with weights and ports, priorities as tiers,
+ and the last good set kept while Consul has trouble. One module file serves
+ both: it needs the stream module loaded first even for http upstreams.
 EOF
 
 # Maintainer scripts.

@@ -7,9 +7,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 
 # gdb: t/015-writer-death.t and t/020-faults.t kill worker 0 at a breakpoint
 # inside a zone write. openssl: t/043-tls-sessions.t's certificate and TLS backend.
+# wrk: the http bench (bench/run.sh --http).
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
       bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps gdb
-      openssl
+      openssl wrk
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl
       libwww-perl python3 python3-pip)
 

@@ -29,8 +29,9 @@ use ngx::ffi::{ngx_cycle_t, ngx_int_t, NGX_OK};
 use crate::api::sync_get::Get;
 use crate::api::{Noted, Reader};
 use crate::discovery::{Group, Said};
+use crate::registry::Registry;
 use crate::resolve::Resolved;
-use crate::upstream::{MainConf, Upstream};
+use crate::upstream::Upstream;
 use crate::{ffi, listening, log, sync_resolve};
 
 /// All of the master's lookups together take at most this long (each query
@@ -82,7 +83,7 @@ pub fn said(up: &Upstream, tag: u32, lookups: u64) -> Option<Said> {
         .map(|h| h.said)
 }
 
-/// `init_module` of the stream module.
+/// `init_module` of the core module.
 pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: plain read of a process global set from the command line.
     if unsafe { ngx::ffi::ngx_test_config } != 0 {
@@ -106,21 +107,11 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 fn fill(cycle: &ngx_cycle_t) {
     HANDOVER.with(|h| h.borrow_mut().clear());
     crate::fault::inject("prefill");
-    // SAFETY: a configured cycle.
-    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
-    // SAFETY: null, or this module's main conf, which lives as long as the cycle.
-    let Some(main) = (unsafe { main.as_ref() }) else {
+    let Some(registry) = Registry::of_cycle(cycle) else {
         return;
     };
-    let mut groups: Vec<(Group, Vec<usize>)> = main
-        .upstreams
-        .iter()
-        .filter_map(|&up| {
-            // SAFETY: upstream confs live as long as the cycle.
-            let up: &'static Upstream = unsafe { &*up };
-            Group::prefill(up)
-        })
-        .collect();
+    let mut groups: Vec<(Group, Vec<usize>)> =
+        registry.upstreams().filter_map(Group::prefill).collect();
     // DNS lines are looked up; an api= line (its query is a URL) sends one
     // request without index.
     let own = listening::own_addresses(cycle);

@@ -1,10 +1,11 @@
-//! The http module of the library: `consul_upstream_status [json | prometheus];`
-//! in a `location` answers with what the stream balancer sees — every stream
-//! upstream with `consul_upstream` lines, read from their shared zones (layout and
+//! `consul_upstream_status [json | prometheus];` in an http `location` (a
+//! directive of the library's http module) answers with what the balancers see:
+//! every upstream with `consul_upstream` lines, stream ones first, then http
+//! ones, each in configuration order, read from their shared zones (layout and
 //! rendering in `consul_core::status`).
 //!
-//! Costs nothing where unused: the module has no confs and no phase handler;
-//! the directive only sets its location's content handler. A request reads the
+//! Costs nothing where unused: no phase handler; the directive only sets its
+//! location's content handler. A request reads the
 //! zones without a lock (the balancer never waits for it) in O(peers), in any
 //! worker, from any `server`: every worker maps the same zones.
 
@@ -20,12 +21,13 @@ use ngx::ffi::{
 };
 use ngx::http::{HttpModuleLocationConf, NgxHttpCoreModule};
 
+use consul_core::key::ProtocolKind;
 use consul_core::status::{
     json, prometheus, LineConf, Report, UpstreamConf, UpstreamReport, JSON_CONTENT_TYPE,
     PROMETHEUS_CONTENT_TYPE,
 };
 
-use crate::upstream::MainConf;
+use crate::registry::Registry;
 use crate::{ffi, log};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,10 +49,10 @@ pub unsafe extern "C" fn consul_upstream_status(
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| directive(cf_ref)))
         .unwrap_or_else(|_| Err("internal error (panic) while reading the directive".into()));
     match result {
-        Ok(()) => ffi::CONF_OK,
+        Ok(()) => ngx::core::NGX_CONF_OK,
         Err(msg) => {
             ngx::ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", msg);
-            ffi::conf_error()
+            ngx::core::NGX_CONF_ERROR
         }
     }
 }
@@ -170,7 +172,7 @@ fn serve(r: &mut ngx_http_request_t, format: Format) -> ngx_int_t {
     unsafe { ngx_http_output_filter(r, &mut out) }
 }
 
-/// Every stream upstream with `consul_upstream` lines, as this worker reads it now.
+/// Every upstream with `consul_upstream` lines, as this worker reads it now.
 fn read_report() -> Report {
     let now_unix = ffi::unix_now();
     let now_ms = ffi::current_msec();
@@ -184,17 +186,14 @@ fn read_report() -> Report {
     let Some(cycle) = (unsafe { cycle.as_ref() }) else {
         return report;
     };
-    // SAFETY: as above; null without `stream {}`.
-    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
-    // SAFETY: null, or the stream module's main conf, alive with the cycle.
-    let Some(main) = (unsafe { main.as_ref() }) else {
+    let Some(registry) = Registry::of_cycle(cycle) else {
         return report;
     };
-    for &up in &main.upstreams {
-        // SAFETY: upstream confs live as long as their cycle.
-        let up = unsafe { &*up };
+    let by_protocol =
+        ProtocolKind::ALL.map(|p| registry.upstreams().filter(move |up| up.key.protocol == p));
+    for up in by_protocol.into_iter().flatten() {
         let conf = UpstreamConf {
-            name: &up.name,
+            key: up.key.clone(),
             lines: up
                 .lines
                 .iter()

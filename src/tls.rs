@@ -100,3 +100,43 @@ impl Drop for Sessions {
         }
     }
 }
+
+/// `set_session` for a discovered peer: the worker's session of the peer of
+/// `slot`, if it kept one.
+pub fn set_peer_session(
+    pc: &mut ngx::ffi::ngx_peer_connection_t,
+    up: *const crate::upstream::Upstream,
+    slot: &SlotRef,
+) -> ngx::ffi::ngx_int_t {
+    // SAFETY: the upstream conf outlives every session of its cycle.
+    let up = unsafe { &*up };
+    let Ok(local) = up.local.try_borrow() else {
+        return ngx::ffi::NGX_OK as ngx::ffi::ngx_int_t;
+    };
+    let session = local.sessions.get(slot);
+    ngx::ngx_log_debug!(pc.log, "set consul peer session: {:p}", session);
+    if session.is_null() {
+        return ngx::ffi::NGX_OK as ngx::ffi::ngx_int_t;
+    }
+    // SAFETY: nginx calls set_session with the peer connection's TLS state just
+    // created; the session stays alive (the store holds a reference) while
+    // OpenSSL takes its own.
+    unsafe { ngx::ffi::ngx_ssl_set_session(pc.connection, session) }
+}
+
+/// `save_session` for a discovered peer: keeps the session the connection to
+/// the peer of `slot` brought back.
+pub fn save_peer_session(
+    pc: &mut ngx::ffi::ngx_peer_connection_t,
+    up: *const crate::upstream::Upstream,
+    slot: &SlotRef,
+) {
+    // SAFETY: the upstream conf outlives every session of its cycle; nginx calls
+    // save_session with the peer's live connection.
+    let (up, c) = unsafe { (&*up, pc.connection.as_ref()) };
+    let (Some(c), Ok(mut local)) = (c, up.local.try_borrow_mut()) else {
+        return;
+    };
+    let session = local.sessions.save(slot, c);
+    ngx::ngx_log_debug!(pc.log, "save consul peer session: {:p}", session);
+}

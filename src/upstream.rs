@@ -1,18 +1,13 @@
-//! The types the module's parts share: an upstream block with `consul_upstream`
-//! lines, its lines, a worker's copy of its discovered set, the module's confs,
-//! and the placeholder server that carries such a block through nginx's checks.
+//! The types every part shares, whatever the protocol: an upstream with
+//! `consul_upstream` lines, its lines, and a worker's copy of its discovered set.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::ptr;
 
-use ngx::core::Pool;
-use ngx::ffi::{
-    ngx_addr_t, ngx_array_push, ngx_conf_t, ngx_shm_zone_t, ngx_str_t,
-    ngx_stream_upstream_server_t, ngx_stream_upstream_srv_conf_t, socklen_t,
-};
+use ngx::ffi::{ngx_shm_zone_t, socklen_t};
 
+use consul_core::key::UpstreamKey;
 use consul_core::method::Rng;
 use consul_core::settings::Settings;
 use consul_core::view::{PeerView, Shared, SlotRef};
@@ -42,16 +37,15 @@ pub struct Fallback {
 
 /// One upstream block with `consul_upstream` lines (their peer sets are merged).
 pub struct Upstream {
-    pub name: String,
+    /// Its protocol and name: what names its zone, log lines, status entry and
+    /// state file.
+    pub key: UpstreamKey,
     /// Never empty. The first line also holds the upstream-wide parameters.
     pub lines: Vec<Line>,
     /// `state=`, as a full path (relative paths are under nginx's prefix).
     pub state_path: Option<String>,
-    pub uscf: *mut ngx_stream_upstream_srv_conf_t,
     pub shm_zone: *mut ngx_shm_zone_t,
-    pub fallback: std::cell::Cell<Fallback>,
-    /// `hash`'s key, when the upstream balances by a hash.
-    pub hash_key: std::cell::Cell<*mut ngx::ffi::ngx_stream_complex_value_t>,
+    pub fallback: Cell<Fallback>,
     /// This worker's copy of the discovered set.
     pub local: RefCell<Local>,
 }
@@ -62,9 +56,10 @@ impl Upstream {
         &self.lines[0]
     }
 
-    /// `consul upstream "redis": `, the start of every runtime log line.
+    /// `consul upstream "redis": ` (`consul http upstream "api": `), the start
+    /// of every runtime log line.
     pub fn prefix(&self) -> String {
-        consul_core::policy::log_prefix(&self.name)
+        self.key.log_prefix()
     }
 
     /// The zone, once nginx has initialized it.
@@ -83,12 +78,14 @@ const ADDR_TEXT_MAX: usize = 64;
 pub struct Endpoint {
     pub sockaddr: SockaddrBuf,
     pub socklen: socklen_t,
+    /// The peer's zone slot number (what a session's tried peers are kept by).
+    pub slot: u32,
     text_len: usize,
     text: [u8; ADDR_TEXT_MAX],
 }
 
 impl Endpoint {
-    pub fn new(addr: &SocketAddr) -> Endpoint {
+    pub fn new(addr: &SocketAddr, slot: u32) -> Endpoint {
         let (buf, socklen) = SockaddrBuf::new(addr);
         let mut text = [0; ADDR_TEXT_MAX];
         let mut rest = &mut text[..];
@@ -98,6 +95,7 @@ impl Endpoint {
         Endpoint {
             sockaddr: buf,
             socklen,
+            slot,
             text_len,
             text,
         }
@@ -150,7 +148,7 @@ impl Local {
             .filter_map(|p| {
                 let slot = zone.slot(p.slot)?;
                 let peer = (p.peer, SlotRef::new(slot, p.epoch, p.slot));
-                Some((Endpoint::new(&p.peer.addr), peer))
+                Some((Endpoint::new(&p.peer.addr, p.slot), peer))
             })
             .unzip();
         self.endpoints = endpoints;
@@ -167,114 +165,4 @@ impl Local {
         );
         self.generation = snap.generation;
     }
-}
-
-/// The module's conf of a `server {}` or `upstream {}` block of `stream {}`.
-#[derive(Default)]
-pub struct SrvConf {
-    pub upstream: Option<Box<Upstream>>,
-    /// `least_conn`, `hash` or `random` in the block.
-    pub method: Option<crate::methods::Chosen>,
-    /// The first `backup` server taken after `hash` or `random` before any
-    /// `consul_upstream` line (file, line): refused if none comes.
-    pub deferred_backup: Option<(String, usize)>,
-}
-
-/// A `state=` file in use.
-pub struct StatePath {
-    /// The file, however spelled (`consul_core::state::resolved_path`).
-    pub file: std::path::PathBuf,
-    /// As written (under nginx's prefix).
-    pub written: String,
-    pub upstream: String,
-}
-
-/// Every upstream that uses `consul_upstream`, for the discovery process.
-#[derive(Default)]
-pub struct MainConf {
-    pub upstreams: Vec<*const Upstream>,
-    /// `state=` files in use, with their upstream: one file, one upstream.
-    pub state_paths: Vec<StatePath>,
-    /// Blocks with a deferred `backup` server (see `SrvConf::deferred_backup`).
-    pub deferred_backups: Vec<*const SrvConf>,
-}
-
-/// The module's conf of an upstream block.
-///
-/// # Safety
-/// `uscf` must be a stream upstream block's configuration.
-pub unsafe fn srv_conf_of<'a>(uscf: &ngx_stream_upstream_srv_conf_t) -> Option<&'a SrvConf> {
-    // SAFETY: per the contract; the conf lives as long as the cycle.
-    let srv = unsafe { ffi::upstream_srv_conf(uscf, ffi::module()) } as *const SrvConf;
-    // SAFETY: a non-null module conf of an upstream block is this module's SrvConf.
-    unsafe { srv.as_ref() }
-}
-
-/// The module's upstream of an upstream block, if it has `consul_upstream`.
-///
-/// # Safety
-/// `uscf` must be a stream upstream block's configuration.
-pub unsafe fn upstream_of<'a>(uscf: &ngx_stream_upstream_srv_conf_t) -> Option<&'a Upstream> {
-    // SAFETY: per the contract.
-    unsafe { srv_conf_of(uscf) }?.upstream.as_deref()
-}
-
-/// Marks the placeholder server: its name points at this text.
-static PLACEHOLDER: &str = "consul_upstream";
-
-/// nginx refuses an upstream block without servers: a placeholder server carries
-/// the block through that check and [`remove_placeholder`] takes it out again.
-/// It has an address (0.0.0.0:0) so that a balancer that replaced ours
-/// (`least_conn` after `consul_upstream`) gets as far as our postconfiguration
-/// check, which names the conflict, instead of "no servers in upstream".
-pub fn add_placeholder(
-    cf: &mut ngx_conf_t,
-    uscf: &mut ngx_stream_upstream_srv_conf_t,
-) -> Result<(), String> {
-    // SAFETY: cf.pool is the configuration's pool, alive for the whole cycle.
-    let pool = unsafe { Pool::from_ngx_pool(cf.pool) };
-    let sin = pool.calloc(std::mem::size_of::<libc::sockaddr_in>()) as *mut libc::sockaddr_in;
-    let addr = pool.calloc(std::mem::size_of::<ngx_addr_t>()) as *mut ngx_addr_t;
-    // SAFETY: uscf.servers is the block's server array (created with the block).
-    let server = unsafe { ngx_array_push(uscf.servers) } as *mut ngx_stream_upstream_server_t;
-    if sin.is_null() || addr.is_null() || server.is_null() {
-        return Err("out of memory".into());
-    }
-    // SAFETY: fresh, zeroed pool memory of the right sizes.
-    unsafe {
-        (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
-        (*addr).sockaddr = sin as *mut ngx::ffi::sockaddr;
-        (*addr).socklen = std::mem::size_of::<libc::sockaddr_in>() as socklen_t;
-        (*addr).name = ngx_str_t {
-            len: PLACEHOLDER.len(),
-            data: PLACEHOLDER.as_ptr() as *mut u8,
-        };
-        ptr::write_bytes(server, 0, 1);
-        (*server).name = (*addr).name;
-        (*server).addrs = addr;
-        (*server).naddrs = 1;
-        (*server).weight = 1;
-    }
-    Ok(())
-}
-
-/// Takes the placeholder out of the block's servers; returns how many (static)
-/// servers are left.
-pub fn remove_placeholder(uscf: &mut ngx_stream_upstream_srv_conf_t) -> usize {
-    if uscf.servers.is_null() {
-        return 0;
-    }
-    // SAFETY: the block's server array, as nginx built it.
-    let servers = unsafe { &mut *uscf.servers };
-    // SAFETY: its elements are ngx_stream_upstream_server_t.
-    let list = unsafe { servers.as_slice_mut::<ngx_stream_upstream_server_t>() };
-    let mut kept = 0;
-    for i in 0..list.len() {
-        if !ptr::eq(list[i].name.data, PLACEHOLDER.as_ptr()) {
-            list.swap(kept, i);
-            kept += 1;
-        }
-    }
-    servers.nelts = kept;
-    kept
 }

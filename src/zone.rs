@@ -18,9 +18,13 @@ use ngx::ffi::{
 
 use std::sync::atomic::AtomicU32;
 
+use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
-use consul_core::zone::{bytes_for, capacity_for, Header, PeerSlot, Record, Zone, LAYOUT};
+use consul_core::slot::PeerSlot;
+use consul_core::zone::{bytes_for, capacity_for, Header, Record, Zone};
 
+use crate::conf::methods::NginxHandler;
+use crate::protocol::Protocol;
 use crate::{ffi, log};
 
 /// One zone as this process sees it: core's view of its memory and the slab
@@ -143,15 +147,6 @@ pub fn size_for(peers: usize) -> usize {
     size
 }
 
-/// The protocol part of the zones' names: an http upstream (later) and a
-/// stream upstream of the same name get zones of their own.
-const PROTOCOL: &str = "stream";
-
-/// The zone's name for `upstream`: `consul_upstream:v<LAYOUT>:stream:<upstream>`.
-fn zone_name(upstream: &str) -> String {
-    format!("consul_upstream:v{LAYOUT}:{PROTOCOL}:{upstream}")
-}
-
 /// The tag of this module's zones: a symbol of nginx (of its stream module),
 /// not of this module, so that a zone (and its peers) survives a reload even
 /// when the module's file moved; and one that no other zone of nginx uses, so
@@ -181,16 +176,18 @@ fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
     None
 }
 
-/// Registers the zone of `upstream` with `size` bytes.
+/// Registers the zone of `upstream` with `size` bytes, named by its key
+/// (`consul_upstream:v<LAYOUT>:<stream|http>:<name>`): an http and a stream
+/// upstream of the same name get zones of their own.
 pub fn register(
     cf: &mut ngx_conf_t,
-    upstream: &str,
+    upstream: &UpstreamKey,
     size: usize,
 ) -> Result<*mut ngx_shm_zone_t, String> {
-    let text = zone_name(upstream);
+    let text = upstream.zone_name();
     if declared(cf, text.as_bytes()).is_some_and(|t| t != tag()) {
         return Err(format!(
-            "shared memory zone \"{text}\" is already declared for a different use: this name is the zone of \"consul_upstream\" in upstream \"{upstream}\""
+            "shared memory zone \"{text}\" is already declared for a different use: this name is the zone of \"consul_upstream\" in {upstream}"
         ));
     }
     let mut name = ffi::pool_str(cf, &text).ok_or("out of memory")?;
@@ -207,32 +204,32 @@ pub fn register(
     Ok(shm_zone)
 }
 
-/// nginx's `zone NAME [SIZE];` in a stream `upstream {}`, seen first: a name
-/// that is the zone of a `consul_upstream` upstream is refused (nginx would
-/// share that zone, or refuse it less clearly); every other goes on to nginx.
-pub unsafe extern "C" fn zone_directive(
+/// nginx's `zone NAME [SIZE];` in an `upstream {}` of either protocol, seen
+/// first: a name that is the zone of a `consul_upstream` upstream is refused
+/// (nginx would share that zone, or refuse it less clearly); every other goes
+/// on to nginx.
+pub unsafe extern "C" fn zone_directive<P: Protocol>(
     cf: *mut ngx_conf_t,
     _cmd: *mut ngx_command_t,
     _conf: *mut c_void,
 ) -> *mut c_char {
     // SAFETY: nginx calls directive handlers with the configuration being parsed.
     let cf = unsafe { &mut *cf };
-    crate::methods::directive_result(cf, |cf| {
-        let theirs =
-            crate::methods::NginxHandler::find(cf, "ngx_stream_upstream_zone_module", "zone")?;
+    crate::conf::directive_result(cf, |cf| {
+        let theirs = NginxHandler::find::<P>(cf, P::ZONE_MODULE, "zone")?;
         // SAFETY: cf.args holds the directive's words (nginx checked their count).
         let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
         if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
             if declared(cf, name).is_some_and(|t| t == tag()) {
                 let name = String::from_utf8_lossy(name);
-                let prefix = zone_name("");
-                let upstream = name.strip_prefix(prefix.as_str()).unwrap_or(&name);
+                let owner = UpstreamKey::from_zone_name(&name)
+                    .map_or_else(|| format!("upstream \"{name}\""), |k| k.to_string());
                 return Err(format!(
-                    "zone \"{name}\" is the zone of \"consul_upstream\" in upstream \"{upstream}\": choose another name"
+                    "zone \"{name}\" is the zone of \"consul_upstream\" in {owner}: choose another name"
                 ));
             }
         }
-        Ok(theirs.call(cf))
+        Ok(theirs.call::<P>(cf))
     })
 }
 

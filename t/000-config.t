@@ -169,7 +169,7 @@ _EOC_
     # nginx's `zone` named like the zone of a consul_upstream upstream, before
     # or after it: refused (main at 3025645 shared the zone or took it over).
     my ($layout) = do {
-        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone.rs" or die $!;
+        open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone/layout.rs" or die $!;
         map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
     };
     my $ours = "consul_upstream:v$layout:stream:b";
@@ -236,6 +236,168 @@ _EOC_
     isnt($rc, 0, '33 consul_upstream lines are refused');
     like($out, qr/\[emerg\] too many "consul_upstream" lines in one upstream \(at most 32\) in \Q$conf\E:37$/m,
          'and the 33rd line is named') or diag $out;
+}
+
+# --- http { upstream {} } (issue 17) ----------------------------------------
+{
+    my ($version) = `$Test::Nginx::Consul::NginxBinary -v 2>&1` =~ m{nginx/(\d+\.\d+\.\d+)};
+    my $vnum = sprintf '%d%03d%03d', split /\./, $version;
+    # One http config around BODY (lines 1-4 come first: BODY starts at line 5).
+    my $http = sub {
+        my ($body, $extra) = @_;
+        return nginx_t(<<"_EOC_");
+load_module \$TEST_NGINX_CONSUL_MODULE;
+events { }
+http {
+    server { listen 127.0.0.1:1986; location / { proxy_pass http://api; } }
+$body
+}
+${\ ($extra // '')}
+_EOC_
+    };
+
+    my ($rc, $out, $conf) = $http->(<<'_EOC_');
+    upstream api {
+        consul_upstream service=api tag=v2 datacenter=dc1 domain=consul
+                        resolver=127.0.0.1:8600 interval=2s timeout=500ms tcp on_empty=keep
+                        on_error=keep max_stale=30s zone=128k state=$TEST_NGINX_CONSUL_TMP/api.state
+                        max_fails=3 fail_timeout=5s slow_start=10s max_conns=100;
+        consul_upstream api.service.dc2.consul;
+        consul_upstream api=http://127.0.0.1:8500 service=api only_passing;
+        server 127.0.0.1:8083 backup;
+        keepalive 16;
+    }
+_EOC_
+    is($rc, 0, 'http: nginx -t accepts every parameter, DNS and api= lines, backup and keepalive') or diag $out;
+
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+http {
+    server {
+        listen 127.0.0.1:1986;
+        consul_upstream api.service.consul;
+    }
+}
+_EOC_
+    isnt($rc, 0, 'http: consul_upstream outside upstream {} is refused');
+    like($out, qr/\[emerg\] "consul_upstream" directive is not allowed here in \Q$conf\E:6$/m,
+         "with nginx's message and line") or diag $out;
+
+    ($rc, $out, $conf) = $http->(<<'_EOC_');
+    upstream api {
+        consul_upstream api.service.consul;
+        consul_upstream service=api;
+    }
+_EOC_
+    isnt($rc, 0, 'http: the same query twice is refused');
+    like($out, qr/\[emerg\] "consul_upstream" directive is duplicate: query "api\.service\.consul" is already in \Q$conf\E:6 in \Q$conf\E:7$/m,
+         'naming the first line') or diag $out;
+
+    # Another balancer beside consul_upstream: where this nginx has it, refused
+    # in either order; where it does not, nginx's own "unknown directive".
+    for my $case (['sticky cookie srv_id;', 'sticky', 1029006], ['least_time header;', 'least_time', 1031000]) {
+        my ($line, $name, $since) = @$case;
+        for my $order ([$line, 'consul_upstream api.service.consul;'], ['consul_upstream api.service.consul;', $line]) {
+            ($rc, $out, $conf) = $http->("    upstream api {\n        $order->[0]\n        $order->[1]\n    }\n");
+            isnt($rc, 0, "http: $order->[0] $order->[1] refused");
+            my $msg = $vnum >= $since ? qr/"consul_upstream" cannot be combined with "\Q$name\E"/
+                                      : qr/unknown directive "\Q$name\E"/;
+            my $at = $vnum >= $since ? 7 : ($order->[0] eq $line ? 6 : 7);
+            like($out, qr/\[emerg\] $msg in \Q$conf\E:$at$/m, "clearly, at line $at (nginx $version)") or diag $out;
+        }
+    }
+
+    # An http and a stream upstream of the same name: both fine (zones,
+    # status entries and log lines of their own); one state file for both is
+    # refused, naming the other.
+    ($rc, $out, $conf) = $http->(<<'_EOC_', <<'_EOS_');
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api.state; }
+_EOC_
+stream {
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api-stream.state; }
+    server { listen 127.0.0.1:1987; proxy_pass api; }
+}
+_EOS_
+    is($rc, 0, 'an http and a stream upstream named "api": nginx -t passes') or diag $out;
+
+    ($rc, $out, $conf) = $http->(<<'_EOC_', <<'_EOS_');
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api.state; }
+_EOC_
+stream {
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api.state; }
+    server { listen 127.0.0.1:1987; proxy_pass api; }
+}
+_EOS_
+    isnt($rc, 0, 'one state file for an http and a stream upstream: refused');
+    like($out, qr/\[emerg\] state file "[^"]+\/api\.state" is already used by http upstream "api" in \Q$conf\E:9$/m,
+         'naming the http upstream') or diag $out;
+
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api.state; }
+    server { listen 127.0.0.1:1987; proxy_pass api; }
+}
+http {
+    upstream api { consul_upstream api.service.consul state=$TEST_NGINX_CONSUL_TMP/api.state; }
+    server { listen 127.0.0.1:1986; location / { proxy_pass http://api; } }
+}
+_EOC_
+    isnt($rc, 0, 'the same, stream first: refused');
+    like($out, qr/\[emerg\] state file "[^"]+\/api\.state" is already used by upstream "api" in \Q$conf\E:8$/m,
+         'naming the stream upstream') or diag $out;
+
+    # nginx's ip_hash is http's: in stream it stays an unknown directive.
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream api {
+        ip_hash;
+        consul_upstream api.service.consul;
+    }
+    server { listen 127.0.0.1:1987; proxy_pass api; }
+}
+_EOC_
+    isnt($rc, 0, 'ip_hash in stream is refused');
+    like($out, qr/\[emerg\] "ip_hash" directive is not allowed here in \Q$conf\E:5$/m, "with nginx's message") or diag $out;
+
+    # Methods and keepalive in every order, a backup server after hash: accepted.
+    for my $body ('ip_hash; consul_upstream api.service.consul; keepalive 8;',
+                  'keepalive 8; hash $request_uri; consul_upstream api.service.consul;',
+                  'hash $request_uri consistent; server 127.0.0.1:8083 backup; consul_upstream api.service.consul;',
+                  'consul_upstream api.service.consul; random two least_conn; keepalive 8; zone api 64k;') {
+        ($rc, $out, $conf) = $http->("    upstream api { $body }\n");
+        is($rc, 0, "http: accepted: $body") or diag $out;
+    }
+    ($rc, $out, $conf) = $http->("    upstream api {\n        hash \$request_uri;\n        server 127.0.0.1:8083 backup;\n    }\n");
+    isnt($rc, 0, 'http: without consul_upstream, hash then a backup server is refused');
+    like($out, qr/\[emerg\] balancing method does not support parameter "backup" in \Q$conf\E:7$/m,
+         "with nginx's own message and line") or diag $out;
+    # The same with only that backup server (nginx's message, not "no servers
+    # in upstream" from initializing the block: checked before it, in both).
+    ($rc, $out, $conf) = nginx_t(<<'_EOC_');
+load_module $TEST_NGINX_CONSUL_MODULE;
+events { }
+stream {
+    upstream api {
+        random;
+        server 127.0.0.1:8083 backup;
+    }
+    server { listen 127.0.0.1:1987; proxy_pass api; }
+}
+_EOC_
+    like($out, qr/\[emerg\] balancing method does not support parameter "backup" in \Q$conf\E:6$/m,
+         "stream, random then only a backup server: nginx's own message and line") or diag $out;
+    ($rc, $out, $conf) = $http->("    upstream api {\n        keepalive 8 local;\n        consul_upstream api.service.consul;\n    }\n");
+    if ($vnum >= 1029007) {
+        is($rc, 0, 'keepalive N local (nginx >= 1.29.7): accepted') or diag $out;
+    } else {
+        like($out, qr/\[emerg\] invalid number of arguments in "keepalive" directive in \Q$conf\E:6$/m,
+             "keepalive N local: nginx $version's own refusal") or diag $out;
+    }
 }
 
 run_tests();
@@ -494,9 +656,11 @@ upstream redis { server 127.0.0.1:6380; }
 
 
 
-=== TEST 18: directive in an http upstream
+=== TEST 18: directive in an http location (http upstreams take it since issue 17, nothing else)
 --- http_config
-upstream web {
+upstream web { server 127.0.0.1:8081; }
+--- config
+location /x {
     consul_upstream web.service.yunlu_office.consul;
 }
 --- stream_config

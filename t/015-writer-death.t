@@ -24,8 +24,8 @@ sub kill_inside_write {
         # hash suffix). Whichever fails just says so. Never more than 60 s.
         { exec 'timeout', '60', 'gdb', '-nx', '-p', $pid, '-batch',
             '-ex', 'set pagination off',
-            '-ex', 'break ngx_consul_core::zone::Record::store',
-            '-ex', 'rbreak ^ngx_consul_core::zone::Record::store',
+            '-ex', 'break ngx_consul_core::zone::records::Record::store',
+            '-ex', 'rbreak ^ngx_consul_core::zone::records::Record::store',
             '-ex', 'continue',
             '-ex', "shell touch $hit; while [ ! -e $go ]; do sleep 0.05; done",
             '-ex', 'kill' }

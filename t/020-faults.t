@@ -70,12 +70,12 @@ sub kill_worker0 {
 }
 
 # Where a zone write is in progress: functions gdb can stop worker 0 in, so that
-# a SIGKILL lands inside a write (core/src/zone.rs: each record of the buffer
+# a SIGKILL lands inside a write (core/src/zone/records.rs: each record of the buffer
 # being filled is stored by Record::store, with the zone's lock held). If the
 # zone code changes, name here what runs while a write holds the zone
 # (NGX_CONSUL_ZONE_WRITE_POINTS="sym1,sym2" overrides).
 our @ZONE_WRITE_POINTS = split /,/, ($ENV{NGX_CONSUL_ZONE_WRITE_POINTS}
-    // 'ngx_consul_core::zone::Record::store');
+    // 'ngx_consul_core::zone::records::Record::store');
 
 sub _sh_quote { my $s = shift; $s =~ s/'/'\\''/g; return "'$s'" }
 

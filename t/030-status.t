@@ -328,14 +328,14 @@ is(peer_in($u, '127.0.0.1:6380')->{failures}, 0, 'without failures');
 is($u->{usable_peers}, 1, 'one usable peer');
 is_deeply($u->{tiers}, [{priority => 1, peers => 2, usable => 1}], 'tier counts');
 my $p = prom_parse((metrics())[0]);
-my %dead = (upstream => 'redis', peer => '127.0.0.1:20001');
+my %dead = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:20001');
 is(prom_value($p, 'nginx_consul_peer_up', %dead), 0, 'metrics: down');
 is(prom_value($p, 'nginx_consul_peer_failures_total', %dead), $dead->{failures}, 'metrics: failures');
 is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', %dead), $dead->{down_until},
    'metrics: down until');
-is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', upstream => 'redis', peer => '127.0.0.1:6380'),
+is(prom_value($p, 'nginx_consul_peer_down_until_timestamp_seconds', upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380'),
    undef, 'no down_until for a peer that is up');
-is(prom_value($p, 'nginx_consul_upstream_usable_peers', upstream => 'redis'), 1, 'metrics: one usable');
+is(prom_value($p, 'nginx_consul_upstream_usable_peers', upstream => 'redis', protocol => 'stream'), 1, 'metrics: one usable');
 --- error_log
 connect() failed (111: Connection refused)
 
@@ -380,9 +380,15 @@ for my $name (sort keys %f) {
     my @other = grep { $_->[3] eq $name && $_->[0] ne $want } @{ $p->{samples} };
     is(scalar @other, 0, "$name: $f{$name}{type}, samples named $want");
 }
-my %l = (upstream => 'redis', query => $::NAME);
-my %a = (upstream => 'redis', peer => '127.0.0.1:6380');
-my %b = (upstream => 'redis', peer => '127.0.0.1:6381');
+my @unlabelled = grep { ($_->[1]{upstream} // '') ne 'redis' || ($_->[1]{protocol} // '') ne 'stream' } @{ $p->{samples} };
+is(scalar @unlabelled, 0, 'every series has upstream="redis" and protocol="stream"')
+    or diag explain $unlabelled[0];
+my @order = grep { !/^#/ && !/^\w+\{upstream="redis",protocol="stream"[,}]/ } split /\n/, (keys %texts)[0];
+is(scalar @order, 0, 'protocol comes right after upstream') or diag $order[0];
+is($u->{protocol}, 'stream', 'JSON: the protocol');
+my %l = (upstream => 'redis', protocol => 'stream', query => $::NAME);
+my %a = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380');
+my %b = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6381');
 my $ja = peer_in($u, '127.0.0.1:6380');
 is(prom_value($p, 'nginx_consul_peer_connections_total', %a), $ja->{connections}, 'connections as in JSON');
 ok($ja->{connections} >= 12, 'at least the 12 counted');
@@ -392,11 +398,11 @@ is(prom_value($p, 'nginx_consul_peer_priority', %b), 2, 'priority');
 is(prom_value($p, 'nginx_consul_peer_up', %a), 1, 'up');
 is(prom_value($p, 'nginx_consul_peer_info', %a, query => $::NAME), 1, 'the query it came from');
 is(prom_value($p, 'nginx_consul_peer_start_timestamp_seconds', %a), $ja->{since}, 'start time as in JSON');
-is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', priority => 1), 1, 'tier 1: one peer');
-is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', priority => 2), 1, 'tier 2: one peer');
-is(prom_value($p, 'nginx_consul_upstream_generation', upstream => 'redis'), $u->{generation}, 'generation');
-is(prom_value($p, 'nginx_consul_upstream_fallback_servers', upstream => 'redis'), 1, 'one static server');
-is(prom_value($p, 'nginx_consul_upstream_fallback_active', upstream => 'redis'), 0, 'not serving');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', protocol => 'stream', priority => 1), 1, 'tier 1: one peer');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'redis', protocol => 'stream', priority => 2), 1, 'tier 2: one peer');
+is(prom_value($p, 'nginx_consul_upstream_generation', upstream => 'redis', protocol => 'stream'), $u->{generation}, 'generation');
+is(prom_value($p, 'nginx_consul_upstream_fallback_servers', upstream => 'redis', protocol => 'stream'), 1, 'one static server');
+is(prom_value($p, 'nginx_consul_upstream_fallback_active', upstream => 'redis', protocol => 'stream'), 0, 'not serving');
 is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'ok'), $u->{lines}[0]{lookups}{ok}, 'lookups ok');
 is(prom_value($p, 'nginx_consul_line_lookups_total', %l, outcome => 'error'), 0, 'no lookup error');
 is(prom_value($p, 'nginx_consul_line_set', %l, set => 'live'), 1, 'live set');
@@ -427,8 +433,8 @@ location = /status { consul_upstream_status; }
 ok(wait_for_backends([6380]), 'discovered');
 is_tally(tally(5), {6380 => 5}, 'served');
 my $first = prom_parse((metrics())[0]);
-my %a = (upstream => 'redis', peer => '127.0.0.1:6380');
-my %l = (upstream => 'redis', query => $::NAME, outcome => 'ok');
+my %a = (upstream => 'redis', protocol => 'stream', peer => '127.0.0.1:6380');
+my %l = (upstream => 'redis', protocol => 'stream', query => $::NAME, outcome => 'ok');
 
 # Scrapes in a child process until told to stop: "ok N", then any failure.
 my $file = "$TmpDir/scrapes";
@@ -440,7 +446,7 @@ if ($pid == 0) {
     my ($n, @bad) = (0);
     while (!-e $stop) {
         my ($code, $h, $body) = http_get('/metrics');
-        if ($code == 200 && $body =~ /^nginx_consul_peer_connections_total\{upstream="redis",peer="127\.0\.0\.1:6380"\} \d+$/m) {
+        if ($code == 200 && $body =~ /^nginx_consul_peer_connections_total\{upstream="redis",protocol="stream",peer="127\.0\.0\.1:6380"\} \d+$/m) {
             $n++;
         } else {
             push @bad, sprintf '%.3f %s %s', time, $code, substr($body, 0, 200);
@@ -478,3 +484,63 @@ is(prom_value($last, 'nginx_consul_peer_connections_total', %a)
    'every connection made during the reloads counted once');
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: an http and a stream upstream named "api": two entries with their protocol, peers and zones; both survive a reload
+The http upstream (issue 17) is listed after the stream one; Prometheus tells them
+apart by the protocol label; each keeps its own zone (its peers and counters) across a
+reload with Consul down.
+--- workers: 1
+--- dns
+instance api.service.yunlu_office.consul 127.0.0.1:6380
+instance web.service.yunlu_office.consul 127.0.0.1:6381
+instance web.service.yunlu_office.consul 127.0.0.2:6381
+--- backends: 6380
+--- stream_config
+upstream api {
+    consul_upstream api.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- stream_server_config
+    proxy_pass api;
+--- http_config
+upstream api {
+    consul_upstream web.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- config
+location = /status { consul_upstream_status; }
+location = /metrics { consul_upstream_status prometheus; }
+--- check
+my $both = sub {
+    my $doc = status_doc();
+    my @api = grep { $_->{name} eq 'api' } @{ $doc->{upstreams} };
+    return @api == 2 && @{ $api[0]{peers} } == 1 && @{ $api[1]{peers} } == 2 ? \@api : undef;
+};
+my $api;
+ok(wait_until(sub { $api = $both->() }, 6, 0.1), 'two upstreams named "api", each with its peers');
+is(join(' ', map { $_->{protocol} } @$api), 'stream http', 'stream first, then http');
+is(join(' ', map { $_->{address} } @{ $api->[0]{peers} }), '127.0.0.1:6380', 'the stream one: its peer');
+is(join(' ', sort map { $_->{address} } @{ $api->[1]{peers} }), '127.0.0.1:6381 127.0.0.2:6381', 'the http one: its peers');
+is($api->[1]{lines}[0]{query}, 'web.service.yunlu_office.consul', 'the http one: its query');
+is_tally(tally(4), {6380 => 4}, 'the stream upstream serves');
+my $p = prom_parse((metrics())[0]);
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'api', protocol => 'stream', priority => 1), 1,
+   'metrics: the stream one has 1 peer');
+is(prom_value($p, 'nginx_consul_upstream_peers', upstream => 'api', protocol => 'http', priority => 1), 2,
+   'metrics: the http one has 2');
+is(prom_value($p, 'nginx_consul_peer_connections_total', upstream => 'api', protocol => 'stream', peer => '127.0.0.1:6380'),
+   $api->[0]{peers}[0]{connections} + 4, 'metrics: the stream peer counted its connections');
+is(prom_value($p, 'nginx_consul_peer_connections_total', upstream => 'api', protocol => 'http', peer => '127.0.0.1:6381'),
+   0, 'metrics: the http peer none');
+my @gen = map { $_->{generation} } @$api;
+dns_stop();
+ok(nginx_reload(), 'reload with Consul down');
+my $after;
+ok(wait_until(sub { $after = $both->() }, 6, 0.1), 'after the reload: both, with their peers');
+is(join(' ', map { $_->{protocol} } @$after), 'stream http', 'in the same order');
+is(join(' ', map { $_->{generation} } @$after), join(' ', @gen), 'each zone kept (generations unchanged)');
+is($after->[0]{peers}[0]{connections}, 4 + $api->[0]{peers}[0]{connections}, 'and its counters');
+is_tally(tally(2), {6380 => 2}, 'the stream upstream still serves');
+--- no_error_log
+[error]
+[emerg]

@@ -80,7 +80,7 @@ my %w = map { $_->{address} => $_->{weight} } @{ $doc->{upstreams}[0]{peers} };
 is_deeply(\%w, {'127.0.0.1:6380' => 0, '127.0.0.1:6381' => 1, '127.0.0.1:6382' => 1},
           'JSON: weight 0 as Consul sent it') or diag Test::More::explain(\%w);
 like(main::http_body('/metrics'),
-     qr/^nginx_consul_peer_weight\{upstream="redis",peer="127\.0\.0\.1:6380"\} 0$/m,
+     qr/^nginx_consul_peer_weight\{upstream="redis",protocol="stream",peer="127\.0\.0\.1:6380"\} 0$/m,
      'Prometheus: weight 0');
 _EOC_
 --- error_log

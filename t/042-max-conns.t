@@ -155,8 +155,8 @@ is($u{redis}{max_conns}, 2, 'JSON: max_conns');
 is($u{redis}{peers}[0]{active}, 2, 'JSON: the peer is at its limit');
 ok(exists $u{plain}{max_conns} && !defined $u{plain}{max_conns}, 'JSON: null without a limit');
 my $m = main::http_body('/metrics');
-like($m, qr/^nginx_consul_upstream_max_conns\{upstream="redis"\} 2$/m, 'Prometheus: the limit');
-unlike($m, qr/^nginx_consul_upstream_max_conns\{upstream="plain"\}/m, 'Prometheus: absent without one');
+like($m, qr/^nginx_consul_upstream_max_conns\{upstream="redis",protocol="stream"\} 2$/m, 'Prometheus: the limit');
+unlike($m, qr/^nginx_consul_upstream_max_conns\{upstream="plain"[,}]/m, 'Prometheus: absent without one');
 close $_ for @$s;
 --- error_log
 no live upstreams while connecting to upstream

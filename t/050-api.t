@@ -377,9 +377,9 @@ is($api->{lookups}{ok} >= 1 ? 1 : 0, 1, '... lookups counted');
 my %by = map { $_->{address} => $_->{query} } @{ $u->{peers} };
 is($by{'127.0.0.1:6381'}, $Q, 'the peer names its line');
 my $m = HTTP::Tiny->new->get("http://127.0.0.1:$Test::Nginx::Util::ServerPort/metrics")->{content};
-like($m, qr/^nginx_consul_line_index\{upstream="redis",query="\Q$Q\E"\} $api->{index}$/m, 'nginx_consul_line_index');
-like($m, qr/^nginx_consul_line_info\{upstream="redis",query="\Q$Q\E",source="api",resolvers="",transport="tcp",api="\Q$API\E"\} 1$/m, 'line_info of the API line');
-like($m, qr/^nginx_consul_line_info\{upstream="redis",query="redis\.service\.yunlu_office\.consul",source="dns",/m, 'line_info of the DNS line');
+like($m, qr/^nginx_consul_line_index\{upstream="redis",protocol="stream",query="\Q$Q\E"\} $api->{index}$/m, 'nginx_consul_line_index');
+like($m, qr/^nginx_consul_line_info\{upstream="redis",protocol="stream",query="\Q$Q\E",source="api",resolvers="",transport="tcp",api="\Q$API\E"\} 1$/m, 'line_info of the API line');
+like($m, qr/^nginx_consul_line_info\{upstream="redis",protocol="stream",query="redis\.service\.yunlu_office\.consul",source="dns",/m, 'line_info of the DNS line');
 --- no_error_log
 [error]
 [warn]
@@ -499,7 +499,7 @@ api_check('redis', '127.0.0.1:6380', 'warning');
 ok(wait_until(sub { $weight->('redis') == 0 && $weight->('least') == 0 }, 5),
    'warning with Weights.Warning = 0: weight 0 in both upstreams\' zones');
 my $m = HTTP::Tiny->new->get("http://127.0.0.1:$Test::Nginx::Util::ServerPort/metrics")->{content};
-like($m, qr/^nginx_consul_peer_weight\{upstream="least",peer="127\.0\.0\.1:6380"\} 0$/m, 'Prometheus: weight 0');
+like($m, qr/^nginx_consul_peer_weight\{upstream="least",protocol="stream",peer="127\.0\.0\.1:6380"\} 0$/m, 'Prometheus: weight 0');
 is_tally(tally(20), {6381 => 20}, 'round robin: the weighted peer takes every connection while it can');
 is_tally(tally(20, port => 1990), {6381 => 20}, 'least_conn: the same');
 my $held = hold_connections(3, port => 1990);

@@ -27,8 +27,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use ngx_consul_core::least::{nodes_for, Tree, NONE};
 use ngx_consul_core::method::{Method, Rng, Tier};
 use ngx_consul_core::select::Selector;
+use ngx_consul_core::slot::PeerSlot;
 use ngx_consul_core::view::{Balancing, PeerView, PickContext, Shared, SlotRef};
-use ngx_consul_core::zone::PeerSlot;
 use ngx_consul_core::Peer;
 
 const SIZES: [usize; 4] = [2, 100, 1_000, 10_000];
@@ -261,6 +261,7 @@ fn bench_pick(c: &mut Criterion) {
                     now += 1;
                     key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
                     let mut ctx = PickContext {
+                        retry: false,
                         key_hash: Some(key),
                         rng: &mut rng,
                     };

@@ -9,9 +9,10 @@
 use std::borrow::Cow;
 
 use crate::answer::Ignored;
+use crate::key::UpstreamKey;
 use crate::lookup::{Resolved, Truncation};
 use crate::peer::{canonicalize_by, Peer};
-use crate::policy::{log_prefix, peers as count, Action, Decision, Level, Outcome, Tracker};
+use crate::policy::{peers as count, Action, Decision, Level, Outcome, Tracker};
 use crate::settings::{Settings, Transport};
 use crate::state::{self, Exclusive, Saved, SavedSource};
 use crate::zone::{LineStatus, Lookup, SetKind, Snapshot, StreakKind, Zone};
@@ -44,7 +45,7 @@ pub trait GroupEnv {
     fn load_state(
         &self,
         path: &str,
-        upstream: &str,
+        upstream: &UpstreamKey,
         max_peers: usize,
     ) -> Result<Option<Saved>, String>;
     /// Writes the state file as process `pid` of this nginx instance, at
@@ -71,7 +72,7 @@ pub struct LineConf<'a> {
 /// The upstream a group discovers for.
 #[derive(Clone, Debug)]
 pub struct GroupConf<'a> {
-    pub name: &'a str,
+    pub key: UpstreamKey,
     /// Never empty. The first line also holds the upstream-wide parameters.
     pub lines: Vec<LineConf<'a>>,
     /// `state=`, as a full path.
@@ -141,7 +142,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
     /// Peers of lines that are no longer configured leave the zone now, whatever
     /// DNS does.
     pub fn start(conf: GroupConf<'a>, zone: Zone<'a>, env: E) -> Group<'a, E> {
-        let p = log_prefix(conf.name);
+        let p = conf.key.log_prefix();
         let pid = env.pid();
         {
             let _lock = env.lock();
@@ -269,7 +270,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
     }
 
     fn prefix(&self) -> String {
-        log_prefix(self.conf.name)
+        self.conf.key.log_prefix()
     }
 
     /// The zone's size as configured (`zone=` of the first line).
@@ -282,7 +283,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
         let p = self.prefix();
         let saved = match self
             .env
-            .load_state(path, self.conf.name, self.zone.capacity())
+            .load_state(path, &self.conf.key, self.zone.capacity())
         {
             Ok(Some(s)) => s,
             Ok(None) => return None,
@@ -410,7 +411,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
     /// logged its first line).
     pub fn tracker(&self, line: usize) -> Tracker {
         let l = &self.conf.lines[line];
-        let mut t = Tracker::new(self.conf.name, l.settings);
+        let mut t = Tracker::new(&self.conf.key, l.settings);
         let part = &self.parts[line];
         let (now_ms, now_unix) = (self.env.now_ms(), self.env.now_unix());
         if !part.published.is_empty() {
@@ -790,7 +791,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
             .collect();
         let now_unix = self.env.now_unix();
         let saved = Saved {
-            upstream: self.conf.name.to_string(),
+            upstream: self.conf.key.clone(),
             saved_at: now_unix,
             sources,
         };
@@ -1024,10 +1025,10 @@ mod tests {
         fn load_state(
             &self,
             _path: &str,
-            upstream: &str,
+            upstream: &UpstreamKey,
             _max_peers: usize,
         ) -> Result<Option<Saved>, String> {
-            assert_eq!(upstream, "redis");
+            assert_eq!(upstream, &UpstreamKey::stream("redis"));
             self.loads.set(self.loads.get() + 1);
             Ok(self.file.borrow().clone())
         }
@@ -1072,7 +1073,7 @@ mod tests {
 
     fn conf<'a>(lines: &'a [Settings], state_path: Option<&'a str>) -> GroupConf<'a> {
         GroupConf {
-            name: "redis",
+            key: UpstreamKey::stream("redis"),
             lines: lines
                 .iter()
                 .map(|s| LineConf {
@@ -1240,7 +1241,7 @@ mod tests {
 
     fn saved(sources: &[(&str, &[u16], u64)]) -> Saved {
         Saved {
-            upstream: "redis".into(),
+            upstream: UpstreamKey::stream("redis"),
             saved_at: 999_000,
             sources: sources
                 .iter()

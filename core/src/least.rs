@@ -20,7 +20,7 @@ use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::zone::PeerSlot;
+use crate::slot::PeerSlot;
 
 /// No slot (an empty subtree).
 pub const NONE: u32 = u32::MAX;

@@ -1,5 +1,7 @@
 //! The FFI-free half of ngx-consul: everything `cargo test` can reach without nginx.
 //!
+//! - [`key`]: an upstream's protocol and name, and everything named after them
+//!   (zone name, log prefix, status label, state file identity).
 //! - [`settings`]: `consul_upstream` parameters to typed settings, with nginx-style errors.
 //! - [`api`]: an `api=` line's parameters, agent address, ACL token and request target.
 //! - [`health`]: Consul's `/v1/health/service` answer (JSON) to a peer set.
@@ -10,6 +12,7 @@
 //! - [`lookup`]: how both DNS clients (worker 0's, the master's before it forks
 //!   workers) read a resolver's answers, and one line's lookup as bytes in and out.
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
+//! - [`slot`]: the per-peer atomics every worker shares in the zone.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
 //! - [`group`]: one upstream's lines in the writing process: their parts of the
@@ -23,6 +26,7 @@ pub mod blocking;
 pub mod group;
 pub mod health;
 pub mod http;
+pub mod key;
 pub mod least;
 pub mod lookup;
 pub mod message;
@@ -31,6 +35,7 @@ pub mod peer;
 pub mod policy;
 pub mod select;
 pub mod settings;
+pub mod slot;
 pub mod state;
 pub mod status;
 pub mod view;

@@ -1,6 +1,7 @@
 //! What discovery does with each lookup outcome: publish, keep or drop the set,
 //! when to ask next, and which line to log — once per streak, never per attempt.
 
+use crate::key::UpstreamKey;
 use crate::peer::Peer;
 use crate::settings::{Policy, Settings};
 
@@ -72,7 +73,8 @@ pub struct StreakStatus {
 /// Per-upstream discovery state in the writing worker.
 #[derive(Clone, Debug)]
 pub struct Tracker {
-    upstream: String,
+    /// The upstream's log prefix (see [`UpstreamKey::log_prefix`]).
+    prefix: String,
     query: String,
     interval_ms: u64,
     on_empty: Policy,
@@ -85,11 +87,6 @@ pub struct Tracker {
     stale_dropped: bool,
     /// An `api=` line: an agent answers, not a resolver; an empty answer is JSON.
     api: bool,
-}
-
-/// `consul upstream "redis": `, the start of every runtime log line.
-pub fn log_prefix(upstream: &str) -> String {
-    format!("consul upstream \"{upstream}\": ")
 }
 
 /// "1 peer", "2 peers".
@@ -111,9 +108,9 @@ pub fn tail(verb: &str, current: usize) -> String {
 }
 
 impl Tracker {
-    pub fn new(upstream: &str, settings: &Settings) -> Tracker {
+    pub fn new(upstream: &UpstreamKey, settings: &Settings) -> Tracker {
         Tracker {
-            upstream: upstream.to_string(),
+            prefix: upstream.log_prefix(),
             query: settings.query.clone(),
             interval_ms: settings.interval_ms,
             on_empty: settings.on_empty,
@@ -173,7 +170,7 @@ impl Tracker {
     }
 
     fn prefix(&self) -> String {
-        log_prefix(&self.upstream)
+        self.prefix.clone()
     }
 
     /// The delay before the next query: `interval` normally, doubling while the
@@ -381,7 +378,10 @@ mod tests {
     fn tracker(extra: &str) -> Tracker {
         let line = format!("redis.service.yunlu_office.consul {extra}");
         let args: Vec<&str> = line.split_whitespace().collect();
-        Tracker::new("redis", &Settings::parse(&args).unwrap())
+        Tracker::new(
+            &UpstreamKey::stream("redis"),
+            &Settings::parse(&args).unwrap(),
+        )
     }
 
     fn peers(n: usize) -> Vec<Peer> {
@@ -426,7 +426,10 @@ mod tests {
     fn api_tracker(extra: &str) -> Tracker {
         let line = format!("service=redis api=http://127.0.0.1:8500 {extra}");
         let args: Vec<&str> = line.split_whitespace().collect();
-        Tracker::new("redis", &Settings::parse(&args).unwrap())
+        Tracker::new(
+            &UpstreamKey::stream("redis"),
+            &Settings::parse(&args).unwrap(),
+        )
     }
 
     #[test]

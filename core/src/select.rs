@@ -138,6 +138,27 @@ impl Selector {
 
     /// The next peer for which `usable` holds: from the first tier that has one.
     /// A higher tier is reached only when no peer of the lower ones is usable.
+    /// A retry's pick when the peer that failed stays in the rotation (it is
+    /// not down: `max_fails=0`, or fewer failures): the next usable peer from
+    /// the cursor, which stays where it is. The peer that failed took its
+    /// turn; the one that stands in keeps its own, as nginx's smooth round
+    /// robin counts such a retry (a dead peer that stays is then tried first by
+    /// every other request of two, not by every request). When the failure
+    /// took the peer out (down for `fail_timeout`), nginx's turns go on past
+    /// the stand-in: that is [`pick`](Self::pick).
+    pub fn pick_again(&self, mut usable: impl FnMut(usize) -> bool) -> Option<usize> {
+        for tier in &self.tiers {
+            let len = tier.order.len();
+            for k in 0..len {
+                let index = tier.order[(tier.cursor + k) % len] as usize;
+                if usable(index) {
+                    return Some(index);
+                }
+            }
+        }
+        None
+    }
+
     pub fn pick(&mut self, mut usable: impl FnMut(usize) -> bool) -> Option<usize> {
         for tier in &mut self.tiers {
             let len = tier.order.len();
@@ -171,6 +192,22 @@ mod tests {
 
     fn picks(sel: &mut Selector, n: usize, usable: impl Fn(usize) -> bool) -> Vec<usize> {
         (0..n).filter_map(|_| sel.pick(&usable)).collect()
+    }
+
+    #[test]
+    fn a_retry_leaves_the_turn_to_the_peer_that_stood_in() {
+        // Peer 0 refuses every connection and is never marked down
+        // (max_fails=0): as in nginx, every other request tries it first.
+        let mut sel = Selector::new(&peers(&[(1, 1), (1, 1)]), 0);
+        let mut first = Vec::new();
+        for _ in 0..10 {
+            let a = sel.pick(|_| true).unwrap();
+            first.push(a);
+            if a == 0 {
+                assert_eq!(sel.pick_again(|i| i != 0), Some(1));
+            }
+        }
+        assert_eq!(first.iter().filter(|&&i| i == 0).count(), 5, "{first:?}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{json, Value};
 
+use crate::key::UpstreamKey;
 use crate::peer::{canonicalize, Peer};
 
 const FORMAT: &str = "ngx-consul-state";
@@ -30,7 +31,7 @@ const MAX_PEER_JSON: usize = 128;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Saved {
-    pub upstream: String,
+    pub upstream: UpstreamKey,
     /// Unix time in seconds.
     pub saved_at: u64,
     pub sources: Vec<SavedSource>,
@@ -69,20 +70,19 @@ pub fn encode(saved: &Saved) -> String {
             json!({"query": s.query, "confirmed_at": s.confirmed_at, "peers": peers})
         })
         .collect();
-    let doc = json!({
-        "format": FORMAT,
-        "version": VERSION,
-        "upstream": saved.upstream,
-        "saved_at": saved.saved_at,
-        "sources": sources,
-    });
-    let mut text = doc.to_string();
+    let mut doc = serde_json::Map::new();
+    doc.insert("format".into(), FORMAT.into());
+    doc.insert("version".into(), VERSION.into());
+    saved.upstream.write_state_identity(&mut doc);
+    doc.insert("saved_at".into(), saved.saved_at.into());
+    doc.insert("sources".into(), sources.into());
+    let mut text = Value::Object(doc).to_string();
     text.push('\n');
     text
 }
 
 /// Decodes a state file of `upstream` holding at most `max_peers` peers in all.
-pub fn decode(text: &str, upstream: &str, max_peers: usize) -> Result<Saved, String> {
+pub fn decode(text: &str, upstream: &UpstreamKey, max_peers: usize) -> Result<Saved, String> {
     let doc: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
     if doc.get("format").and_then(Value::as_str) != Some(FORMAT) {
         return Err("not an ngx-consul state file".into());
@@ -94,10 +94,9 @@ pub fn decode(text: &str, upstream: &str, max_peers: usize) -> Result<Saved, Str
             version.map_or("?".into(), |v| v.to_string())
         ));
     }
-    let field = |k: &str| doc.get(k).and_then(Value::as_str).map(str::to_string);
-    let saved_upstream = field("upstream").ok_or("no upstream name")?;
-    if saved_upstream != upstream {
-        return Err(format!("written for upstream \"{saved_upstream}\""));
+    let saved_upstream = UpstreamKey::read_state_identity(&doc)?;
+    if let Some(why) = upstream.foreign_state(&saved_upstream) {
+        return Err(why);
     }
     let saved_at = doc
         .get("saved_at")
@@ -206,7 +205,11 @@ fn write_new(path: &Path, text: &str) -> std::io::Result<()> {
 /// Loads the state file of `upstream` (at most `max_peers` peers); `Ok(None)` when
 /// there is no file yet. Anything but a regular file is refused without reading
 /// it: a FIFO would block the process forever.
-pub fn load(path: &Path, upstream: &str, max_peers: usize) -> Result<Option<Saved>, String> {
+pub fn load(
+    path: &Path,
+    upstream: &UpstreamKey,
+    max_peers: usize,
+) -> Result<Option<Saved>, String> {
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -482,9 +485,13 @@ pub fn process_exists(pid: i64) -> bool {
 mod tests {
     use super::*;
 
+    fn key(name: &str) -> UpstreamKey {
+        UpstreamKey::stream(name)
+    }
+
     fn sample() -> Saved {
         Saved {
-            upstream: "redis".into(),
+            upstream: key("redis"),
             saved_at: 1_764_000_000,
             sources: vec![
                 SavedSource {
@@ -507,7 +514,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let text = encode(&sample());
-        let back = decode(&text, "redis", 100).unwrap();
+        let back = decode(&text, &key("redis"), 100).unwrap();
         assert_eq!(back, sample());
         assert_eq!(
             back.peers_of("redis.service.dc2.consul").map(<[Peer]>::len),
@@ -519,31 +526,52 @@ mod tests {
     #[test]
     fn truncated_corrupt_foreign_are_rejected_with_a_reason() {
         let text = encode(&sample());
-        assert!(decode(&text[..text.len() / 2], "redis", 100)
+        assert!(decode(&text[..text.len() / 2], &key("redis"), 100)
             .unwrap_err()
             .starts_with("not valid JSON"));
         assert_eq!(
-            decode("{\"format\":\"x\"}", "redis", 100).unwrap_err(),
+            decode("{\"format\":\"x\"}", &key("redis"), 100).unwrap_err(),
             "not an ngx-consul state file"
         );
         assert_eq!(
-            decode(&text, "other", 100).unwrap_err(),
+            decode(&text, &key("other"), 100).unwrap_err(),
             "written for upstream \"redis\""
         );
         let bad = text.replace("127.0.0.1:6380", "127.0.0.1:0");
         assert_eq!(
-            decode(&bad, "redis", 100).unwrap_err(),
+            decode(&bad, &key("redis"), 100).unwrap_err(),
             "peer 1 is malformed"
         );
         let bad = text.replace("\"weight\":3", "\"weight\":70000");
         assert_eq!(
-            decode(&bad, "redis", 100).unwrap_err(),
+            decode(&bad, &key("redis"), 100).unwrap_err(),
             "peer 1 is malformed"
         );
         let bad = text.replace("\"version\":3", "\"version\":9");
         assert_eq!(
-            decode(&bad, "redis", 100).unwrap_err(),
+            decode(&bad, &key("redis"), 100).unwrap_err(),
             "unsupported version 9"
+        );
+    }
+
+    #[test]
+    fn an_http_upstream_s_file_names_its_protocol_and_is_not_the_stream_one_s() {
+        let stream = encode(&sample());
+        assert!(!stream.contains("protocol"), "{stream}");
+        let http = Saved {
+            upstream: UpstreamKey::http("redis"),
+            ..sample()
+        };
+        let text = encode(&http);
+        assert!(text.contains("\"protocol\":\"http\""), "{text}");
+        assert_eq!(decode(&text, &UpstreamKey::http("redis"), 100), Ok(http));
+        assert_eq!(
+            decode(&text, &key("redis"), 100).unwrap_err(),
+            "written for http upstream \"redis\""
+        );
+        assert_eq!(
+            decode(&stream, &UpstreamKey::http("redis"), 100).unwrap_err(),
+            "written for upstream \"redis\""
         );
     }
 
@@ -552,13 +580,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ngx-consul-state-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("redis.state");
-        assert_eq!(load(&path, "redis", 100).unwrap(), None);
+        assert_eq!(load(&path, &key("redis"), 100).unwrap(), None);
         save(&path, &sample()).unwrap();
-        assert_eq!(load(&path, "redis", 100).unwrap(), Some(sample()));
+        assert_eq!(load(&path, &key("redis"), 100).unwrap(), Some(sample()));
         let leftovers = fs::read_dir(&dir).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary file left behind");
         fs::write(&path, b"\x00garbage").unwrap();
-        assert!(load(&path, "redis", 100).is_err());
+        assert!(load(&path, &key("redis"), 100).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -614,8 +642,14 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid C string.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
-        assert_eq!(load(&fifo, "redis", 100).unwrap_err(), "not a regular file");
-        assert_eq!(load(&dir, "redis", 100).unwrap_err(), "not a regular file");
+        assert_eq!(
+            load(&fifo, &key("redis"), 100).unwrap_err(),
+            "not a regular file"
+        );
+        assert_eq!(
+            load(&dir, &key("redis"), 100).unwrap_err(),
+            "not a regular file"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -655,7 +689,7 @@ mod tests {
             })
             .collect();
         let big = Saved {
-            upstream: "redis".into(),
+            upstream: key("redis"),
             saved_at: 5,
             sources: (0..8)
                 .map(|n| SavedSource {
@@ -669,11 +703,15 @@ mod tests {
         let path = dir.join("big.state");
         save(&path, &big).unwrap();
         assert_eq!(
-            load(&path, "redis", 24_000).unwrap().unwrap().sources.len(),
+            load(&path, &key("redis"), 24_000)
+                .unwrap()
+                .unwrap()
+                .sources
+                .len(),
             8
         );
         assert_eq!(
-            load(&path, "redis", 23_999).unwrap_err(),
+            load(&path, &key("redis"), 23_999).unwrap_err(),
             "more than the 23999 peers the zone holds"
         );
         fs::remove_dir_all(&dir).unwrap();
@@ -683,11 +721,11 @@ mod tests {
     fn version_2_files_date_every_source_by_the_file() {
         let v2 = r#"{"format":"ngx-consul-state","version":2,"upstream":"redis","saved_at":77,
             "sources":[{"query":"r.service.consul","peers":[{"addr":"127.0.0.1:1","weight":1,"priority":1}]}]}"#;
-        let s = decode(v2, "redis", 10).unwrap();
+        let s = decode(v2, &key("redis"), 10).unwrap();
         assert_eq!(s.sources[0].confirmed_at, 77);
         let v3 = v2.replace("\"version\":2", "\"version\":3");
         assert_eq!(
-            decode(&v3, "redis", 10).unwrap_err(),
+            decode(&v3, &key("redis"), 10).unwrap_err(),
             "source 1 has no confirmed_at"
         );
     }
@@ -702,7 +740,7 @@ mod tests {
             save_exclusive(&path, &sample(), old, 1_000, all_alive).unwrap(),
             Exclusive::Written
         );
-        assert_eq!(load(&path, "redis", 100).unwrap(), Some(sample()));
+        assert_eq!(load(&path, &key("redis"), 100).unwrap(), Some(sample()));
         let holder = Writer {
             master: 100,
             pid: 101,

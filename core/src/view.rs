@@ -10,7 +10,7 @@ use crate::least::{Tree, STRIDE};
 use crate::method::{Method, Rng, Tier, TRIES};
 use crate::peer::Peer;
 use crate::select::Selector;
-use crate::zone::PeerSlot;
+use crate::slot::PeerSlot;
 
 /// nginx's `max_fails`/`fail_timeout`: the one place their defaults are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl<'z> SlotRef<'z> {
     }
 
     /// Not down: fewer than `max_fails` failures, or the window has passed.
-    fn usable(&self, policy: &HealthPolicy, now_ms: u64) -> bool {
+    pub fn usable(&self, policy: &HealthPolicy, now_ms: u64) -> bool {
         let s = self.slot;
         policy
             .down_until(
@@ -235,6 +235,10 @@ impl<'z> SlotRef<'z> {
 pub struct PickContext<'a> {
     pub key_hash: Option<u64>,
     pub rng: &'a mut Rng,
+    /// A retry whose failed peer stays in the rotation (not down): the
+    /// round-robin pick leaves the turn to the peer that stands in (see
+    /// [`Selector::pick_again`](crate::select::Selector::pick_again)).
+    pub retry: bool,
 }
 
 #[derive(Default)]
@@ -467,6 +471,9 @@ impl<'z> PeerView<'z> {
         }
         // Round robin: the default, and every method's last resort.
         let rng = &mut *ctx.rng;
+        if ctx.retry {
+            return self.selector.pick_again(|i| open(i, rng) && take(i));
+        }
         self.selector.pick(|i| open(i, rng) && take(i))
     }
 
@@ -557,6 +564,7 @@ mod tests {
             let mut ctx = PickContext {
                 key_hash: self.key,
                 rng: &mut self.rng,
+                retry: false,
             };
             self.view.select(tried, now, &mut ctx)
         }

@@ -9,6 +9,7 @@ use std::path::Path;
 use ngx::ffi::ngx_random;
 
 use consul_core::group::{self, GroupConf, GroupEnv, LineConf};
+use consul_core::key::UpstreamKey;
 use consul_core::lookup::Resolved;
 use consul_core::policy::Level;
 use consul_core::state::{self, Exclusive, Saved};
@@ -61,7 +62,7 @@ impl GroupEnv for Nginx {
     fn load_state(
         &self,
         path: &str,
-        upstream: &str,
+        upstream: &UpstreamKey,
         max_peers: usize,
     ) -> Result<Option<Saved>, String> {
         state::load(Path::new(path), upstream, max_peers)
@@ -104,7 +105,7 @@ fn instance() -> i64 {
 /// The upstream's lines, as its group sees them.
 fn conf_of(up: &'static Upstream) -> GroupConf<'static> {
     GroupConf {
-        name: &up.name,
+        key: up.key.clone(),
         lines: up
             .lines
             .iter()

@@ -21,8 +21,8 @@ use consul_core::answer::{Ignored, OwnAddresses};
 
 use crate::api::Watch;
 use crate::dns_client::DnsClient;
+use crate::registry::Registry;
 use crate::resolve::{LineResolver, Resolved, Truncation};
-use crate::upstream::{MainConf, Upstream};
 use crate::{fault, ffi, listening, log, runtime};
 
 mod group;
@@ -93,21 +93,16 @@ fn start(cycle: &ngx_cycle_t) {
     // its sockets close before the new loops open theirs.
     let previous = RUNNING.with(|r| r.borrow_mut().take());
     drop(previous);
-    // SAFETY: a fully initialized cycle.
-    let main = unsafe { ffi::cycle_main_conf(cycle, ffi::module()) } as *const MainConf;
-    // SAFETY: null, or this module's main conf, which lives as long as the cycle.
-    let Some(main) = (unsafe { main.as_ref() }) else {
+    let Some(registry) = Registry::of_cycle(cycle) else {
         return;
     };
-    if main.upstreams.is_empty() {
+    if registry.is_empty() {
         return;
     }
     let own = Rc::new(listening::own_addresses(cycle));
     let dns = Rc::new(DnsClient::default());
     let mut loops = Vec::new();
-    for &up in &main.upstreams {
-        // SAFETY: upstream confs live as long as the cycle that runs discovery.
-        let up: &'static Upstream = unsafe { &*up };
+    for up in registry.upstreams() {
         let Some(group) = Group::start(up) else {
             continue;
         };

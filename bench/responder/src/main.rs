@@ -5,11 +5,15 @@
 //! Commands (inline or RESP multi-bulk): `PING` -> `+PONG`, `ADDR` -> `+<listener address>`
 //! (lets a prober see which peer served it), `CONFIG GET x` -> `[x, ""]` (redis-benchmark
 //! asks at start), anything else -> `-ERR`.
-//! A control listener (`--ctl ADDR:PORT`) answers `STATS` with
-//! `total <accepted connections> distinct <listeners that accepted at least one>` and
-//! `RESET` (zeroes the counters) with `OK`.
+//! With `--http` the peers speak HTTP/1.1 instead (`bench/http.py`): every request gets
+//! `200`, `Content-Length: 2`, `X-Peer: <listener address>`, body `OK`, on a kept-alive
+//! connection (closed after the answer when the request says `Connection: close`, or is
+//! HTTP/1.0 without `keep-alive`); request bodies (Content-Length) are skipped.
+//! A control listener (`--ctl ADDR:PORT`, always Redis-shaped) answers `STATS` with
+//! `total <accepted connections> distinct <listeners that accepted at least one>
+//! requests <HTTP requests answered>` and `RESET` (zeroes the counters) with `OK`.
 //!
-//! Usage: bench-responder --peers N [--net 127.78] [--port 6400] [--listen ADDR:PORT]... --ctl ADDR:PORT
+//! Usage: bench-responder --peers N [--net 127.78] [--port 6400] [--listen ADDR:PORT]... --ctl ADDR:PORT [--http]
 //! Peer i listens on NET.(i / 250).(i % 250 + 1):PORT (NET is the first two octets).
 
 use std::collections::HashMap;
@@ -69,6 +73,7 @@ struct Conn {
     buf: Vec<u8>,
     nargs: usize,
     args: Vec<String>,
+    skip: usize, // HTTP: request body bytes still to drop
 }
 
 fn reply_for(args: &[String], me: &str, stats: &mut Stats) -> Vec<u8> {
@@ -81,7 +86,9 @@ fn reply_for(args: &[String], me: &str, stats: &mut Stats) -> Vec<u8> {
             let name = args.get(2).map(String::as_str).unwrap_or("");
             format!("*2\r\n${}\r\n{}\r\n$0\r\n\r\n", name.len(), name).into_bytes()
         }
-        "STATS" => format!("+total {} distinct {}\r\n", stats.total, stats.distinct).into_bytes(),
+        "STATS" => {
+            format!("+total {} distinct {} requests {}\r\n", stats.total, stats.distinct, stats.requests).into_bytes()
+        }
         "RESET" => {
             stats.reset();
             b"+OK\r\n".to_vec()
@@ -93,6 +100,7 @@ fn reply_for(args: &[String], me: &str, stats: &mut Stats) -> Vec<u8> {
 struct Stats {
     total: u64,
     distinct: u64,
+    requests: u64,
     hits: Vec<u32>,
 }
 
@@ -100,6 +108,7 @@ impl Stats {
     fn reset(&mut self) {
         self.total = 0;
         self.distinct = 0;
+        self.requests = 0;
         self.hits.iter_mut().for_each(|h| *h = 0);
     }
     fn accepted(&mut self, listener: usize) {
@@ -143,12 +152,63 @@ fn feed(c: &mut Conn, data: &[u8], me: &str, stats: &mut Stats) -> Vec<u8> {
     out
 }
 
+/// HTTP/1.x on a peer connection: answers every complete request in `data` (pipelined ones
+/// too). Returns the answers and whether to close after sending them.
+fn feed_http(c: &mut Conn, data: &[u8], me: &str, stats: &mut Stats) -> (Vec<u8>, bool) {
+    let mut data = data;
+    if c.skip > 0 {
+        let n = c.skip.min(data.len());
+        c.skip -= n;
+        data = &data[n..];
+    }
+    c.buf.extend_from_slice(data);
+    let mut out = Vec::new();
+    let mut start = 0;
+    while c.skip == 0 {
+        let Some(end) = c.buf[start..].windows(4).position(|w| w == b"\r\n\r\n") else {
+            break;
+        };
+        let head = String::from_utf8_lossy(&c.buf[start..start + end]).to_ascii_lowercase();
+        start += end + 4;
+        let mut lines = head.split("\r\n");
+        let http10 = lines.next().is_some_and(|l| l.ends_with("http/1.0"));
+        let (mut length, mut connection) = (0usize, "");
+        for line in lines {
+            if let Some((k, v)) = line.split_once(':') {
+                match k.trim() {
+                    "content-length" => length = v.trim().parse().unwrap_or(0),
+                    "connection" => connection = v.trim(),
+                    _ => {}
+                }
+            }
+        }
+        let close = connection.contains("close") || (http10 && !connection.contains("keep-alive"));
+        stats.requests += 1;
+        let conn = if close { "close" } else { "keep-alive" };
+        out.extend_from_slice(
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Peer: {me}\r\nConnection: {conn}\r\n\r\nOK").as_bytes(),
+        );
+        if close {
+            c.buf.clear();
+            return (out, true);
+        }
+        let body = length.min(c.buf.len() - start);
+        start += body;
+        c.skip = length - body;
+    }
+    c.buf.drain(..start);
+    // no end of head in 64 KiB: not a client of ours
+    let junk = c.buf.len() > 64 * 1024;
+    (out, junk)
+}
+
 fn main() -> io::Result<()> {
     let mut peers = 0usize;
     let mut port = 6400u16;
     let mut net = 78u8;
     let mut extra: Vec<SocketAddrV4> = Vec::new();
     let mut ctl: Option<SocketAddrV4> = None;
+    let mut http = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -161,6 +221,7 @@ fn main() -> io::Result<()> {
             "--port" => port = val().parse().expect("--port P"),
             "--listen" => extra.push(val().parse().expect("--listen A:P")),
             "--ctl" => ctl = Some(val().parse().expect("--ctl A:P")),
+            "--http" => http = true,
             _ => panic!("unknown argument {a}"),
         }
     }
@@ -204,7 +265,7 @@ fn main() -> io::Result<()> {
     };
     eprintln!("bench-responder: {} listeners ready", listeners.len());
 
-    let mut stats = Stats { total: 0, distinct: 0, hits: vec![0; listeners.len()] };
+    let mut stats = Stats { total: 0, distinct: 0, requests: 0, hits: vec![0; listeners.len()] };
     let mut conns: HashMap<RawFd, Conn> = HashMap::new();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 512];
     let mut rbuf = vec![0u8; 16 * 1024];
@@ -239,7 +300,7 @@ fn main() -> io::Result<()> {
                         unsafe { libc::close(fd) };
                         continue;
                     }
-                    conns.insert(fd, Conn { listener: index, buf: Vec::new(), nargs: 0, args: Vec::new() });
+                    conns.insert(fd, Conn { listener: index, buf: Vec::new(), nargs: 0, args: Vec::new(), skip: 0 });
                 }
                 continue;
             }
@@ -263,7 +324,13 @@ fn main() -> io::Result<()> {
                     break;
                 };
                 let me = if c.listener == usize::MAX { "ctl" } else { listeners[c.listener].1.as_str() };
-                let out = feed(c, &rbuf[..r as usize], me, &mut stats);
+                let out = if http && c.listener != usize::MAX {
+                    let (out, done) = feed_http(c, &rbuf[..r as usize], me, &mut stats);
+                    close = done;
+                    out
+                } else {
+                    feed(c, &rbuf[..r as usize], me, &mut stats)
+                };
                 if !out.is_empty() {
                     let w = unsafe { libc::write(fd, out.as_ptr() as *const libc::c_void, out.len()) };
                     if w != out.len() as isize {
@@ -271,7 +338,7 @@ fn main() -> io::Result<()> {
                         break;
                     }
                 }
-                if (r as usize) < rbuf.len() {
+                if close || (r as usize) < rbuf.len() {
                     break;
                 }
             }

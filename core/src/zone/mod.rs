@@ -18,234 +18,30 @@
 //!
 //! Writers are serialized by the caller (nginx's shared mutex, which the master
 //! frees when its holder dies); readers take no lock.
+//!
+//! Files: `layout.rs` (the header, sizes), `records.rs` (the two buffers),
+//! `lines.rs` (line records); this one maps the parts and reads, publishes and
+//! copies sets.
+
+mod layout;
+mod lines;
+mod records;
+
+pub use layout::{bytes_for, capacity_for, Header, BYTES_PER_PEER, LAYOUT, MAGIC};
+pub use lines::{LineCell, LineStatus, Lookup, SetKind, StreakKind, MAX_LINES, REASON_MAX};
+pub use records::{BufHeader, Record};
 
 use std::collections::HashMap;
-use std::mem::size_of;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{fence, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crate::least::{nodes_for, Tree};
+use crate::least::Tree;
 use crate::peer::Peer;
+use crate::slot::PeerSlot;
 
-/// "ngx_cons": marks memory this module laid out.
-pub const MAGIC: u64 = 0x6e67_785f_636f_6e73;
-/// Bumped whenever the layout changes; it is also part of the zone's name, so a
-/// reload into a module with another layout gets a fresh zone instead of a misread.
-pub const LAYOUT: u32 = 5;
-/// `consul_upstream` lines one upstream may have (each keeps a line record).
-pub const MAX_LINES: usize = 32;
-/// Text kept of a line's last failure reason.
-pub const REASON_MAX: usize = 8 * REASON_WORDS;
-const REASON_WORDS: usize = 16;
 /// Reads that find the buffer being rewritten twice in a row give up (the caller
 /// keeps its copy and asks again on its next connection).
 const READ_TRIES: usize = 64;
-
-/// Shared memory one peer takes: a record in each buffer and its slot (the
-/// least_conn tree adds up to two nodes per peer).
-pub const BYTES_PER_PEER: usize = 2 * size_of::<Record>() + size_of::<PeerSlot>();
-
-/// Bytes of the zone's own structures for `capacity` peers.
-pub fn bytes_for(capacity: usize) -> usize {
-    size_of::<Header>() + capacity * BYTES_PER_PEER + nodes_for(capacity) * size_of::<AtomicU32>()
-}
-
-/// Peers that fit in `bytes` of usable memory (the inverse of [`bytes_for`]).
-pub fn capacity_for(bytes: usize) -> usize {
-    let (mut lo, mut hi) = (0, bytes / BYTES_PER_PEER + 1);
-    while lo + 1 < hi {
-        let mid = (lo + hi) / 2;
-        if bytes_for(mid) <= bytes {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    if bytes_for(lo) <= bytes {
-        lo
-    } else {
-        0
-    }
-}
-
-#[repr(C)]
-#[derive(Default)]
-pub struct Header {
-    pub magic: AtomicU64,
-    pub layout: AtomicU32,
-    /// Records per buffer, and slots.
-    pub capacity: AtomicU32,
-    /// The process allowed to write; a newer discovery process takes it over.
-    pub writer: AtomicI64,
-    /// Generation of the active buffer: a worker compares it on every connection.
-    pub generation: AtomicU64,
-    pub active: AtomicU32,
-    /// Slots `0..slots_used` have been given to a peer at least once; the
-    /// slots, and the least_conn tree's nodes, beyond were never touched (a
-    /// `zone=` of 1024m costs what its peers use, as nginx's own zones do).
-    pub slots_used: AtomicU32,
-    /// The pass of the latest least_conn pick: newcomers start there.
-    pub vtime: AtomicU64,
-    pub bufs: [BufHeader; 2],
-    pub lines: [LineCell; MAX_LINES],
-}
-
-impl Header {
-    /// Peers the zone holds (records per buffer, and slots).
-    pub fn capacity(&self) -> usize {
-        self.capacity.load(Ordering::Relaxed) as usize
-    }
-
-    /// Lays a fresh zone of `capacity` peers out (a zeroed header nobody reads
-    /// yet; the records, slots and tree nodes need no zeroing: each is written
-    /// before it is first read).
-    pub fn format(&self, capacity: usize) {
-        self.capacity.store(capacity as u32, Ordering::Relaxed);
-        self.slots_used.store(0, Ordering::Relaxed);
-        self.layout.store(LAYOUT, Ordering::Relaxed);
-        self.magic.store(MAGIC, Ordering::Release);
-    }
-}
-
-#[repr(C)]
-#[derive(Default)]
-pub struct BufHeader {
-    /// Odd while the buffer is being written.
-    pub seq: AtomicU64,
-    pub generation: AtomicU64,
-    pub count: AtomicU32,
-    _pad: AtomicU32,
-}
-
-/// One published peer: address, port, weight, priority, family, its slot and the
-/// tag of the query it came from, in four words.
-#[repr(C)]
-#[derive(Default)]
-pub struct Record([AtomicU64; 4]);
-
-/// What every worker knows about one peer, updated with atomics on each connection.
-#[repr(C)]
-#[derive(Debug, Default)]
-pub struct PeerSlot {
-    /// Changes when the slot is given to another peer.
-    pub epoch: AtomicU32,
-    /// Connections open to the peer now, from all workers.
-    pub conns: AtomicU32,
-    /// Failed attempts in the current `fail_timeout` window (nginx's `fails`).
-    pub fails: AtomicU32,
-    _pad: AtomicU32,
-    /// Start of the current `fail_timeout` window (nginx's `checked`), in
-    /// nginx's monotonic milliseconds, which all processes share.
-    pub checked_ms: AtomicU64,
-    /// Last failure (nginx's `accessed`).
-    pub accessed_ms: AtomicU64,
-    /// Connections made to the peer since it appeared.
-    pub connections: AtomicU64,
-    /// Failed attempts since it appeared.
-    pub failures: AtomicU64,
-    /// When the peer appeared (Unix seconds).
-    pub since_unix: AtomicU64,
-    /// When the peer last became usable: it joined a set that had peers, or came
-    /// back after being down (monotonic milliseconds; `slow_start` ramps from
-    /// here; 0: no ramp).
-    pub usable_since_ms: AtomicU64,
-    /// Generation that freed the slot (the writer reuses the oldest free slot first).
-    freed_gen: AtomicU64,
-    /// The weight of the peer's share in its band, at least 1 (0: the slot is free).
-    pub weight: AtomicU32,
-    /// The peer's band (`Peer::band`): least_conn asks lower bands first.
-    pub band: AtomicU32,
-    /// least_conn's turn among equals (see `crate::least`).
-    pub pass: AtomicU64,
-}
-
-/// How a line's part of the set came to be what it is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum SetKind {
-    /// Nothing yet.
-    None = 0,
-    /// The last answer.
-    Live = 1,
-    /// Kept after an empty or failed answer (`on_empty`/`on_error=keep`).
-    Kept = 2,
-    /// Loaded from the state file, no answer yet.
-    StateFile = 3,
-    /// Dropped (`on_empty`/`on_error=fail`, `max_stale`).
-    Dropped = 4,
-}
-
-impl SetKind {
-    pub fn from_u32(v: u32) -> SetKind {
-        match v {
-            1 => SetKind::Live,
-            2 => SetKind::Kept,
-            3 => SetKind::StateFile,
-            4 => SetKind::Dropped,
-            _ => SetKind::None,
-        }
-    }
-}
-
-/// The failure streak a line is in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum StreakKind {
-    None = 0,
-    Empty = 1,
-    Failed = 2,
-    Oversize = 3,
-}
-
-/// Lookup outcomes, as counted per line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lookup {
-    Ok = 0,
-    Empty = 1,
-    Error = 2,
-    Oversize = 3,
-}
-
-/// One line's record. Written by the writer only; `seq` is odd meanwhile.
-#[repr(C)]
-#[derive(Default)]
-pub struct LineCell {
-    seq: AtomicU64,
-    /// `source_tag` of the query; 0 for a free record.
-    tag: AtomicU32,
-    kind: AtomicU32,
-    /// Last successful answer (Unix seconds; 0: none yet).
-    confirmed_unix: AtomicU64,
-    /// Last change of this line's part.
-    changed_unix: AtomicU64,
-    streak_kind: AtomicU32,
-    streak_count: AtomicU32,
-    streak_since_unix: AtomicU64,
-    lookups: [AtomicU64; 4],
-    peers: AtomicU32,
-    reason_len: AtomicU32,
-    reason: [AtomicU64; REASON_WORDS],
-    /// An API line's last `X-Consul-Index` (0: none yet, or a DNS line).
-    index: AtomicU64,
-}
-
-/// A copy of one line's record.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LineStatus {
-    pub tag: u32,
-    pub kind: u32,
-    pub confirmed_unix: u64,
-    pub changed_unix: u64,
-    pub streak_kind: u32,
-    pub streak_count: u32,
-    pub streak_since_unix: u64,
-    /// ok, empty, error, oversize.
-    pub lookups: [u64; 4],
-    pub peers: u32,
-    pub reason: String,
-    /// An API line's last `X-Consul-Index`.
-    pub index: u64,
-}
 
 /// A published peer as a reader sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,172 +75,6 @@ pub struct Zone<'a> {
     tree: &'a [AtomicU32],
 }
 
-impl Record {
-    /// Never inlined: the fault tests stop a writer here with gdb, in release
-    /// builds too (one call per record of a publish costs nothing that matters).
-    #[inline(never)]
-    fn store(&self, p: &Peer, slot: u32, tag: u32) {
-        let (family, bytes) = match p.addr.ip() {
-            IpAddr::V4(ip) => {
-                let mut b = [0; 16];
-                b[..4].copy_from_slice(&ip.octets());
-                (4u64, b)
-            }
-            IpAddr::V6(ip) => (6u64, ip.octets()),
-        };
-        let w0 = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
-        let w1 = u64::from_le_bytes(bytes[8..].try_into().unwrap_or_default());
-        let w2 = u64::from(p.addr.port())
-            | u64::from(p.weight) << 16
-            | u64::from(p.priority) << 32
-            | family << 48;
-        let w3 = u64::from(slot) | u64::from(tag) << 32;
-        for (cell, w) in self.0.iter().zip([w0, w1, w2, w3]) {
-            cell.store(w, Ordering::Relaxed);
-        }
-    }
-
-    /// (peer, slot, tag); `None` for a record that is not a peer (torn, or zero).
-    fn load(&self) -> Option<(Peer, u32, u32)> {
-        let [w0, w1, w2, w3] = [0, 1, 2, 3].map(|i| self.0[i].load(Ordering::Relaxed));
-        let mut bytes = [0u8; 16];
-        bytes[..8].copy_from_slice(&w0.to_le_bytes());
-        bytes[8..].copy_from_slice(&w1.to_le_bytes());
-        let port = w2 as u16;
-        let ip = match (w2 >> 48) as u8 {
-            4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
-            6 => IpAddr::V6(Ipv6Addr::from(bytes)),
-            _ => return None,
-        };
-        let peer = Peer::new(
-            SocketAddr::new(ip, port),
-            (w2 >> 16) as u16,
-            (w2 >> 32) as u16,
-        );
-        Some((peer, w3 as u32, (w3 >> 32) as u32))
-    }
-}
-
-impl PeerSlot {
-    /// Gives the slot to a new peer: a fresh epoch and nothing counted yet; its
-    /// ramp starts at `ramp_ms` (0: none), its least_conn pass at `pass`.
-    fn reset(&self, now_unix: u64, ramp_ms: u64, pass: u64) {
-        self.epoch.fetch_add(1, Ordering::Relaxed);
-        for a in [&self.conns, &self.fails] {
-            a.store(0, Ordering::Relaxed);
-        }
-        for a in [
-            &self.checked_ms,
-            &self.accessed_ms,
-            &self.connections,
-            &self.failures,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        self.since_unix.store(now_unix, Ordering::Relaxed);
-        self.usable_since_ms.store(ramp_ms, Ordering::Relaxed);
-        self.freed_gen.store(0, Ordering::Relaxed);
-        self.pass.store(pass, Ordering::Relaxed);
-        fence(Ordering::Release);
-    }
-}
-
-impl LineCell {
-    fn begin(&self) -> u64 {
-        let s = self.seq.load(Ordering::Relaxed) | 1;
-        self.seq.store(s, Ordering::Relaxed);
-        fence(Ordering::Release);
-        s
-    }
-
-    fn end(&self, s: u64) {
-        self.seq.store(s + 1, Ordering::Release);
-    }
-
-    fn clear(&self) {
-        let s = self.begin();
-        for a in [&self.tag, &self.kind, &self.streak_kind, &self.streak_count] {
-            a.store(0, Ordering::Relaxed);
-        }
-        for a in [
-            &self.confirmed_unix,
-            &self.changed_unix,
-            &self.streak_since_unix,
-        ] {
-            a.store(0, Ordering::Relaxed);
-        }
-        for a in &self.lookups {
-            a.store(0, Ordering::Relaxed);
-        }
-        self.peers.store(0, Ordering::Relaxed);
-        self.reason_len.store(0, Ordering::Relaxed);
-        self.index.store(0, Ordering::Relaxed);
-        self.end(s);
-    }
-
-    fn load(&self) -> LineStatus {
-        let len = (self.reason_len.load(Ordering::Relaxed) as usize).min(REASON_MAX);
-        let mut bytes: Vec<u8> = self
-            .reason
-            .iter()
-            .flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes())
-            .collect();
-        bytes.truncate(len);
-        LineStatus {
-            tag: self.tag.load(Ordering::Relaxed),
-            kind: self.kind.load(Ordering::Relaxed),
-            confirmed_unix: self.confirmed_unix.load(Ordering::Relaxed),
-            changed_unix: self.changed_unix.load(Ordering::Relaxed),
-            streak_kind: self.streak_kind.load(Ordering::Relaxed),
-            streak_count: self.streak_count.load(Ordering::Relaxed),
-            streak_since_unix: self.streak_since_unix.load(Ordering::Relaxed),
-            lookups: [0, 1, 2, 3].map(|i| self.lookups[i].load(Ordering::Relaxed)),
-            peers: self.peers.load(Ordering::Relaxed),
-            reason: String::from_utf8_lossy(&bytes).into_owned(),
-            index: self.index.load(Ordering::Relaxed),
-        }
-    }
-
-    fn store(&self, st: &LineStatus) {
-        let s = self.begin();
-        self.tag.store(st.tag, Ordering::Relaxed);
-        self.kind.store(st.kind, Ordering::Relaxed);
-        self.confirmed_unix
-            .store(st.confirmed_unix, Ordering::Relaxed);
-        self.changed_unix.store(st.changed_unix, Ordering::Relaxed);
-        self.streak_kind.store(st.streak_kind, Ordering::Relaxed);
-        self.streak_count.store(st.streak_count, Ordering::Relaxed);
-        self.streak_since_unix
-            .store(st.streak_since_unix, Ordering::Relaxed);
-        for (a, v) in self.lookups.iter().zip(st.lookups) {
-            a.store(v, Ordering::Relaxed);
-        }
-        self.peers.store(st.peers, Ordering::Relaxed);
-        let text = truncate_utf8(&st.reason, REASON_MAX).as_bytes();
-        let mut padded = [0u8; REASON_MAX];
-        padded[..text.len()].copy_from_slice(text);
-        for (a, chunk) in self.reason.iter().zip(padded.chunks(8)) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            a.store(u64::from_le_bytes(w), Ordering::Relaxed);
-        }
-        self.reason_len.store(text.len() as u32, Ordering::Relaxed);
-        self.index.store(st.index, Ordering::Relaxed);
-        self.end(s);
-    }
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
 impl<'a> Zone<'a> {
     /// A zone over its parts: the header, the two record buffers and the slots,
     /// each `capacity` long, and the least_conn tree's nodes.
@@ -475,12 +105,6 @@ impl<'a> Zone<'a> {
     /// Where least_conn newcomers start (the latest pick's pass).
     pub fn vtime(&self) -> &'a AtomicU64 {
         &self.header.vtime
-    }
-
-    /// Whether the memory holds a zone of this layout (a reused zone after a reload).
-    pub fn is_formatted(header: &Header) -> bool {
-        header.magic.load(Ordering::Acquire) == MAGIC
-            && header.layout.load(Ordering::Relaxed) == LAYOUT
     }
 
     pub fn capacity(&self) -> usize {
@@ -520,36 +144,17 @@ impl<'a> Zone<'a> {
     pub fn read(&self) -> Option<Snapshot> {
         let h = self.header;
         let mut peers = Vec::new();
+        let epoch_of = |slot: u32| {
+            self.slots
+                .get(slot as usize)
+                .map_or(0, |s| s.epoch.load(Ordering::Relaxed))
+        };
         for _ in 0..READ_TRIES {
             let b = h.active.load(Ordering::Acquire) as usize & 1;
-            let buf = &h.bufs[b];
-            let s1 = buf.seq.load(Ordering::Acquire);
-            if s1 & 1 == 1 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let generation = buf.generation.load(Ordering::Relaxed);
-            let count = (buf.count.load(Ordering::Relaxed) as usize).min(self.capacity());
-            peers.clear();
-            peers.reserve(count);
-            for r in &self.records[b][..count] {
-                let Some((peer, slot, tag)) = r.load() else {
-                    continue;
-                };
-                let epoch = self
-                    .slots
-                    .get(slot as usize)
-                    .map_or(0, |s| s.epoch.load(Ordering::Relaxed));
-                peers.push(SharedPeer {
-                    peer,
-                    tag,
-                    slot,
-                    epoch,
-                });
-            }
-            fence(Ordering::Acquire);
-            if buf.seq.load(Ordering::Relaxed) == s1 {
-                return Some(Snapshot { generation, peers });
+            let records = &self.records[b][..self.capacity()];
+            match h.bufs[b].try_read(records, &mut peers, epoch_of) {
+                Some(generation) => return Some(Snapshot { generation, peers }),
+                None => std::hint::spin_loop(),
             }
         }
         None
@@ -632,16 +237,11 @@ impl<'a> Zone<'a> {
         }
         self.tree().rebuild();
 
-        let buf = &h.bufs[next];
-        let s = buf.seq.load(Ordering::Relaxed) | 1;
-        buf.seq.store(s, Ordering::Relaxed);
-        fence(Ordering::Release);
-        for (i, ((p, tag), slot)) in peers.iter().zip(&assigned).enumerate() {
-            self.records[next][i].store(p, slot.unwrap_or_default(), *tag);
-        }
-        buf.count.store(peers.len() as u32, Ordering::Relaxed);
-        buf.generation.store(generation, Ordering::Relaxed);
-        buf.seq.store(s + 1, Ordering::Release);
+        let entries = peers
+            .iter()
+            .zip(&assigned)
+            .map(|((p, tag), slot)| (p, slot.unwrap_or_default(), *tag));
+        h.bufs[next].write(self.records[next], entries, generation);
         h.active.store(next as u32, Ordering::Release);
         h.generation.store(generation, Ordering::Release);
         Ok(generation)
@@ -649,67 +249,7 @@ impl<'a> Zone<'a> {
 
     /// The active buffer as the writer sees it (no concurrent writer).
     fn published(&self, b: usize) -> Vec<(Peer, u32, u32)> {
-        let count =
-            (self.header.bufs[b].count.load(Ordering::Relaxed) as usize).min(self.capacity());
-        self.records[b][..count]
-            .iter()
-            .filter_map(Record::load)
-            .collect()
-    }
-
-    /// The record of line `tag`, if there is one.
-    pub fn line(&self, tag: u32) -> Option<LineStatus> {
-        let tag = line_tag(tag);
-        self.header
-            .lines
-            .iter()
-            .find(|l| l.tag.load(Ordering::Relaxed) == tag)
-            .map(read_line)
-    }
-
-    /// Every line record in use.
-    pub fn lines(&self) -> Vec<LineStatus> {
-        self.header
-            .lines
-            .iter()
-            .filter(|l| l.tag.load(Ordering::Relaxed) != 0)
-            .map(read_line)
-            .collect()
-    }
-
-    /// Updates (or creates) line `tag`'s record; `false` when all records are taken.
-    /// Writer only.
-    pub fn update_line(&self, tag: u32, f: impl FnOnce(&mut LineStatus)) -> bool {
-        let tag = line_tag(tag);
-        let lines = &self.header.lines;
-        let cell = lines
-            .iter()
-            .find(|l| l.tag.load(Ordering::Relaxed) == tag)
-            .or_else(|| lines.iter().find(|l| l.tag.load(Ordering::Relaxed) == 0));
-        let Some(cell) = cell else { return false };
-        let mut st = cell.load();
-        if st.tag != tag {
-            st = LineStatus {
-                tag,
-                ..LineStatus::default()
-            };
-        }
-        f(&mut st);
-        st.tag = tag;
-        cell.store(&st);
-        true
-    }
-
-    /// Frees the records of lines not in `keep` (lines removed by a reload: a line
-    /// added again later starts its counters afresh). Writer only.
-    pub fn retain_lines(&self, keep: &[u32]) {
-        let keep: Vec<u32> = keep.iter().map(|&t| line_tag(t)).collect();
-        for l in &self.header.lines {
-            let tag = l.tag.load(Ordering::Relaxed);
-            if tag != 0 && !keep.contains(&tag) {
-                l.clear();
-            }
-        }
+        self.header.bufs[b].entries(&self.records[b][..self.capacity()])
     }
 
     /// Carries another zone's set, peer state and line records over into this
@@ -747,41 +287,15 @@ impl<'a> Zone<'a> {
                 }
             }
         }
-        for (to, from) in self.header.lines.iter().zip(&old.header.lines) {
-            let st = read_line(from);
-            if st.tag != 0 {
-                to.store(&st);
-            }
-        }
+        self.copy_lines_from(old);
         Ok(())
     }
-}
-
-/// Tag 0 marks a free line record.
-fn line_tag(tag: u32) -> u32 {
-    tag.max(1)
-}
-
-/// A line record, consistent unless its writer died in the middle (then as it is).
-fn read_line(cell: &LineCell) -> LineStatus {
-    let mut st = cell.load();
-    for _ in 0..READ_TRIES {
-        let s1 = cell.seq.load(Ordering::Acquire);
-        if s1 & 1 == 0 {
-            st = cell.load();
-            fence(Ordering::Acquire);
-            if cell.seq.load(Ordering::Relaxed) == s1 {
-                break;
-            }
-        }
-        std::hint::spin_loop();
-    }
-    st
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::least::nodes_for;
 
     /// A zone in ordinary memory, as the module lays one out in shared memory.
     pub struct Owned {
@@ -1027,32 +541,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn line_records_are_kept_per_tag_and_freed() {
-        let o = Owned::new(2);
-        let z = o.zone();
-        assert!(z.update_line(11, |l| {
-            l.lookups[Lookup::Ok as usize] += 1;
-            l.reason = "x".repeat(500);
-        }));
-        assert!(z.update_line(22, |l| {
-            l.peers = 3;
-            l.index = 1 << 40;
-        }));
-        assert_eq!(z.line(22).unwrap().index, 1 << 40, "an API line's index");
-        let l = z.line(11).unwrap();
-        assert_eq!(l.lookups, [1, 0, 0, 0]);
-        assert_eq!(l.reason.len(), REASON_MAX);
-        assert_eq!(z.lines().len(), 2);
-        z.retain_lines(&[22]);
-        assert_eq!(z.line(11), None);
-        assert_eq!(z.line(22).unwrap().peers, 3);
-        for t in 100..100 + MAX_LINES as u32 - 1 {
-            assert!(z.update_line(t, |_| {}));
-        }
-        assert!(!z.update_line(5, |_| {}), "all records taken");
-    }
-
-    #[test]
     fn copy_carries_set_state_and_lines_into_a_larger_zone() {
         let small = Owned::new(2);
         let zs = small.zone();
@@ -1082,13 +570,5 @@ pub(crate) mod tests {
         );
         assert_eq!(to.since_unix.load(Ordering::Relaxed), 50);
         assert_eq!(zb.line(7).unwrap().lookups, [5, 1, 2, 0]);
-    }
-
-    #[test]
-    fn sizes_round_trip() {
-        for cap in [0, 1, 100, 10_000] {
-            assert_eq!(capacity_for(bytes_for(cap)), cap);
-        }
-        assert_eq!(size_of::<Record>(), 32);
     }
 }
