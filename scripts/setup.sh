@@ -10,7 +10,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 # wrk: the http bench (bench/run.sh --http).
 pkgs=(build-essential pkg-config libclang-dev libpcre2-dev libssl-dev zlib1g-dev
       bind9 bind9-dnsutils redis-server redis-tools perl libipc-run-perl iproute2 psmisc procps gdb
-      openssl wrk
+      openssl wrk curl
       liblist-moreutils-perl libtext-diff-perl libhttp-message-perl liburi-perl
       libwww-perl python3 python3-pip)
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # CI: the Debian package on Debian's packaged nginx (after scripts/ci/packaged-nginx.sh):
 #   dpkg -i; files and the modules-enabled order; nginx -t with Debian's own
-#   /etc/nginx/nginx.conf plus a stream{} include using consul_upstream; one Redis
-#   connection proxied through it (BIND standing in for Consul, redis, on loopback);
+#   /etc/nginx/nginx.conf plus a stream{} include using consul_upstream and an http
+#   upstream dropped into its conf.d/; one Redis connection and one HTTP request over
+#   upstream keepalive proxied through them (BIND standing in for Consul, redis and a
+#   Python HTTP server, on loopback);
 #   dpkg -r (module disabled, nginx -t still passes); reinstall (enabled again);
 #   dpkg -P: nothing of the package is left.
 # Runs itself in a private network namespace (Debian's default site listens on port 80).
@@ -20,6 +22,8 @@ so_path=/usr/lib/nginx/modules/ngx_stream_consul_upstream_module.so
 snippet=/usr/share/nginx/modules-available/mod-stream-consul-upstream.conf
 link=/etc/nginx/modules-enabled/70-mod-stream-consul-upstream.conf
 query=redis.service.yunlu_office.consul
+http_query=api.service.yunlu_office.consul
+http_conf=/etc/nginx/conf.d/zz-ngx-consul-check.conf   # Debian's http{} includes conf.d/*.conf
 target=${CARGO_TARGET_DIR:-$root/target}
 
 fails=0
@@ -28,11 +32,13 @@ fail() { echo "not ok - $*"; fails=$((fails + 1)); }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
 
 tmp=$(mktemp -d)
-started=''
+started='' web=''
 cleanup() {
     set +e
     [ -n "$started" ] && /usr/sbin/nginx -c "$tmp/nginx.conf" -s stop 2>/dev/null
     standin_stop_all
+    [ -n "$web" ] && standin_stop_pid "$web" child
+    rm -f "$http_conf"
     dpkg -P "$name" >/dev/null 2>&1
     rm -rf "$tmp"
 }
@@ -69,12 +75,30 @@ stream {
     }
 }
 EOF
-check "nginx -t: Debian's nginx.conf + a consul_upstream stream{}" /usr/sbin/nginx -t -q -c "$tmp/nginx.conf"
+cat >"$http_conf" <<EOF
+upstream api {
+    consul_upstream $http_query resolver=127.0.0.1:8600 interval=1s;
+    keepalive 4;
+}
+server {
+    listen 127.0.0.1:8081;
+    location / {
+        proxy_pass http://api;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }
+}
+EOF
+check "nginx -t: Debian's nginx.conf + a consul_upstream stream{} and http upstream" /usr/sbin/nginx -t -q -c "$tmp/nginx.conf"
 
 # ---------------------------------------------------------------- one connection
-standin_dns_setup "$tmp/bind" 8600 "$(standin_srv "$query" 1 6380)"
+standin_dns_setup "$tmp/bind" 8600 "$(standin_srv "$query" 1 6380)
+$(standin_srv "$http_query" 1 8082)"
 standin_dns_start
 standin_redis_start "$tmp" 6380
+mkdir "$tmp/www" && echo "from the api backend" >"$tmp/www/index.html"
+python3 -m http.server 8082 --bind 127.0.0.1 --directory "$tmp/www" >"$tmp/web.log" 2>&1 &
+web=$!
 /usr/sbin/nginx -c "$tmp/nginx.conf"     # Debian's settings: daemon, pid /run/nginx.pid
 started=1
 for _ in $(seq 50); do
@@ -84,6 +108,15 @@ done
 check "the module logged its peer set" grep -qE "$(consul_log_set "$query")" "$tmp/error.log"
 port=$(redis-cli -h 127.0.0.1 -p 6379 --raw CONFIG GET port 2>&1 | tail -n 1 || true)
 check "a Redis connection through nginx reached 127.0.0.1:6380 (got: $port)" test "$port" = 6380
+check "the module logged the http upstream's peer set" grep -qE "$(consul_log_set "$http_query" http)" "$tmp/error.log"
+body=''
+for _ in $(seq 50); do
+    body=$(curl -s --max-time 2 http://127.0.0.1:8081/ || true)
+    [ "$body" = "from the api backend" ] && break
+    sleep 0.1
+done
+check "an HTTP request through nginx's http upstream reached 127.0.0.1:8082 (got: $body)" \
+    test "$body" = "from the api backend"
 if ! grep -qE '\[(alert|emerg|crit)\]' "$tmp/error.log"; then ok "no alert/crit in the error log"
 else fail "alert/crit in the error log:"; grep -E '\[(alert|emerg|crit)\]' "$tmp/error.log"; fi
 /usr/sbin/nginx -c "$tmp/nginx.conf" -s quit 2>/dev/null || true
@@ -91,6 +124,8 @@ for _ in $(seq 50); do [ -e /run/nginx.pid ] || break; sleep 0.1; done
 started=''
 
 standin_stop_all
+standin_stop_pid "$web" child; web=''
+rm -f "$http_conf"
 
 # ---------------------------------------------------------------- remove, reinstall, purge
 dpkg -r "$name" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }

@@ -11,7 +11,9 @@
 #      packed from the tree the nginx-src crate brings (no download from nginx.org).
 #   3. In a private network namespace: nginx -t with the shipped configuration, then the
 #      image's nginx started with it and one Redis connection proxied through
-#      consul_upstream (BIND standing in for the agent on 127.0.0.1:8600, redis on 6380).
+#      consul_upstream (BIND standing in for the agent on 127.0.0.1:8600, redis on 6380);
+#      then the same with the shipped http example (examples/http.conf: an http upstream
+#      with keepalive) and one HTTP request (a Python HTTP server on 8082).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -24,12 +26,14 @@ if [ "${1:-}" = --run ]; then
     # shellcheck source=scripts/lib/standin.sh
     . "$root/scripts/lib/standin.sh"
     query=redis.service.yunlu_office.consul
+    http_query=api.service.yunlu_office.consul
     tmp=$(mktemp -d)
-    c='' ngx=''
+    c='' ngx='' web=''
     cleanup() {
         set +e
         [ -n "$c" ] && buildah run --isolation chroot "$c" -- nginx -s quit 2>/dev/null
         [ -n "$ngx" ] && { sleep 0.5; standin_stop_pid "$ngx" child; }
+        [ -n "$web" ] && standin_stop_pid "$web" child
         standin_stop_all
         [ -n "$c" ] && buildah rm "$c" >/dev/null
         rm -rf "$tmp"
@@ -38,7 +42,8 @@ if [ "${1:-}" = --run ]; then
     c=$(buildah from --pull-never "$image")
     say "nginx -t in the image (/etc/nginx/nginx.conf = nginx-conf/consul-agent.conf):"
     buildah run --isolation chroot "$c" -- nginx -t
-    standin_dns_setup "$tmp/bind" 8600 "$(standin_srv "$query" 1 6380)"
+    standin_dns_setup "$tmp/bind" 8600 "$(standin_srv "$query" 1 6380)
+$(standin_srv "$http_query" 1 8082)"
     standin_dns_start
     standin_redis_start "$tmp" 6380
     buildah run --isolation chroot "$c" -- nginx -g 'daemon off;' >"$tmp/nginx.log" 2>&1 &
@@ -54,6 +59,31 @@ if [ "${1:-}" = --run ]; then
         || die "the image's nginx did not log the peer set"
     [ "$port" = 6380 ] || die "a connection to the image's nginx on 6379 did not reach redis on 6380 (got: $port)"
     say "one Redis connection through the image's nginx reached 127.0.0.1:6380"
+    buildah run --isolation chroot "$c" -- nginx -s quit
+    for _ in $(seq 100); do standin_alive "$ngx" || break; sleep 0.1; done
+    standin_stop_pid "$ngx" child; ngx=''
+
+    http_conf=/usr/share/doc/ngx-consul/examples/http.conf
+    say "nginx -t in the image with $http_conf:"
+    buildah run --isolation chroot "$c" -- nginx -t -c "$http_conf"
+    mkdir "$tmp/www" && echo "from the api backend" >"$tmp/www/index.html"
+    python3 -m http.server 8082 --bind 127.0.0.1 --directory "$tmp/www" >"$tmp/web.log" 2>&1 &
+    web=$!
+    buildah run --isolation chroot "$c" -- nginx -c "$http_conf" -g 'daemon off;' >"$tmp/nginx-http.log" 2>&1 &
+    ngx=$!
+    body=''
+    for _ in $(seq 100); do
+        body=$(curl -s --max-time 2 http://127.0.0.1:80/ || true)
+        [ "$body" = "from the api backend" ] && break
+        standin_alive "$ngx" || break
+        sleep 0.1
+    done
+    sed 's/^/  nginx: /' "$tmp/nginx-http.log"
+    grep -qE "$(consul_log_set "$http_query" http)" "$tmp/nginx-http.log" \
+        || die "the image's nginx did not log the http upstream's peer set"
+    [ "$body" = "from the api backend" ] \
+        || die "a request to the image's nginx on port 80 did not reach the backend on 8082 (got: $body)"
+    say "one HTTP request through the image's nginx (http upstream, keepalive) reached 127.0.0.1:8082"
     exit 0
 fi
 

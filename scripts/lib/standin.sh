@@ -16,7 +16,7 @@
 
 # The module's error-log lines these scripts wait for (README: "Log messages"), in one
 # place: when a message changes, change it here.
-consul_log_set()       { echo "consul upstream \"[^\"]*\": [0-9]+ peers? from ${1//./\\.}"; }  # the set changed
+consul_log_set()       { echo "consul ${2:+$2 }upstream \"[^\"]*\": [0-9]+ peers? from ${1//./\\.}"; }  # the set changed; $2: http
 consul_log_failed()    { echo "resolving ${1//./\\.} failed"; }         # once per failure streak
 consul_log_recovered() { echo "resolver recovered"; }                    # the first answer after it
 consul_log_empty()     { echo "${1//./\\.} has no healthy instances"; } # NXDOMAIN / no records
