@@ -250,6 +250,17 @@ load_lines+=("load_module $so;")
 check=$(mktemp -d)
 trap 'rm -rf "$check"' EXIT
 mkdir -p "$check/logs"
+# nginx -t opens the access log and creates the http temp directories; those
+# configured with an absolute --http-*-temp-path (/var/cache/nginx/... in nginx.org's
+# packages and the Docker image's build stage, where it does not exist yet) go under
+# $check instead.
+temp_paths=()
+for kind in client_body proxy fastcgi uwsgi scgi; do
+    module=${kind/client_body/}
+    if has_arg "--http-${kind//_/-}-temp-path=*" && { [ -z "$module" ] || ! has_arg "--without-http_${module}_module"; }; then
+        temp_paths+=("${kind}_temp_path $check/${kind}_temp;")
+    fi
+done
 {
     printf '%s\n' "${load_lines[@]}"
     cat <<EOF
@@ -262,6 +273,8 @@ stream {
     server { listen 127.0.0.1:16379; proxy_pass consul_check; }
 }
 http {
+    access_log off;   # --http-log-path's directory may not exist yet either
+    ${temp_paths[*]}
     upstream consul_check {
         consul_upstream api.service.yunlu_office.consul resolver=127.0.0.1:8600 interval=1s;
         keepalive 8;
