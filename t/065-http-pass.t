@@ -21,16 +21,19 @@ add_block_preprocessor(sub {
 });
 
 # Why a block cannot run on this nginx ('' when it can): its *_pass is not compiled in
-# (grpc_pass needs the http_v2 module; the others are in every default build).
+# (grpc_pass needs the http_v2 module; the others are in every default build). Said
+# once per directive (Test::Nginx evaluates --- skip_eval twice).
+my %Missing;
 sub missing_directive {
     my $directive = shift;
-    my ($rc, $out) = Test::Nginx::Consul::nginx_t(
-        "events { }\nhttp {\nserver {\nlisten 127.0.0.1:1;\nlocation / { $directive }\n}\n}\n");
-    return '' if $rc == 0;
-    my ($emerg) = $out =~ /(\[emerg\].*)/;
-    my $why = "this nginx has no \"$directive\": " . ($emerg // $out);
-    Test::More::diag("skipped: $why");
-    return $why;
+    return $Missing{$directive} //= do {
+        my ($rc, $out) = Test::Nginx::Consul::nginx_t(
+            "events { }\nhttp {\nserver {\nlisten 127.0.0.1:1;\nlocation / { $directive }\n}\n}\n");
+        my ($emerg) = $out =~ /(\[emerg\].*)/;
+        my $why = $rc == 0 ? '' : "this nginx has no \"$directive\": " . ($emerg // $out);
+        Test::More::diag("skipped: $why") if $why;
+        $why;
+    };
 }
 
 # The checks of every block. %o: service (the upstream's name too), path, ports (the
