@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""HTTP (and memcached) backends for ngx-consul's http tests: one asyncio process,
-any number of loopback listeners. Python 3 standard library only.
+"""HTTP (and memcached, FastCGI, SCGI, uwsgi, h2c) backends for ngx-consul's http tests:
+one asyncio process, any number of loopback listeners. Python 3 standard library only.
 
   http_backend.py --control SOCKET [--parent PID] SPEC...
 
 SPEC: PORT (127.0.0.1), ADDR:PORT, ranges 127.0.0.2-11:8090 and 127.0.0.1:8081-8084,
-[::1]:PORT; a "memcached:" prefix makes a memcached listener. Loopback addresses only.
+[::1]:PORT; a "memcached:", "fastcgi:", "scgi:", "uwsgi:" or "h2c:" prefix makes a
+listener of that protocol (for memcached_pass, fastcgi_pass, scgi_pass, uwsgi_pass,
+grpc_pass). Loopback addresses only.
 
 HTTP listeners speak HTTP/1.1 with keep-alive (HTTP/1.0 only with "Connection:
 keep-alive"), Content-Length framed. Every response says who answered:
@@ -18,13 +20,25 @@ Request bodies (Content-Length or chunked) are read and dropped.
 memcached listeners answer "get KEY" with "VALUE KEY 0 N\\r\\n<the same line>\\r\\nEND"
 (a key starting with "missing" gets only END), "version", and close on "quit".
 
+fastcgi, scgi, uwsgi and h2c listeners answer every request with status 200 and the
+body above (text/plain), whatever it asks for, the request's body read and dropped:
+  fastcgi   records (FCGI_BEGIN_REQUEST .. empty FCGI_STDIN) -> FCGI_STDOUT "Status: 200"
+            + body, empty FCGI_STDOUT, FCGI_END_REQUEST; the connection stays open when
+            nginx asked for it (FCGI_KEEP_CONN: fastcgi_keep_conn on), else it closes
+  scgi      netstring headers + CONTENT_LENGTH body -> "Status: 200 OK" + body, close
+  uwsgi     4-byte header + vars + CONTENT_LENGTH body -> "HTTP/1.1 200 OK" + body, close
+  h2c       HTTP/2 with prior knowledge (grpc_pass): a HEADERS (+ DATA) stream ending in
+            END_STREAM -> HEADERS ":status 200" + DATA with END_STREAM; SETTINGS and PING
+            acknowledged; any number of streams, one at a time or interleaved
+"requests" counts requests (streams for h2c), "accepted" connections.
+
 The control socket (unix, stream) takes one command per line and answers one JSON line:
   stats                per listener "addr:port": {kind, listening, accepted, requests,
                        open, held, slow_ms}
   reset                zero the counters, clear slow/hold, re-open killed listeners and
                        reset every open connection
   kill ADDR:PORT       close the listener and reset (RST) its connections
-  start [memcached:]ADDR:PORT   listen again (or anew)
+  start [KIND:]ADDR:PORT   listen again (or anew)
   slow ADDR:PORT MS    delay its responses by MS (0: no delay)
   hold ADDR:PORT       keep its requests waiting (counted as "held") until release
   release [ADDR:PORT]  answer the held requests (of one listener, or all)
@@ -51,13 +65,15 @@ STATUS_TEXT = {200: "OK", 204: "No Content", 400: "Bad Request", 404: "Not Found
                500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
                504: "Gateway Timeout"}
 MAX_HEAD = 64 * 1024
+KINDS = ("http", "memcached", "fastcgi", "scgi", "uwsgi", "h2c")
 
 
 def expand(spec):
     """SPEC -> [(kind, addr, port)]."""
     kind = "http"
-    if spec.startswith("memcached:"):
-        kind, spec = "memcached", spec[len("memcached:"):]
+    m = re.fullmatch(r"(%s):(.+)" % "|".join(k for k in KINDS if k != "http"), spec)
+    if m:
+        kind, spec = m.group(1), m.group(2)
     if re.fullmatch(r"\d+", spec):
         spec = "127.0.0.1:" + spec
     m = re.fullmatch(r"\[([0-9a-fA-F:]+)\]:(\d+)(?:-(\d+))?", spec)
@@ -164,10 +180,7 @@ class Backends:
         lst.accepted += 1
         lst.conns.add(writer)
         try:
-            if lst.kind == "memcached":
-                await self.serve_memcached(lst, conn_id, reader, writer)
-            else:
-                await self.serve_http(lst, conn_id, reader, writer)
+            await getattr(self, "serve_" + lst.kind)(lst, conn_id, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 ValueError, OSError, asyncio.CancelledError):
             pass  # cancelled: the process is exiting
@@ -274,6 +287,106 @@ class Backends:
                 writer.write(b"ERROR\r\n")
             await writer.drain()
 
+    @staticmethod
+    def who(lst, conn_id, n):
+        """The body every listener answers with: who answered, on which connection."""
+        return f"{lst.addr} {lst.port} conn={conn_id} req={n}\n".encode()
+
+    async def answer(self, lst, conn_id, n):
+        """Counts a request, waits as slow/hold say; the body, or None when killed meanwhile."""
+        lst.requests += 1
+        await self.delay(lst)
+        return None if lst.server is None else self.who(lst, conn_id, n)
+
+    async def serve_fastcgi(self, lst, conn_id, reader, writer):
+        n, keep = 0, False
+        while True:
+            try:
+                head = await reader.readexactly(8)
+            except asyncio.IncompleteReadError:
+                return
+            _, rtype, req_id, clen, plen = struct.unpack(">BBHHB", head[:7])
+            content = await reader.readexactly(clen + plen)
+            if rtype == 1:                          # FCGI_BEGIN_REQUEST: role, flags
+                keep = bool(content[2] & 1)         # FCGI_KEEP_CONN
+            elif rtype == 5 and clen == 0:          # the empty FCGI_STDIN: request complete
+                n += 1
+                body = await self.answer(lst, conn_id, n)
+                if body is None:
+                    return
+                out = b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body
+
+                def record(t, data):
+                    return struct.pack(">BBHHBx", 1, t, req_id, len(data), 0) + data
+                writer.write(record(6, out) + record(6, b"")
+                             + record(3, struct.pack(">IB3x", 0, 0)))   # FCGI_END_REQUEST
+                await writer.drain()
+                if not keep:
+                    return
+            # FCGI_PARAMS and the rest of FCGI_STDIN: read and dropped
+
+    async def serve_scgi(self, lst, conn_id, reader, writer):
+        size = int((await reader.readuntil(b":"))[:-1])
+        netstring = await reader.readexactly(size + 1)          # headers and ","
+        fields = netstring[:-1].split(b"\0")
+        headers = dict(zip(fields[0::2], fields[1::2]))
+        await reader.readexactly(int(headers.get(b"CONTENT_LENGTH", b"0") or 0))
+        body = await self.answer(lst, conn_id, 1)
+        if body is not None:
+            writer.write(b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+            await writer.drain()
+
+    async def serve_uwsgi(self, lst, conn_id, reader, writer):
+        _, size, _ = struct.unpack("<BHB", await reader.readexactly(4))
+        data, i, env = await reader.readexactly(size), 0, {}
+        while i + 2 <= len(data):                   # u16 key length, key, u16 value length, value
+            kl = struct.unpack_from("<H", data, i)[0]
+            key = data[i + 2:i + 2 + kl]
+            vl = struct.unpack_from("<H", data, i + 2 + kl)[0]
+            env[key] = data[i + 4 + kl:i + 4 + kl + vl]
+            i += 4 + kl + vl
+        await reader.readexactly(int(env.get(b"CONTENT_LENGTH", b"0") or 0))
+        body = await self.answer(lst, conn_id, 1)
+        if body is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
+            await writer.drain()
+
+    async def serve_h2c(self, lst, conn_id, reader, writer):
+        if await reader.readexactly(24) != b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n":
+            return
+
+        def frame(ftype, flags, stream, payload=b""):
+            return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", ftype, flags, stream) + payload
+        writer.write(frame(4, 0, 0))                # our SETTINGS: the defaults
+        n, open_streams = 0, set()
+        while True:
+            try:
+                head = await reader.readexactly(9)
+            except asyncio.IncompleteReadError:
+                return
+            length = struct.unpack(">I", b"\0" + head[:3])[0]
+            ftype, flags, stream = head[3], head[4], struct.unpack(">I", head[5:])[0] & 0x7FFFFFFF
+            payload = await reader.readexactly(length)
+            if ftype == 4 and not flags & 1:        # SETTINGS -> ACK
+                writer.write(frame(4, 1, 0))
+            elif ftype == 6 and not flags & 1:      # PING -> ACK
+                writer.write(frame(6, 1, 0, payload))
+            elif ftype == 7:                        # GOAWAY
+                return
+            elif ftype == 3:                        # RST_STREAM
+                open_streams.discard(stream)
+            elif ftype in (0, 1):                   # DATA, HEADERS (HPACK not decoded: not needed)
+                open_streams.add(stream)
+                if flags & 1 and stream in open_streams:    # END_STREAM: the request is complete
+                    open_streams.discard(stream)
+                    n += 1
+                    body = await self.answer(lst, conn_id, n)
+                    if body is None:
+                        return
+                    writer.write(frame(1, 4, stream, b"\x88")      # END_HEADERS, ":status: 200"
+                                 + frame(0, 1, stream, body))       # END_STREAM
+            await writer.drain()
+
     # ----------------------------------------------------------------- control
 
     async def control(self, reader, writer):
@@ -360,7 +473,7 @@ async def watch_parent(parent, done):
 
 
 async def main():
-    ap = argparse.ArgumentParser(description="HTTP/memcached test backends")
+    ap = argparse.ArgumentParser(description="HTTP/memcached/FastCGI/SCGI/uwsgi/h2c test backends")
     ap.add_argument("--control", required=True, help="unix socket path for the control commands")
     ap.add_argument("--parent", type=int, default=os.getppid(), help="exit when this pid is gone")
     ap.add_argument("specs", nargs="*")

@@ -1,6 +1,6 @@
 package Test::Nginx::Consul::Http;
 
-# HTTP backends (t/lib/http_backend.py) and an HTTP client for Test::Nginx blocks
+# HTTP (and memcached, FastCGI, SCGI, uwsgi, h2c) backends (t/lib/http_backend.py) and an HTTP client for Test::Nginx blocks
 # that proxy with nginx's http module (issue 17: consul_upstream in http upstreams).
 #
 #   use lib 't/lib';
@@ -19,6 +19,7 @@ package Test::Nginx::Consul::Http;
 #
 # Block sections (on top of Test::Nginx::Consul's):
 #   --- http_backends: 8081 127.0.0.2-11:8090 memcached:11311
+#       (also fastcgi:, scgi:, uwsgi:, h2c: for the other *_pass; see http_backend.py)
 #       the backends this block needs, in one http_backend.py process: started fresh
 #       when the set differs from the previous block's, else reset (counters zero,
 #       killed listeners listening again, slow/hold cleared, open connections reset).
