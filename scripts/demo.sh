@@ -5,8 +5,11 @@
 #   - two redis-server instances (ports 6380, 6381) are the service "redis" in
 #     datacenter "yunlu_office"; registering/deregistering = nsupdate on the zone;
 #   - nginx (the one built with the module) listens on 127.0.0.1:6379 with
-#     nginx-conf/demo.conf and balances connections across what DNS reports.
-# Each step shows which backend answered N connections (`CONFIG GET port`).
+#     nginx-conf/demo.conf and balances connections across what DNS reports;
+#   - the same file's http{} part: service "api" (two HTTP servers, t/lib/http_backend.py,
+#     ports 8081 and 8082) behind an http upstream with keepalive on 127.0.0.1:8080,
+#     and the status page (/consul-status) listing both upstreams.
+# Each step shows which backend answered N connections (`CONFIG GET port`) or requests.
 #
 # Usage: scripts/demo.sh [--short]
 #   --short        20 connections per measurement (scripts/test.sh runs this)
@@ -32,11 +35,13 @@ case "${1:-}" in
     *) echo "usage: scripts/demo.sh [--short]" >&2; exit 2 ;;
 esac
 QUERY=redis.service.yunlu_office.consul
+API_QUERY=api.service.yunlu_office.consul
 # The module's error-log lines the demo waits for (scripts/lib/standin.sh).
 LOG_CHANGED=$(consul_log_set "$QUERY")
 LOG_FAILED=$(consul_log_failed "$QUERY")
 LOG_RECOVERED=$(consul_log_recovered)
 LOG_EMPTY=$(consul_log_empty "$QUERY")
+LOG_API_CHANGED=$(consul_log_set "$API_QUERY" http)
 
 if [ -t 1 ]; then bold=$'\033[1m'; dim=$'\033[2m'; off=$'\033[0m'; else bold='' dim='' off=''; fi
 heading() { printf '\n%s== %s ==%s\n' "$bold" "$*" "$off"; }
@@ -48,6 +53,7 @@ now_ms()  { date +%s%3N; }
 # ---------------------------------------------------------------- cleanup
 tmp=
 nginx_pid=
+http_backend_pid=
 
 stop_nginx() {
     [ -n "$nginx_pid" ] || return 0
@@ -63,6 +69,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     stop_nginx
+    [ -n "$http_backend_pid" ] && standin_stop_pid "$http_backend_pid" child
     standin_stop_all
     if [ -n "$tmp" ] && [ -d "$tmp" ]; then
         if [ "$rc" -ne 0 ]; then
@@ -137,10 +144,15 @@ pick_port dns_port 8600
 pick_port r1 6380
 pick_port r2 $((r1 + 1))
 pick_port ngx_port 6379
+pick_port a1 8081
+pick_port a2 $((a1 + 1))
+pick_port http_port 8080
 
 # ---------------------------------------------------------------- 3. the Consul stand-in
 heading "3. Starting BIND 9 on 127.0.0.1:$dns_port as the Consul agent's DNS interface"
-standin_dns_setup "$tmp/bind" "$dns_port" "$(standin_srv "$QUERY" 1 "$r1")"
+standin_dns_setup "$tmp/bind" "$dns_port" "$(standin_srv "$QUERY" 1 "$r1")
+$(standin_srv "$API_QUERY" 1 "$a1")
+$(standin_srv "$API_QUERY" 1 "$a2")"
 [ "$STANDIN_NAMED" = "$(command -v named)" ] \
     || info "(AppArmor confines $(command -v named): running a copy from the temp dir)"
 standin_dns_start || die "BIND did not start"
@@ -173,6 +185,14 @@ for p in "$r1" "$r2"; do
     info "redis on 127.0.0.1:$p, pid $(cat "$tmp/redis-$p.pid")"
 done
 
+info "api1 and api2 on 127.0.0.1:$a1 and :$a2 (HTTP/1.1 keep-alive; each response names its"
+info "backend and connection; t/lib/http_backend.py)"
+python3 "$root/t/lib/http_backend.py" --control "$tmp/http.sock" "127.0.0.1:$a1" "127.0.0.1:$a2" \
+    >"$tmp/http_backend.log" 2>&1 &
+http_backend_pid=$!
+for _ in $(seq 50); do [ -S "$tmp/http.sock" ] && break; sleep 0.1; done
+[ -S "$tmp/http.sock" ] || die "t/lib/http_backend.py did not start (see $tmp/http_backend.log)"
+
 # ---------------------------------------------------------------- 5. nginx
 heading "5. Starting nginx with nginx-conf/demo.conf on 127.0.0.1:$ngx_port"
 mkdir -p "$tmp/nginx/conf" "$tmp/nginx/logs"
@@ -181,6 +201,7 @@ errlog=$tmp/nginx/logs/error.log
 sed -e "s|/usr/lib/nginx/modules/ngx_stream_consul_upstream_module.so|$module|" \
     -e "s|127\.0\.0\.1:6379|127.0.0.1:$ngx_port|" \
     -e "s|127\.0\.0\.1:8600|127.0.0.1:$dns_port|" \
+    -e "s|127\.0\.0\.1:8080|127.0.0.1:$http_port|" \
     nginx-conf/demo.conf >"$conf"
 { grep -E '^\s*(load_module|listen|consul_upstream)' "$conf" || true; } | while read -r l; do info "${dim}$l${off}"; done
 "$nginx_bin" -p "$tmp/nginx" -c "$conf" -t -q || die "nginx -t rejected $conf"
@@ -305,14 +326,78 @@ fi
 count "$CONNS"; expect 0 1
 info "(nginx's own \"server ... service=... resolve;\" would have dropped every peer now)"
 
-heading "12. The module's lines in the error log (grep consul error.log)"
+# ---------------------------------------------------------------- http
+count_http() {  # N: send N requests through nginx's http upstream, count who answered
+    local n=$1 i body port conn c1=0 c2=0 failed=0
+    local -A conns=()
+    for ((i = 0; i < n; i++)); do
+        body=$(curl -s --max-time 5 "http://127.0.0.1:$http_port/" 2>/dev/null || true)
+        read -r _ port conn _ <<<"$body"
+        if [ "$port" = "$a1" ]; then c1=$((c1 + 1))
+        elif [ "$port" = "$a2" ]; then c2=$((c2 + 1))
+        else failed=$((failed + 1)); continue; fi
+        conns["$port $conn"]=1
+    done
+    local k1=0 k2=0 k
+    for k in "${!conns[@]}"; do
+        case $k in "$a1 "*) k1=$((k1 + 1)) ;; "$a2 "*) k2=$((k2 + 1)) ;; esac
+    done
+    printf '   %sapi1 (:%s) %3d  %-20s over %d connection(s)%s\n' "$bold" "$a1" "$c1" "$(bar "$c1")" "$k1" "$off"
+    printf '   %sapi2 (:%s) %3d  %-20s over %d connection(s)%s\n' "$bold" "$a2" "$c2" "$(bar "$c2")" "$k2" "$off"
+    [ "$failed" -eq 0 ] || printf '   %sfailed      %3d%s\n' "$bold" "$failed" "$off"
+    last_counts="$c1 $c2 $failed"
+    last_conns=$((k1 + k2))
+}
+
+heading "12. HTTP: the same directive in http { upstream api { ... keepalive 8; } }: $CONNS requests to :$http_port"
+count_http "$CONNS"; expect 1 1
+# Each of the 2 workers keeps its own idle connections: at most 2 per backend.
+if [ "$last_conns" -le 4 ]; then
+    info "keepalive: $CONNS requests over $last_conns upstream connection(s) (each worker keeps its own)"
+else
+    warn "expected upstream keepalive: $CONNS requests over $last_conns connections"
+    mismatches=$((mismatches + 1))
+fi
+
+heading "13. Deregister api1 while nginx still holds idle connections to it: no new request goes there"
+api_before=$(log_count "$LOG_API_CHANGED")
+dns_update "update delete $(standin_srv "$API_QUERY" 1 "$a1")"
+if ms=$(wait_log "$LOG_API_CHANGED" "$api_before" 5000); then
+    info "nginx published the new set ${ms} ms after the change (interval=1s)"
+else
+    warn "no new \"$LOG_API_CHANGED\" line within 5 s"
+    mismatches=$((mismatches + 1))
+fi
+count_http "$CONNS"; expect 0 1
+open_to_api1=$(python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"stats\n")
+print(json.loads(s.makefile().readline())["127.0.0.1:" + sys.argv[2]]["open"])
+' "$tmp/http.sock" "$a1" 2>/dev/null || echo "?")
+info "api1 still has $open_to_api1 open connection(s) from nginx (idle in the keepalive cache until keepalive_timeout)"
+
+heading "14. The status page (curl http://127.0.0.1:$http_port/consul-status): both upstreams"
+status_json=$(curl -s --max-time 5 "http://127.0.0.1:$http_port/consul-status" || true)
+if summary=$(printf '%s' "$status_json" | python3 -c '
+import json, sys
+for u in json.load(sys.stdin)["upstreams"]:
+    peers = ", ".join("%s %s" % (p["address"], p["state"]) for p in u["peers"]) or "none"
+    print("%-6s upstream %-6s %d usable of %d: %s" % (u["protocol"], u["name"], u["usable_peers"], u["peers_total"], peers))
+' 2>&1); then
+    printf '%s\n' "$summary" | while read -r l; do info "$l"; done
+else
+    warn "the status page did not answer JSON: ${status_json:0:200}"
+    mismatches=$((mismatches + 1))
+fi
+
+heading "15. The module's lines in the error log (grep consul error.log)"
 grep consul "$errlog" | sed 's/^/   /' || warn "no line mentions consul"
 
 if [ "$mismatches" -ne 0 ]; then
     heading "Done, but $mismatches step(s) did not behave as described above"
     exit 1
 fi
-heading "Done: every step behaved as described; stopping nginx, redis and BIND"
+heading "Done: every step behaved as described; stopping nginx, redis, the HTTP servers and BIND"
 cat <<EOF
 
 ${bold}Where to look next${off}
@@ -321,7 +406,8 @@ ${bold}Where to look next${off}
                                               (Debian/Ubuntu package: scripts/package-deb.sh)
    README.md, "Directive" / "Log messages"    every parameter, balancing methods; what the error log says
    README.md, "Status and metrics"            the balancer's view as JSON or Prometheus metrics
-   nginx-conf/                                consul-agent.conf, fallback.conf, demo.conf,
+   README.md, "HTTP upstreams"                consul_upstream in http {}, keepalive, methods
+   nginx-conf/                                consul-agent.conf, fallback.conf, demo.conf, http.conf,
                                               methods.conf (least_conn, hash, status endpoint)
    README.zh-CN.md                            中文说明
 
