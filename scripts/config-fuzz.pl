@@ -652,31 +652,51 @@ sub connect_once {
     return $buf =~ /^(b\d+)/ ? $1 : 'closed';
 }
 
-# One HTTP/1.1 request (Connection: close): (status code or "refused", "reset",
-# "bad" (no whole response) or "hang"; the body).
-sub http_request {
-    my ($port, $path) = @_;
+# HTTP/1.1 requests for PATHS on one client connection, one after the other
+# (keep-alive, the last one Connection: close): a list of [status code, body],
+# or, where it went wrong, ["refused", "reset", "bad" (no whole response) or
+# "hang"] as the last item. A response with "Connection: close" ends the list
+# early (nginx may close a kept-alive connection; that is no failure).
+sub http_requests {
+    my ($port, @paths) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 3)
-        or return ('refused', '');
+        or return (['refused', '']);
     local $SIG{PIPE} = 'IGNORE';
-    syswrite $s, "GET $path HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    my ($buf, $sel, $deadline) = ('', IO::Select->new($s), time + $HANG_CONNECTION);
-    while (1) {
-        my $left = $deadline - time;
-        if ($left <= 0) { close $s; return ('hang', '') }
-        next unless $sel->can_read($left);
-        my $n = sysread $s, $buf, 65536, length $buf;
-        if (!defined $n) { close $s; return ('reset', '') }
-        last if $n == 0;
+    my ($buf, $sel, @out) = ('', IO::Select->new($s));
+    for my $i (0 .. $#paths) {
+        my $last = $i == $#paths;
+        syswrite $s, "GET $paths[$i] HTTP/1.1\r\nHost: x\r\nConnection: " . ($last ? 'close' : 'keep-alive')
+            . "\r\n\r\n";
+        my $deadline = time + $HANG_CONNECTION;
+        my ($code, $head, $length, $eof);
+        while (1) {
+            if (!defined $code && $buf =~ s{\AHTTP/1\.1 (\d{3})[^\r\n]*\r\n(.*?)\r\n\r\n}{}s) {
+                ($code, $head) = ($1, $2);
+                ($length) = $head =~ /^Content-Length:\s*(\d+)/mi;
+            }
+            last if defined $code && defined $length && length $buf >= $length;
+            last if $eof;
+            my $left = $deadline - time;
+            if ($left <= 0) { close $s; return (@out, ['hang', '']) }
+            next unless $sel->can_read($left);
+            my $n = sysread $s, $buf, 65536, length $buf;
+            if (!defined $n) { close $s; return (@out, ['reset', '']) }
+            $eof = 1 if $n == 0;
+        }
+        # Without Content-Length a response ends with the connection (the last one only).
+        if (!defined $code || (defined $length ? length $buf < $length : !$eof)) {
+            close $s;
+            return (@out, ['bad', $buf]);
+        }
+        push @out, [$code, substr($buf, 0, $length // length $buf, '')];
+        last if $head =~ /^Connection:\s*close/mi || $eof;
     }
     close $s;
-    return ('bad', $buf) unless $buf =~ m{\AHTTP/1\.1 (\d{3})[^\r\n]*\r\n(.*?)\r\n\r\n(.*)\z}s;
-    my ($code, $head, $body) = ($1, $2, $3);
-    my ($length) = $head =~ /^Content-Length:\s*(\d+)/mi;
-    $body =~ s/\A[0-9a-f]+\r\n(.*?)\r\n0\r\n\r\n\z/$1/s if $head =~ /^Transfer-Encoding:\s*chunked/mi;
-    return ('bad', $buf) if defined $length && $length != length $body;
-    return ($code, $body);
+    return @out;
 }
+
+# One request (Connection: close): (status code or what went wrong, body).
+sub http_request { my ($port, $path) = @_; return @{ (http_requests($port, $path))[-1] } }
 
 sub http_get { my ($code, $body) = http_request($HTTP_PORT, @_); return wantarray ? ($code, $body) : $code }
 
@@ -741,7 +761,7 @@ END { kill 'KILL', -$Running if $Running; api_stop(); backends_stop() }
 
 my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, with_api => 0, reloads => 0,
              kills => 0, connections => 0, answered => 0, with_http => 0, requests => 0, requests_answered => 0,
-             requests_reused => 0);
+             requests_reused => 0, requests_client_kept => 0);
 my %refusals;
 my %statuses;                                   # HTTP requests through http upstreams, by status
 my @failures;
@@ -860,15 +880,20 @@ sub start_and_use {
             }
         }
         for my $port (@{ $cfg->{http_ports} }) {
+            # 1 to 3 client connections of 1 to 3 requests (a client's keep-alive)
             for (1 .. 1 + int rand 3) {
-                my $path = pick('/', '/a', '/b?x=1', '/' . int rand 1000);
-                my ($code, $body) = http_request($port, $path);
-                $stats{requests}++;
-                $stats{requests_answered}++ if $code eq '200' && $body =~ /^b\d+ \d+$/;
-                $stats{requests_reused}++ if $code eq '200' && $body =~ /^b\d+ ([2-9]|\d\d+)$/;
-                $statuses{$code}++;
-                # nginx answers every request (502, 504 when no peer can): no answer is a failure
-                return $finish->("GET $path on port $port: $code (DNS mode $mode)") if $code !~ /^\d+$/;
+                my @paths = map { pick('/', '/a', '/b?x=1', '/' . int rand 1000) } 1 .. (chance(0.3) ? 2 + int rand 2 : 1);
+                my @answers = http_requests($port, @paths);
+                $stats{requests_client_kept} += @answers - 1;
+                for my $r (@answers) {
+                    my ($code, $body) = @$r;
+                    $stats{requests}++;
+                    $stats{requests_answered}++ if $code eq '200' && $body =~ /^b\d+ \d+$/;
+                    $stats{requests_reused}++ if $code eq '200' && $body =~ /^b\d+ ([2-9]|\d\d+)$/;
+                    $statuses{$code}++;
+                    # nginx answers every request (502, 504 when no peer can): no answer is a failure
+                    return $finish->("GET @paths on port $port: $code (DNS mode $mode)") if $code !~ /^\d+$/;
+                }
             }
         }
         if ($cfg->{http}) {
@@ -1024,11 +1049,11 @@ api_stop();
 backends_stop();
 printf "config-fuzz: %d configurations in %.0f s: %d refused by nginx -t, %d accepted, %d started "
     . "(%d with api= lines, %d with http upstreams, %d reloads, %d workers killed, %d connections, "
-    . "%d answered by a backend, %d HTTP requests, %d answered by a backend (%d on a kept-alive upstream "
-    . "connection; by status: %s)); %d failed\n",
+    . "%d answered by a backend, %d HTTP requests (%d on a kept-alive client connection), %d answered by a "
+    . "backend (%d on a kept-alive upstream connection; by status: %s)); %d failed\n",
     $stats{cases}, time - $t0, $stats{refused}, $stats{accepted}, $stats{started}, $stats{with_api},
     $stats{with_http}, $stats{reloads}, $stats{kills}, $stats{connections}, $stats{answered},
-    $stats{requests}, $stats{requests_answered}, $stats{requests_reused},
+    $stats{requests}, $stats{requests_client_kept}, $stats{requests_answered}, $stats{requests_reused},
     join(', ', map { "$statuses{$_} $_" } sort keys %statuses) || 'none', scalar @failures;
 if ($opt{verbose}) {
     print "config-fuzz: refusals by message:\n";
