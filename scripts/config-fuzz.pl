@@ -2,10 +2,14 @@
 # Configuration fuzzer: generates nginx configurations around consul_upstream,
 # valid and invalid mixed (parameters, balancing methods, nginx's `zone`, static
 # and backup servers, several lines and upstreams, directive orders, 1 or 2
-# workers), runs `nginx -t` on each, starts the accepted ones against the
-# harness's scripted DNS server (t/lib/Test/Nginx/Consul/HostileDns.pm: answers
-# like Consul's agent, or misbehaves on purpose), sends connections through
-# every upstream while the DNS answers change, sometimes reloads into another
+# workers; stream and http upstreams, an http one sometimes named like a stream
+# one, http {} before or after stream {}; in http ones keepalive, ip_hash, the
+# proxy_* lines http users write), runs `nginx -t` on each, starts the accepted
+# ones against the harness's scripted DNS server
+# (t/lib/Test/Nginx/Consul/HostileDns.pm: answers like Consul's agent, or
+# misbehaves on purpose), sends connections through every stream upstream and
+# HTTP requests through every http one while the DNS answers change, checks
+# that the status page lists each upstream once, sometimes reloads into another
 # accepted configuration (connections going on meanwhile) or kills a worker,
 # then stops nginx. Lines are DNS lines and `api=` lines (Consul's HTTP API:
 # the harness's API double, t/lib/consul_api_double.py, with instances,
@@ -14,7 +18,9 @@
 # A failure is: `nginx -t` killed by a signal or hanging; a refusal without an
 # [emerg] message; nginx failing to start after `nginx -t` accepted it; any
 # process exiting on a signal or dumping core; [alert], [crit] or "panicked" in
-# the error log; a connection, a reload or the shutdown that hangs. Each case
+# the error log; a connection, a request, a reload or the shutdown that hangs;
+# a request through an http upstream that gets no whole HTTP answer; a status
+# page that misses an upstream or lists one twice. Each case
 # is generated from its own seed, printed with the configuration on failure,
 # and replayed with `--seed SEED --count 1`.
 #
@@ -31,7 +37,7 @@
 # The API double listens on 127.0.0.1:8654 (its control port: 8655).
 #
 # It runs in a private network namespace (unshare -n, loopback up) so that its
-# fixed loopback ports (DNS 8653, nginx 7600-7800) collide with nothing; it
+# fixed loopback ports (DNS 8653, backends 7600-7605, nginx 7700-7800) collide with nothing; it
 # re-executes itself there (NGX_CONSUL_CONFIG_FUZZ_NETNS=host: not, as
 # scripts/test.sh does under NGX_CONSUL_NETNS=0).
 use strict;
@@ -95,6 +101,7 @@ my $DnsPort = hostile_port();
 my @BACKENDS = (7600 .. 7605);          # the backends' process answers "b<port>"
 my @DEAD = (7690, 7691);                 # nothing listens
 my $PROXY_BASE = 7700;                   # one listening port per upstream
+my $HTTP_PROXY_BASE = 7750;              # one listening port per http upstream
 my $HTTP_PORT = 7800;                    # consul_upstream_status
 my $API_PORT = 8654;                     # the Consul HTTP API double
 my $API_CONTROL_PORT = 8655;             # ...and its control port
@@ -240,23 +247,38 @@ sub a_line {
 }
 
 sub a_server {
-    my $plain = shift;
+    my ($plain, $http) = @_;
     my $addr = bad() ? pick('127.0.0.1', 'nowhere.invalid:7600')
              : chance(0.9) ? '127.0.0.1:' . pick(@BACKENDS, @DEAD) : pick('localhost:7600', '[::1]:7600');
     my @p;
     push @p, 'weight=' . pick(1, 2, 5) if chance(0.2);
     push @p, 'max_fails=' . pick(0, 1, 2) if chance(0.1);
     push @p, 'fail_timeout=' . pick('1s', '10s') if chance(0.1);
-    push @p, 'max_conns=' . pick(1, 10) if chance(0.05);
+    push @p, 'max_conns=' . pick(1, 10) if chance($http ? 0.1 : 0.05);
+    push @p, 'slow_start=' . pick('10s', '30s') if $http && bad();    # NGINX Plus only
     push @p, 'backup' if chance($plain ? 0.1 : 0.35);
     push @p, 'down' if chance(0.08);
     return join(' ', 'server', $addr, @p) . ';';
 }
 
 sub a_method {
-    return pick('hash;', 'random three;', 'least_conn x;') if bad();
+    my ($http) = @_;
+    return pick('hash;', 'random three;', 'least_conn x;', $http ? ('ip_hash x;', 'least_time header;') : ())
+        if bad();
+    return pick('least_conn;', 'hash $request_uri;', 'hash $request_uri consistent;', 'hash $remote_addr;',
+                'random;', 'random two;', 'random two least_conn;', 'ip_hash;', 'ip_hash;')
+        if $http;
     return pick('least_conn;', 'hash $remote_addr;', 'hash $remote_addr consistent;', 'random;',
                 'random two;', 'random two least_conn;', 'hash $remote_port;');
+}
+
+# keepalive and its companions in an http upstream.
+sub keepalive_directives {
+    return pick('keepalive;', 'keepalive 0;', 'keepalive x;', 'keepalive_timeout abc;') if bad();
+    my @d = ('keepalive ' . pick(1, 2, 4, 16, 32) . ';');
+    push @d, 'keepalive_requests ' . pick(2, 10, 1000) . ';' if chance(0.2);
+    push @d, 'keepalive_timeout ' . pick('1s', '5s', '60s') . ';' if chance(0.2);
+    return @d;
 }
 
 my @ZONE_NAMES = qw(z0 z1 z2);
@@ -267,12 +289,14 @@ my $OUR_ZONE = do {
     open my $fh, '<', "$Root/core/src/zone/layout.rs" or die "core/src/zone/layout.rs: $!\n";
     my ($layout) = map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
     die "config-fuzz: no LAYOUT in core/src/zone/layout.rs\n" unless $layout;
-    "consul_upstream:v$layout:stream:";
+    "consul_upstream:v$layout:";
 };
 
-# One upstream block: (text, [SRV names], [API services]).
+# One upstream block: (text, [SRV names], [API services], whether it has
+# consul_upstream lines). PROTOCOL: stream or http.
 sub an_upstream {
-    my ($name, $case, $all_names) = @_;
+    my ($name, $case, $all_names, $protocol) = @_;
+    my $http = $protocol eq 'http';
     my $plain = chance(0.12);
     my (@lines, @names, @api);
     if (!$plain) {
@@ -286,17 +310,20 @@ sub an_upstream {
         push @lines, $lines[0] if bad();                     # the same line twice
     }
     my @directives = @lines;
-    push @directives, a_method() if chance(0.5);
-    push @directives, a_method() if bad();
+    push @directives, a_method($http) if chance(0.5);
+    push @directives, a_method($http) if bad();
+    push @directives, keepalive_directives() if $http && chance(0.6);
     if (chance(0.35)) {
         my $z = rand;
-        my $zname = bad() ? $OUR_ZONE . pick(@$all_names) : pick(@ZONE_NAMES);
+        my $zname = bad() ? $OUR_ZONE . pick('stream:', 'http:') . pick(@$all_names) : pick(@ZONE_NAMES);
         my $size = bad() ? pick('', '16k', 'x') : pick('64k', '128k', '1m');
         push @directives, "zone $zname" . (length $size ? " $size" : '') . ';';
     }
     my $servers = $plain ? 1 + int rand 3 : (chance(0.5) ? 0 : 1 + int rand 3);
-    push @directives, a_server($plain) for 1 .. $servers;
-    push @directives, pick('keepalive 4;', 'least_time connect;', 'ip_hash;') if bad();
+    push @directives, a_server($plain, $http) for 1 .. $servers;
+    push @directives, ($http ? pick('least_time header;', 'hash $request_uri consistent x;', 'sticky cookie s;')
+                             : pick('keepalive 4;', 'least_time connect;', 'ip_hash;'))
+        if bad();
     if (chance(0.6)) {
         # Any order, but the consul_upstream lines keep theirs (the first one
         # carries the upstream-wide parameters).
@@ -307,25 +334,42 @@ sub an_upstream {
         @directives = @shuffled;
     }
     my $text = "    upstream $name {\n" . join('', map { "        $_\n" } @directives) . "    }\n";
-    return ($text, \@names, \@api);
+    return ($text, \@names, \@api, scalar @lines);
 }
 
-# A whole configuration: { text, ports => [proxy ports], names => [SRV names],
-# api => [API services], http }.
+# A whole configuration: { text, ports => [stream proxy ports], http_ports =>
+# [http proxy ports], names => [SRV names], api => [API services], http (the
+# status location is there), listed => ["protocol/name" of every upstream with
+# consul_upstream lines, as the status page lists them] }. Upstreams: 0 to 3
+# stream ones and 0 to 2 http ones (at least one); an http one may have the
+# name of a stream one; http {} before or after stream {}.
 sub a_config {
     my ($case) = @_;
     my $workers = pick(1, 2);
-    my $n = 1 + int rand 4;
-    my @unames = map { "u$_" } 0 .. $n - 1;
-    my (@blocks, @names, @api, @ports);
-    for my $i (0 .. $n - 1) {
-        my ($t, $names, $api) = an_upstream($unames[$i], $case, \@unames);
+    my $n_stream = int rand 4;
+    my $n_http = int rand 3;
+    $n_stream = 1 if $n_stream + $n_http == 0;
+    my @unames = map { "u$_" } 0 .. $n_stream - 1;
+    my @hnames = map { @unames && chance(0.4) ? pick(@unames) : "h$_" } 0 .. $n_http - 1;
+    my %hseen;
+    @hnames = map { $hseen{$_}++ ? "h$_" : $_ } @hnames;      # two http upstreams "u0": nginx refuses
+    my (@blocks, @hblocks, @names, @api, @ports, @hports, %listed);
+    for my $i (0 .. $#unames) {
+        my ($t, $names, $api, $lines) = an_upstream($unames[$i], $case, [@unames, @hnames], 'stream');
         push @blocks, $t;
         push @names, @$names;
         push @api, @$api;
+        push @{ $listed{stream} }, "stream/$unames[$i]" if $lines;
+    }
+    for my $i (0 .. $#hnames) {
+        my ($t, $names, $api, $lines) = an_upstream($hnames[$i], $case, [@unames, @hnames], 'http');
+        push @hblocks, $t;
+        push @names, @$names;
+        push @api, @$api;
+        push @{ $listed{http} }, "http/$hnames[$i]" if $lines;
     }
     my $servers = '';
-    for my $i (0 .. $n - 1) {
+    for my $i (0 .. $#unames) {
         my $port = $PROXY_BASE + $i;
         push @ports, $port;
         my @d = ("listen 127.0.0.1:$port" . (chance(0.2) && $workers > 1 ? ' reuseport' : '') . ';',
@@ -336,7 +380,31 @@ sub a_config {
         push @d, 'proxy_ssl on;' if $HasSsl && chance(0.05);
         $servers .= "    server { " . join(' ', @d) . " }\n";
     }
-    my $http = chance(0.3);
+    my $hservers = '';
+    for my $i (0 .. $#hnames) {
+        my $port = $HTTP_PROXY_BASE + $i;
+        push @hports, $port;
+        my @d = ("proxy_pass http://$hnames[$i];", 'proxy_connect_timeout 1s;', 'proxy_read_timeout 3s;');
+        push @d, 'proxy_http_version 1.1;', 'proxy_set_header Connection "";' if chance(0.6);
+        push @d, 'proxy_next_upstream ' . pick('error timeout', 'error timeout http_502 http_503', 'off',
+                                              'error non_idempotent', 'http_404') . ';'
+            if chance(0.3);
+        push @d, 'proxy_next_upstream_tries ' . pick(0, 1, 2, 5) . ';' if chance(0.2);
+        push @d, 'proxy_next_upstream_timeout ' . pick('0', '5s') . ';' if chance(0.2);
+        push @d, 'add_header X-Upstream $upstream_addr;' if chance(0.2);
+        push @d, pick('proxy_http_version 3;', 'proxy_next_upstream sometimes;') if bad();
+        $hservers .= "    server {\n        listen 127.0.0.1:$port" . (chance(0.2) && $workers > 1 ? ' reuseport' : '')
+            . ";\n        location / { " . join(' ', @d) . " }\n    }\n";
+    }
+    my $status = @hnames || chance(0.3);
+    my $stream = @unames ? join('', "stream {\n", @blocks, $servers, "}\n") : '';
+    my $http = $status || @hnames
+        ? join('', "http {\n    access_log off;\n", @hblocks, $hservers,
+               ($status ? "    server {\n        listen 127.0.0.1:$HTTP_PORT;\n"
+                    . "        location = /status { consul_upstream_status; }\n"
+                    . "        location = /metrics { consul_upstream_status prometheus; }\n    }\n" : ()),
+               "}\n")
+        : '';
     my $text = join '',
         (map { "load_module $_;\n" } @Extra, $Module),
         "worker_processes $workers;\n",
@@ -345,11 +413,11 @@ sub a_config {
         "error_log logs/error.log info;\n",
         "pid logs/nginx.pid;\n",
         "events { worker_connections 4096; }\n",
-        "stream {\n", @blocks, $servers, "}\n",
-        ($http ? "http {\n    access_log off;\n    server {\n        listen 127.0.0.1:$HTTP_PORT;\n"
-                 . "        location = /status { consul_upstream_status; }\n"
-                 . "        location = /metrics { consul_upstream_status prometheus; }\n    }\n}\n" : ());
-    return { text => $text, ports => \@ports, names => \@names, api => \@api, http => $http };
+        chance(0.5) ? ($stream, $http) : ($http, $stream);
+    # The status page: stream upstreams first, then http ones, each in configuration order.
+    my @listed = map { @{ $listed{$_} // [] } } 'stream', 'http';
+    return { text => $text, ports => \@ports, http_ports => \@hports, names => \@names, api => \@api,
+             http => $status, listed => \@listed };
 }
 
 # DNS instances for the SRV names: some have none (NXDOMAIN), some peers refuse.
@@ -374,9 +442,13 @@ my @MODES = (('ok') x 12, ('consul') x 3, 'flap', 'flap', 'slow:0.05', 'never', 
 
 # --- the backends -------------------------------------------------------------
 
-# One process of the fuzzer's own answers "b<port>" on each backend port and
-# closes: not nginx's own listening sockets, which the module leaves out of
-# every answer (instances there would never be discovered peers).
+# One process of the fuzzer's own answers on each backend port: not nginx's
+# own listening sockets, which the module leaves out of every answer
+# (instances there would never be discovered peers). What a client sends first
+# tells the protocol: an HTTP request gets "HTTP/1.1 200" with the body
+# "b<port> N", N the request's rank on its connection (keep-alive unless the
+# request says close: nginx's upstream keepalive reuses it), anything else (the fuzzer's stream
+# clients send "s\n", proxy_ssl a ClientHello) "b<port>\n" and the close.
 my $BackendsPid;
 
 sub backends_start {
@@ -388,12 +460,40 @@ sub backends_start {
     $BackendsPid = fork // die "fork: $!";
     if (!$BackendsPid) {
         setsid();
+        $SIG{PIPE} = 'IGNORE';
+        my %listener = map { $_ => 1 } @socks;
+        my %buf;                                   # client socket => what it sent so far
+        my %port;                                  # client socket => the backend port
+        my %served;                                # client socket => HTTP requests answered on it
         my $sel = IO::Select->new(@socks);
+        my $drop = sub { my $c = shift; $sel->remove($c); delete @$_{$c} for \%buf, \%port, \%served; close $c };
         while (1) {
-            for my $l ($sel->can_read) {
-                my $c = $l->accept or next;
-                syswrite $c, 'b' . $l->sockport . "\n";
-                close $c;
+            for my $h ($sel->can_read) {
+                if ($listener{$h}) {
+                    my $c = $h->accept or next;
+                    $sel->add($c);
+                    ($buf{$c}, $port{$c}) = ('', $h->sockport);
+                    next;
+                }
+                my $n = sysread $h, $buf{$h}, 65536, length $buf{$h};
+                if (!$n) { $drop->($h); next }
+                if ($buf{$h} !~ /^[A-Z]/) {             # not HTTP
+                    syswrite $h, "b$port{$h}\n";
+                    $drop->($h);
+                    next;
+                }
+                my $close = 0;
+                while ($buf{$h} =~ s/\A(.*?)\r\n\r\n//s) {
+                    my $head = $1;
+                    my ($version) = $head =~ m{\A\S+ \S+ HTTP/(1\.[01])\r\n};
+                    $close = !defined $version || $head =~ /^Connection:\s*close/mi
+                        || ($version eq '1.0' && $head !~ /^Connection:\s*keep-alive/mi);
+                    my $body = "b$port{$h} " . ++$served{$h} . "\n";    # the request's rank on its connection
+                    syswrite $h, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+                        . length($body) . "\r\n" . ($close ? "Connection: close\r\n" : '') . "\r\n$body";
+                    last if $close;
+                }
+                $drop->($h) if $close || length $buf{$h} > 65536;
             }
         }
     }
@@ -537,6 +637,8 @@ sub connect_once {
     my ($port) = @_;
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 3)
         or return 'refused';
+    local $SIG{PIPE} = 'IGNORE';
+    syswrite $s, "s\n";                          # what tells the backend this is no HTTP
     my ($buf, $sel, $deadline) = ('', IO::Select->new($s), time + $HANG_CONNECTION);
     while (1) {
         my $left = $deadline - time;
@@ -550,20 +652,53 @@ sub connect_once {
     return $buf =~ /^(b\d+)/ ? $1 : 'closed';
 }
 
-sub http_get {
-    my ($path) = @_;
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $HTTP_PORT, Proto => 'tcp', Timeout => 3)
-        or return 'refused';
-    syswrite $s, "GET $path HTTP/1.0\r\nHost: x\r\n\r\n";
-    my ($buf, $sel, $deadline) = ('', IO::Select->new($s), time + $HANG_CONNECTION);
-    while (time < $deadline) {
-        next unless $sel->can_read($deadline - time);
-        my $n = sysread $s, $buf, 65536, length $buf;
-        last unless $n;
+# HTTP/1.1 requests for PATHS on one client connection, one after the other
+# (keep-alive, the last one Connection: close): a list of [status code, body],
+# or, where it went wrong, ["refused", "reset", "bad" (no whole response) or
+# "hang"] as the last item. A response with "Connection: close" ends the list
+# early (nginx may close a kept-alive connection; that is no failure).
+sub http_requests {
+    my ($port, @paths) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp', Timeout => 3)
+        or return (['refused', '']);
+    local $SIG{PIPE} = 'IGNORE';
+    my ($buf, $sel, @out) = ('', IO::Select->new($s));
+    for my $i (0 .. $#paths) {
+        my $last = $i == $#paths;
+        syswrite $s, "GET $paths[$i] HTTP/1.1\r\nHost: x\r\nConnection: " . ($last ? 'close' : 'keep-alive')
+            . "\r\n\r\n";
+        my $deadline = time + $HANG_CONNECTION;
+        my ($code, $head, $length, $eof);
+        while (1) {
+            if (!defined $code && $buf =~ s{\AHTTP/1\.1 (\d{3})[^\r\n]*\r\n(.*?)\r\n\r\n}{}s) {
+                ($code, $head) = ($1, $2);
+                ($length) = $head =~ /^Content-Length:\s*(\d+)/mi;
+            }
+            last if defined $code && defined $length && length $buf >= $length;
+            last if $eof;
+            my $left = $deadline - time;
+            if ($left <= 0) { close $s; return (@out, ['hang', '']) }
+            next unless $sel->can_read($left);
+            my $n = sysread $s, $buf, 65536, length $buf;
+            if (!defined $n) { close $s; return (@out, ['reset', '']) }
+            $eof = 1 if $n == 0;
+        }
+        # Without Content-Length a response ends with the connection (the last one only).
+        if (!defined $code || (defined $length ? length $buf < $length : !$eof)) {
+            close $s;
+            return (@out, ['bad', $buf]);
+        }
+        push @out, [$code, substr($buf, 0, $length // length $buf, '')];
+        last if $head =~ /^Connection:\s*close/mi || $eof;
     }
     close $s;
-    return time >= $deadline ? 'hang' : ($buf =~ m{^HTTP/1\.\d (\d+)} ? $1 : 'bad');
+    return @out;
 }
+
+# One request (Connection: close): (status code or what went wrong, body).
+sub http_request { my ($port, $path) = @_; return @{ (http_requests($port, $path))[-1] } }
+
+sub http_get { my ($code, $body) = http_request($HTTP_PORT, @_); return wantarray ? ($code, $body) : $code }
 
 sub worker_pids {
     my ($master) = @_;
@@ -625,8 +760,10 @@ END { kill 'KILL', -$Running if $Running; api_stop(); backends_stop() }
 # --- one case -----------------------------------------------------------------
 
 my %stats = (cases => 0, accepted => 0, refused => 0, started => 0, with_api => 0, reloads => 0,
-             kills => 0, connections => 0, answered => 0);
+             kills => 0, connections => 0, answered => 0, with_http => 0, requests => 0, requests_answered => 0,
+             requests_reused => 0, requests_client_kept => 0);
 my %refusals;
+my %statuses;                                   # HTTP requests through http upstreams, by status
 my @failures;
 
 sub fail {
@@ -684,6 +821,7 @@ sub start_and_use {
     my ($seed, $case, $cfg) = @_;
     $stats{started}++;
     $stats{with_api}++ if @{ $cfg->{api} };
+    $stats{with_http}++ if @{ $cfg->{http_ports} };
     hostile_mode('ok');
     hostile_instances(instances_for($cfg->{names}));
     api_put('/mode', { mode => 'ok' });
@@ -741,10 +879,33 @@ sub start_and_use {
                 return $finish->("a connection to port $port hung (DNS mode $mode)") if $r eq 'hang';
             }
         }
+        for my $port (@{ $cfg->{http_ports} }) {
+            # 1 to 3 client connections of 1 to 3 requests (a client's keep-alive)
+            for (1 .. 1 + int rand 3) {
+                my @paths = map { pick('/', '/a', '/b?x=1', '/' . int rand 1000) } 1 .. (chance(0.3) ? 2 + int rand 2 : 1);
+                my @answers = http_requests($port, @paths);
+                $stats{requests_client_kept} += @answers - 1;
+                for my $r (@answers) {
+                    my ($code, $body) = @$r;
+                    $stats{requests}++;
+                    $stats{requests_answered}++ if $code eq '200' && $body =~ /^b\d+ \d+$/;
+                    $stats{requests_reused}++ if $code eq '200' && $body =~ /^b\d+ ([2-9]|\d\d+)$/;
+                    $statuses{$code}++;
+                    # nginx answers every request (502, 504 when no peer can): no answer is a failure
+                    return $finish->("GET @paths on port $port: $code (DNS mode $mode)") if $code !~ /^\d+$/;
+                }
+            }
+        }
         if ($cfg->{http}) {
             for my $path ('/status', '/metrics') {
-                my $r = http_get($path);
-                return $finish->("GET $path: $r (DNS mode $mode)") if $r ne '200';
+                my ($code, $body) = http_get($path);
+                return $finish->("GET $path: $code (DNS mode $mode)") if $code ne '200';
+                next unless $path eq '/status';
+                my $doc = eval { $Json->decode($body) };
+                return $finish->("GET /status: not JSON: " . substr($body, 0, 200)) unless $doc;
+                my $got = join ' ', map { "$_->{protocol}/$_->{name}" } @{ $doc->{upstreams} };
+                my $want = join ' ', @{ $cfg->{listed} };
+                return $finish->("GET /status lists \"$got\", not \"$want\"") if $got ne $want;
             }
         }
         if (chance(0.1)) {                                    # a worker killed (as by the OOM killer)
@@ -776,11 +937,13 @@ sub start_and_use {
             my $stop = "$case/stop-connections";
             unlink $stop;
             my @ports = @{ $cfg->{ports} };
+            my @http_ports = @{ $cfg->{http_ports} };
             my $client = fork // die "fork: $!";
             if (!$client) {
                 my $hung = 0;
                 while (!-e $stop && !$hung) {
                     $hung = grep { connect_once($_) eq 'hang' } @ports;
+                    $hung ||= grep { (http_request($_, '/'))[0] eq 'hang' } @http_ports;
                 }
                 POSIX::_exit($hung ? 1 : 0);
             }
@@ -855,7 +1018,9 @@ $SIG{INT} = $SIG{TERM} = sub {
     make_path("$case/conf", "$case/logs");
     write_file("$case/conf/nginx.conf", join '', (map { "load_module $_;\n" } @Extra, $Module),
         "events { }\nstream {\n    upstream u { consul_upstream redis.service.consul; }\n",
-        "    server { listen 127.0.0.1:$PROXY_BASE; proxy_pass u; }\n}\n");
+        "    server { listen 127.0.0.1:$PROXY_BASE; proxy_pass u; }\n}\n",
+        "http {\n    upstream u { consul_upstream redis.service.consul; }\n",
+        "    server { listen 127.0.0.1:$HTTP_PROXY_BASE; location / { proxy_pass http://u; } }\n}\n");
     my ($st, $out) = nginx_t($case);
     if ($st ne 'exit 0') {
         remove_tree($Work);
@@ -883,10 +1048,13 @@ hostile_stop();
 api_stop();
 backends_stop();
 printf "config-fuzz: %d configurations in %.0f s: %d refused by nginx -t, %d accepted, %d started "
-    . "(%d with api= lines, %d reloads, %d workers killed, %d connections, %d answered by a backend); "
-    . "%d failed\n",
+    . "(%d with api= lines, %d with http upstreams, %d reloads, %d workers killed, %d connections, "
+    . "%d answered by a backend, %d HTTP requests (%d on a kept-alive client connection), %d answered by a "
+    . "backend (%d on a kept-alive upstream connection; by status: %s)); %d failed\n",
     $stats{cases}, time - $t0, $stats{refused}, $stats{accepted}, $stats{started}, $stats{with_api},
-    $stats{reloads}, $stats{kills}, $stats{connections}, $stats{answered}, scalar @failures;
+    $stats{with_http}, $stats{reloads}, $stats{kills}, $stats{connections}, $stats{answered},
+    $stats{requests}, $stats{requests_client_kept}, $stats{requests_answered}, $stats{requests_reused},
+    join(', ', map { "$statuses{$_} $_" } sort keys %statuses) || 'none', scalar @failures;
 if ($opt{verbose}) {
     print "config-fuzz: refusals by message:\n";
     printf "  %5d  %s\n", $refusals{$_}, $_ for sort { $refusals{$b} <=> $refusals{$a} } keys %refusals;

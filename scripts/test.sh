@@ -9,7 +9,7 @@
 #   prove        the Test::Nginx suite on the vendored nginx: prove -I t/lib -r t/
 #                (t/020-faults.t prints "fault: ... connections tried N / failed M")
 #   config-fuzz  scripts/config-fuzz.pl: 60 generated configurations through nginx -t,
-#                the accepted ones started and sent connections (about 1 min)
+#                the accepted ones started and sent connections and HTTP requests (about 1.5 min)
 #   demo         scripts/demo.sh --short (the README's first command)
 #   debian-nginx Debian's packaged nginx + scripts/build-module.sh for it
 #   prove-debian the suite again on Debian's nginx, at debug level (scripts/ci/prove-debian.sh)

@@ -544,3 +544,93 @@ is_tally(tally(2), {6380 => 2}, 'the stream upstream still serves');
 --- no_error_log
 [error]
 [emerg]
+
+
+
+=== TEST 9: http {} before stream {} and back: an http and a stream upstream named "api", each listed once with its protocol
+nginx.conf is rewritten between the orders (stream.conf's include moved after http {}
+or back before it): a fresh start with http {} first, a reload to stream {} first, a
+reload back. In each order the status page answers, JSON and Prometheus list both
+upstreams once each (stream, then http), with their own peers, and nothing twice.
+--- workers: 2
+--- dns
+instance api.service.yunlu_office.consul 127.0.0.1:6380
+instance web.service.yunlu_office.consul 127.0.0.1:6381
+instance web.service.yunlu_office.consul 127.0.0.2:6381
+--- backends: 6380
+--- stream_config
+upstream api {
+    consul_upstream api.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+}
+--- stream_server_config
+    proxy_pass api;
+--- http_config
+upstream api {
+    consul_upstream web.service.yunlu_office.consul resolver=127.0.0.1:$TEST_NGINX_DNS_PORT interval=1s;
+    keepalive 4;
+}
+--- config
+location = /status { consul_upstream_status; }
+location = /metrics { consul_upstream_status prometheus; }
+--- check
+my $conf_file = $Test::Nginx::Util::ConfFile;
+# Moves the include of stream.conf after http {} (http first) or before it.
+my $order = sub {
+    my ($http_first) = @_;
+    open my $fh, '<', $conf_file or die "$conf_file: $!";
+    my $text = do { local $/; <$fh> };
+    close $fh;
+    my ($inc) = $text =~ /^(include \S+\/stream\.conf;\n)/m or die "no include of stream.conf in $conf_file";
+    $text =~ s/^\Q$inc\E//m;
+    if ($http_first) {
+        $text .= $inc;
+    } else {
+        $text =~ s/^(http \{)/$inc$1/m or die "no http {} in $conf_file";
+    }
+    open $fh, '>', $conf_file or die "$conf_file: $!";
+    print $fh $text;
+    close $fh;
+    my ($h, $s) = map { index($text, $_) } "\nhttp {", $inc;
+    return $http_first ? $h < $s : $s < $h;
+};
+my $both = sub {
+    my $doc = eval { status_doc() } or return undef;
+    my @u = @{ $doc->{upstreams} };
+    return @u == 2 && @{ $u[0]{peers} } == 1 && @{ $u[1]{peers} } == 2 ? \@u : undef;
+};
+my $check = sub {
+    my ($what) = @_;
+    my $u;
+    ok(wait_until(sub { $u = $both->() }, 8, 0.1), "$what: the status page lists two upstreams with their peers")
+        or diag explain(eval { status_doc() } // $@);
+    $u //= [];
+    is(join(' ', map { "$_->{name}/$_->{protocol}" } @$u), 'api/stream api/http', "$what: stream api, then http api");
+    is(join(' ', map { $_->{address} } @{ $u->[0]{peers} // [] }), '127.0.0.1:6380', "$what: the stream one's peer");
+    is(join(' ', sort map { $_->{address} } @{ $u->[1]{peers} // [] }), '127.0.0.1:6381 127.0.0.2:6381',
+       "$what: the http one's peers");
+    my $p = prom_parse((metrics())[0]);
+    my %seen;
+    my @dups;
+    for my $s (@{ $p->{samples} }) {
+        my $key = join ',', $s->[0], map { "$_=$s->[1]{$_}" } sort keys %{ $s->[1] };
+        push @dups, $key if $seen{$key}++;
+    }
+    is(scalar @dups, 0, "$what: no sample twice") or diag join "\n", @dups;
+    my @peers = sort map { "$_->[1]{protocol}=$_->[2]" }
+        grep { $_->[0] eq 'nginx_consul_upstream_peers' && $_->[1]{upstream} eq 'api' } @{ $p->{samples} };
+    is("@peers", 'http=2 stream=1', "$what: metrics: the peers of each, once");
+    is_tally(tally(3), {6380 => 3}, "$what: the stream upstream serves");
+};
+ok($order->(1), 'nginx.conf: http {} first');
+ok(nginx_restart(), 'started with http {} first');
+$check->('http first');
+ok($order->(0), 'nginx.conf: stream {} first');
+ok(nginx_reload(), 'reloaded into stream {} first');
+$check->('reloaded, stream first');
+ok($order->(1), 'nginx.conf: http {} first again');
+ok(nginx_reload(), 'reloaded into http {} first');
+$check->('reloaded, http first');
+--- no_error_log
+[error]
+[emerg]
+[alert]
