@@ -240,7 +240,7 @@ _EOC_
 
 # --- http { upstream {} } (issue 17) ----------------------------------------
 {
-    my ($version) = `$Test::Nginx::Consul::NginxBinary -v 2>&1` =~ m{nginx/(\d+\.\d+\.\d+)};
+    my ($version) = `$Test::Nginx::Consul::NginxBinary -v 2>&1` =~ m{nginx version: [^/\s]+/(\d+\.\d+\.\d+)};
     my $vnum = sprintf '%d%03d%03d', split /\./, $version;
     # One http config around BODY (lines 1-4 come first: BODY starts at line 5).
     my $http = sub {
