@@ -396,7 +396,7 @@ _EOC_
         is($rc, 0, 'keepalive N local (nginx >= 1.29.7): accepted') or diag $out;
     } else {
         like($out, qr/\[emerg\] invalid number of arguments in "keepalive" directive in \Q$conf\E:6$/m,
-             "keepalive N local: nginx $version's own refusal") or diag $out;
+             "keepalive N local: nginx ${version}'s own refusal") or diag $out;
     }
 }
 
