@@ -240,7 +240,7 @@ _EOC_
 
 # --- http { upstream {} } (issue 17) ----------------------------------------
 {
-    my ($version) = `$Test::Nginx::Consul::NginxBinary -v 2>&1` =~ m{nginx/(\d+\.\d+\.\d+)};
+    my ($version) = `$Test::Nginx::Consul::NginxBinary -v 2>&1` =~ m{nginx version: [^/\s]+/(\d+\.\d+\.\d+)};
     my $vnum = sprintf '%d%03d%03d', split /\./, $version;
     # One http config around BODY (lines 1-4 come first: BODY starts at line 5).
     my $http = sub {
@@ -396,7 +396,7 @@ _EOC_
         is($rc, 0, 'keepalive N local (nginx >= 1.29.7): accepted') or diag $out;
     } else {
         like($out, qr/\[emerg\] invalid number of arguments in "keepalive" directive in \Q$conf\E:6$/m,
-             "keepalive N local: nginx $version's own refusal") or diag $out;
+             "keepalive N local: nginx ${version}'s own refusal") or diag $out;
     }
 }
 

@@ -8,6 +8,9 @@ use Test::Nginx::Consul 'no_plan';
 use Test::Nginx::Consul::Http;
 use Time::HiRes qw(time sleep);
 
+# "Without keepalive" on nginx >= 1.29.7, which keeps upstream connections by default.
+our $NO_KEEPALIVE = nginx_keepalive_by_default() ? 'keepalive 0;' : '';
+
 run_tests();
 
 __DATA__
@@ -100,11 +103,12 @@ ok(wait_until(sub { !kill(0, $kid) || Test::Nginx::Consul::_cmdline($kid) eq '' 
 === TEST 4: round robin over 2 backends is 50:50 by count; without keepalive one connection per request
 --- no_module
 --- http_backends: 8081 8082
---- http_config
-upstream api {
+--- http_config eval
+"upstream api {
     server 127.0.0.1:8081;
     server 127.0.0.1:8082;
-}
+    $::NO_KEEPALIVE
+}"
 --- config
 location /api/ { proxy_pass http://api; }
 --- check
@@ -181,11 +185,12 @@ for my $p (8081, 8082) {
 --- no_module
 --- workers: 2
 --- http_backends: 8081 8082
---- http_config
-upstream api {
+--- http_config eval
+"upstream api {
     server 127.0.0.1:8081;
     server 127.0.0.1:8082;
-}
+    $::NO_KEEPALIVE
+}"
 --- config
 location /api/ {
     proxy_pass http://api;

@@ -477,12 +477,12 @@ sub http_config_set {
 # ---------------------------------------------------------------------------
 # nginx's version
 
-# 1028003 for nginx 1.28.3 (from `nginx -V` of the binary under test).
+# 1028003 for nginx 1.28.3, 1027001 for openresty/1.27.1.2 (from `nginx -V` of the binary under test).
 my $VersionNum;
 sub nginx_version_num {
     return $VersionNum if defined $VersionNum;
     my $out = `$Test::Nginx::Consul::NginxBinary -V 2>&1`;
-    my ($a, $b, $c) = $out =~ m{nginx/(\d+)\.(\d+)\.(\d+)} or die "nginx -V: no version in: $out\n";
+    my ($a, $b, $c) = $out =~ m{nginx version: [^/\s]+/(\d+)\.(\d+)\.(\d+)} or die "nginx -V: no version in: $out\n";
     return $VersionNum = $a * 1000000 + $b * 1000 + $c;
 }
 
