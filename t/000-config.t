@@ -172,16 +172,16 @@ _EOC_
         open my $fh, '<', "$Test::Nginx::Consul::RootDir/core/src/zone/layout.rs" or die $!;
         map { /^pub const LAYOUT: u32 = (\d+);/ ? $1 : () } <$fh>;
     };
-    my $ours = "consul_upstream:v$layout:stream:b";
-    for my $case (['before', "upstream a { zone $ours 256k; server 127.0.0.1:6380; }",
+    my $zone_name = "consul_upstream:v$layout:stream:b";
+    for my $case (['before', "upstream a { zone $zone_name 256k; server 127.0.0.1:6380; }",
                    'upstream b { consul_upstream b.service.consul; }', 7,
-                   qr/shared memory zone "\Q$ours\E" is already declared for a different use: this name is the zone of "consul_upstream" in upstream "b"/],
+                   qr/shared memory zone "\Q$zone_name\E" is already declared for a different use: this name is the zone of "consul_upstream" in upstream "b"/],
                   ['after', 'upstream b { consul_upstream b.service.consul; }',
-                   "upstream a { zone $ours 256k; server 127.0.0.1:6380; }", 7,
-                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/],
+                   "upstream a { zone $zone_name 256k; server 127.0.0.1:6380; }", 7,
+                   qr/zone "\Q$zone_name\E" is the zone of "consul_upstream" in upstream "b": choose another name/],
                   ['in the same upstream, without a size', "upstream b { consul_upstream b.service.consul;",
-                   "zone $ours; }", 7,
-                   qr/zone "\Q$ours\E" is the zone of "consul_upstream" in upstream "b": choose another name/]) {
+                   "zone $zone_name; }", 7,
+                   qr/zone "\Q$zone_name\E" is the zone of "consul_upstream" in upstream "b": choose another name/]) {
         my ($what, $first, $second, $line, $msg) = @$case;
         ($rc, $out, $conf) = nginx_t(<<"_EOC_");
 load_module \$TEST_NGINX_CONSUL_MODULE;
