@@ -96,7 +96,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     log::to(cycle.log, || {
         let filled = std::panic::catch_unwind(AssertUnwindSafe(|| fill(cycle)));
         if filled.is_err() {
-            log::alert(
+            log::alert!(
                 "consul upstream: filling the zones before the workers start failed (panic)",
             );
         }
@@ -146,12 +146,12 @@ fn fill(cycle: &ngx_cycle_t) {
     let settings: Vec<_> = dns.iter().map(|&(g, l)| groups[g].0.settings(l)).collect();
     let started = Instant::now();
     let results = sync_resolve::lookup_all(&settings, &mut gets, &own, BOUND);
-    log::debug(&format!(
+    log::debug!(
         "consul upstream: {} lookups and {} API requests before the workers start took {}ms",
         dns.len(),
         api.len(),
         started.elapsed().as_millis()
-    ));
+    );
     // The clock nginx caches stood still while the master waited.
     // SAFETY: what nginx's master calls in its own loop.
     unsafe { ngx::ffi::ngx_time_update() };
@@ -179,11 +179,11 @@ fn fill(cycle: &ngx_cycle_t) {
             {
                 // Host names are resolved through resolver=, which only
                 // worker 0 does for an API line: it asks at once.
-                log::debug(&format!(
+                log::debug!(
                     "{}{}: host names in the answer, left to worker 0",
                     up.prefix(),
                     line.settings.query
-                ));
+                );
                 continue;
             }
             Ok(read) => match reader.result(read, &own, None) {

@@ -109,7 +109,7 @@ impl<F: Future<Output = ()>> Future for Guarded<F> {
         match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(&mut inner))) {
             Ok(poll) => poll,
             Err(_) => {
-                log::alert("consul upstream: a discovery task failed (panic); it was stopped");
+                log::alert!("consul upstream: a discovery task failed (panic); it was stopped");
                 Poll::Ready(())
             }
         }

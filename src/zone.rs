@@ -278,11 +278,11 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     if let Some(old) = unsafe { previous_zone(zone) } {
         let now_ms = ffi::current_msec();
         if let Err(too_large) = new.copy_from(&old, ffi::unix_now(), now_ms) {
-            log::error(&format!(
+            log::error!(
                 "consul upstream zone \"{}\": the previous zone's peers do not fit the new size (max {}), starting empty",
                 String::from_utf8_lossy(zone.shm.name.as_bytes()),
                 too_large.capacity
-            ));
+            );
         }
     }
     NGX_OK as ngx_int_t

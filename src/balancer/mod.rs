@@ -84,7 +84,7 @@ pub(crate) use entry_points;
 /// Runs a callback's body; a panic becomes `failed` instead of crossing into nginx.
 fn guarded<T>(failed: T, body: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
-        log::alert("consul upstream: balancer callback failed (panic)");
+        log::alert!("consul upstream: balancer callback failed (panic)");
         failed
     })
 }
