@@ -12,11 +12,14 @@ use std::ptr;
 
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add,
-    ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_page_t,
+    ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_page_t,
     ngx_slab_pool_t, ngx_slab_stat_t, ngx_str_t, ngx_stream_module, NGX_ERROR, NGX_OK,
 };
 
 use std::sync::atomic::AtomicU32;
+
+use ngx::core::slab::LockedSlabPool;
+use ngx::core::SlabPool;
 
 use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
@@ -29,15 +32,15 @@ use crate::{ffi, log};
 
 /// One zone as this process sees it: core's view of its memory and the slab
 /// pool whose mutex serializes writers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct SharedZone {
     zone: Zone<'static>,
-    pool: *mut ngx_slab_pool_t,
+    pool: SlabPool,
 }
 
-/// Holds the zone's write lock; released on drop.
+/// Holds the zone's write lock (ngx's locked slab pool); released on drop.
 pub struct WriteGuard {
-    zone: SharedZone,
+    _pool: LockedSlabPool,
 }
 
 impl SharedZone {
@@ -50,7 +53,9 @@ impl SharedZone {
         if shm_zone.data.is_null() {
             return None;
         }
-        let pool = shm_zone.shm.addr as *mut ngx_slab_pool_t;
+        // SAFETY: an initialized zone of this cycle (per the contract); its
+        // mapping starts with the slab pool.
+        let pool = unsafe { SlabPool::from_shm_zone(shm_zone)? };
         // SAFETY: data was set by init_zone to a laid-out zone in this mapping.
         let zone = unsafe { map(shm_zone.data as *mut Header)? };
         Some(SharedZone { zone, pool })
@@ -63,17 +68,9 @@ impl SharedZone {
     /// Takes the write lock (microseconds; its holder is the one discovery
     /// process, or the old one during a reload).
     pub fn lock(&self) -> WriteGuard {
-        // SAFETY: the slab pool heads the zone's mapping; nginx initialized its
-        // mutex when it created the zone.
-        unsafe { ngx_shmtx_lock(ptr::addr_of_mut!((*self.pool).mutex)) };
-        WriteGuard { zone: *self }
-    }
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        // SAFETY: locked by lock().
-        unsafe { ngx_shmtx_unlock(ptr::addr_of_mut!((*self.zone.pool).mutex)) };
+        WriteGuard {
+            _pool: self.pool.lock(),
+        }
     }
 }
 

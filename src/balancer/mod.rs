@@ -217,6 +217,8 @@ unsafe fn init_session<P: Protocol>(
         return NGX_ERROR as ngx_int_t;
     };
     let zone = up.zone();
+    // The zone's capacity bounds every generation: the tried bitmap's size.
+    let capacity = zone.as_ref().map_or(0, |z| z.zone().capacity());
     local.refresh(zone);
     let fallback = up.fallback.get();
     let discovered = local.view.tries();
@@ -240,7 +242,7 @@ unsafe fn init_session<P: Protocol>(
         upstream: up,
         // SAFETY: per the contract; the block's name lives as long as its conf.
         upstream_name: P::hooks(unsafe { &mut *us }).host,
-        capacity: zone.map_or(0, |z| z.zone().capacity()),
+        capacity,
         health,
         key_hash: key.and_then(|k| P::key_hash(session, k)),
     };
