@@ -6,14 +6,14 @@
 //! holding it, the master frees it (as for every shared zone). Readers never
 //! lock; see `consul_core::zone` for how a killed writer leaves nothing torn.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 use std::mem::size_of;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add,
-    ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_page_t,
-    ngx_slab_pool_t, ngx_slab_stat_t, ngx_str_t, ngx_stream_module, NGX_ERROR, NGX_OK,
+    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_page_t, ngx_slab_pool_t, ngx_slab_stat_t, ngx_stream_module,
+    NGX_ERROR, NGX_OK,
 };
 
 use std::sync::atomic::AtomicU32;
@@ -26,8 +26,6 @@ use consul_core::least::nodes_for;
 use consul_core::slot::PeerSlot;
 use consul_core::zone::{bytes_for, capacity_for, Header, Record, Zone};
 
-use crate::conf::methods::NginxHandler;
-use crate::protocol::Protocol;
 use crate::{ffi, log};
 
 /// One zone as this process sees it: core's view of its memory and the slab
@@ -173,6 +171,11 @@ fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
     None
 }
 
+/// Whether the cycle being configured has a zone `name` of this module's.
+pub fn is_ours(cf: &ngx_conf_t, name: &[u8]) -> bool {
+    declared(cf, name).is_some_and(|t| t == tag())
+}
+
 /// Registers the zone of `upstream` with `size` bytes, named by its key
 /// (`consul_upstream:v<LAYOUT>:<stream|http>:<name>`): an http and a stream
 /// upstream of the same name get zones of their own.
@@ -199,35 +202,6 @@ pub fn register(
         (*shm_zone).data = ptr::null_mut();
     }
     Ok(shm_zone)
-}
-
-/// nginx's `zone NAME [SIZE];` in an `upstream {}` of either protocol, seen
-/// first: a name that is the zone of a `consul_upstream` upstream is refused
-/// (nginx would share that zone, or refuse it less clearly); every other goes
-/// on to nginx.
-pub unsafe extern "C" fn zone_directive<P: Protocol>(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls directive handlers with the configuration being parsed.
-    let cf = unsafe { &mut *cf };
-    crate::conf::directive_result(cf, |cf| {
-        let theirs = NginxHandler::find::<P>(cf, P::ZONE_MODULE, "zone")?;
-        // SAFETY: cf.args holds the directive's words (nginx checked their count).
-        let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
-        if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
-            if declared(cf, name).is_some_and(|t| t == tag()) {
-                let name = String::from_utf8_lossy(name);
-                let owner = UpstreamKey::from_zone_name(&name)
-                    .map_or_else(|| format!("upstream \"{name}\""), |k| k.to_string());
-                return Err(format!(
-                    "zone \"{name}\" is the zone of \"consul_upstream\" in {owner}: choose another name"
-                ));
-            }
-        }
-        Ok(theirs.call::<P>(cf))
-    })
 }
 
 /// The shm zone `init` callback, in the master (or the single process). `data`

@@ -25,7 +25,7 @@ use ngx::ffi::{
 use consul_core::method::Method;
 use consul_core::view::{Balancing, PeerView, PickContext};
 
-use crate::conf::placeholder;
+use crate::placeholder;
 use crate::protocol::{Key, Protocol};
 use crate::sockaddr::SockaddrBuf;
 use crate::upstream::{Fallback, Upstream};
