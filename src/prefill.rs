@@ -129,7 +129,7 @@ fn fill(cycle: &ngx_cycle_t) {
                 (Some(conf), Some(settings)) => {
                     api.push((g, l));
                     gets.push(Get::new(
-                        up.prefix(),
+                        up.prefix().to_string(),
                         &line.settings,
                         settings,
                         conf,
@@ -167,7 +167,7 @@ fn fill(cycle: &ngx_cycle_t) {
         let Some(settings) = &line.settings.api else {
             continue;
         };
-        let mut reader = Reader::new(up.prefix(), settings);
+        let mut reader = Reader::new(up.prefix().to_string(), settings);
         let read = get.take_result().and_then(|response| reader.read(response));
         let (result, answered) = match read {
             Err(why) => {

@@ -248,7 +248,7 @@ async fn api_loop(
     let capacity = group.borrow().capacity();
     let Some(mut watch) = l.api.as_ref().and_then(|conf| {
         Watch::new(
-            up.prefix(),
+            up.prefix().to_string(),
             settings,
             conf,
             own,
