@@ -241,10 +241,10 @@ impl Server {
                 Err(e) if conn.driver.is_finished() => {
                     self.forget(&conn);
                     if reused && !retried {
-                        crate::log::debug(&format!(
+                        crate::log::debug!(
                             "consul upstream: DNS connection to {} closed ({e}), asking again",
                             self.addr
-                        ));
+                        );
                         retried = true;
                         continue;
                     }
@@ -279,10 +279,7 @@ impl Server {
             exchange,
             driver: runtime::spawn(background),
         });
-        crate::log::debug(&format!(
-            "consul upstream: DNS connection to {} opened",
-            self.addr
-        ));
+        crate::log::debug!("consul upstream: DNS connection to {} opened", self.addr);
         *self.conn.borrow_mut() = Some(conn.clone());
         Ok((conn, false))
     }

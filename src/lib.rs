@@ -51,6 +51,7 @@ mod fault;
 mod ffi;
 mod listening;
 mod log;
+mod placeholder;
 mod prefill;
 mod protocol;
 mod registry;
@@ -144,7 +145,7 @@ static mut STREAM_COMMANDS: [ngx_command_t; 10] = [
     stream_ups(
         ngx::ngx_string!("zone"),
         NGX_CONF_TAKE12,
-        zone::zone_directive::<Stream>,
+        conf::zone_directive::zone::<Stream>,
     ),
     stream_ups(
         ngx::ngx_string!("least_time"),
@@ -232,7 +233,7 @@ static mut HTTP_COMMANDS: [ngx_command_t; 15] = [
     http_ups(
         ngx::ngx_string!("zone"),
         NGX_CONF_TAKE12,
-        zone::zone_directive::<Http>,
+        conf::zone_directive::zone::<Http>,
     ),
     // `keepalive N` (nginx ≥ 1.29.7 also `keepalive N local`): nginx's own
     // handler checks the count it takes.

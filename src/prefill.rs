@@ -96,7 +96,7 @@ pub unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     log::to(cycle.log, || {
         let filled = std::panic::catch_unwind(AssertUnwindSafe(|| fill(cycle)));
         if filled.is_err() {
-            log::alert(
+            log::alert!(
                 "consul upstream: filling the zones before the workers start failed (panic)",
             );
         }
@@ -129,7 +129,7 @@ fn fill(cycle: &ngx_cycle_t) {
                 (Some(conf), Some(settings)) => {
                     api.push((g, l));
                     gets.push(Get::new(
-                        up.prefix(),
+                        up.prefix().to_string(),
                         &line.settings,
                         settings,
                         conf,
@@ -146,12 +146,12 @@ fn fill(cycle: &ngx_cycle_t) {
     let settings: Vec<_> = dns.iter().map(|&(g, l)| groups[g].0.settings(l)).collect();
     let started = Instant::now();
     let results = sync_resolve::lookup_all(&settings, &mut gets, &own, BOUND);
-    log::debug(&format!(
+    log::debug!(
         "consul upstream: {} lookups and {} API requests before the workers start took {}ms",
         dns.len(),
         api.len(),
         started.elapsed().as_millis()
-    ));
+    );
     // The clock nginx caches stood still while the master waited.
     // SAFETY: what nginx's master calls in its own loop.
     unsafe { ngx::ffi::ngx_time_update() };
@@ -167,7 +167,7 @@ fn fill(cycle: &ngx_cycle_t) {
         let Some(settings) = &line.settings.api else {
             continue;
         };
-        let mut reader = Reader::new(up.prefix(), settings);
+        let mut reader = Reader::new(up.prefix().to_string(), settings);
         let read = get.take_result().and_then(|response| reader.read(response));
         let (result, answered) = match read {
             Err(why) => {
@@ -179,11 +179,11 @@ fn fill(cycle: &ngx_cycle_t) {
             {
                 // Host names are resolved through resolver=, which only
                 // worker 0 does for an API line: it asks at once.
-                log::debug(&format!(
+                log::debug!(
                     "{}{}: host names in the answer, left to worker 0",
                     up.prefix(),
                     line.settings.query
-                ));
+                );
                 continue;
             }
             Ok(read) => match reader.result(read, &own, None) {

@@ -95,7 +95,7 @@ impl LineResolver {
             match self.addresses(server, name).await {
                 FollowUp::Found(ips) => return Ok(ips),
                 FollowUp::NoAddress(why) => {
-                    log::debug(&format!("consul upstream: {name}: {why}"));
+                    log::debug!("consul upstream: {name}: {why}");
                     return Ok(Vec::new());
                 }
                 FollowUp::Failed(e) => errors.push(e),

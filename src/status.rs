@@ -101,7 +101,7 @@ unsafe fn respond(r: *mut ngx_http_request_t, format: Format) -> ngx_int_t {
     // SAFETY: per the contract.
     let r = unsafe { &mut *r };
     std::panic::catch_unwind(AssertUnwindSafe(|| serve(r, format))).unwrap_or_else(|_| {
-        log::alert("consul upstream status: request failed (panic)");
+        log::alert!("consul upstream status: request failed (panic)");
         NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t
     })
 }

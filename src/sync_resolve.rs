@@ -398,9 +398,9 @@ impl Lookups<'_> {
                 continue;
             }
             attempt.retried.extend(caught.iter().map(|q| q.id));
-            crate::log::debug(&format!(
+            crate::log::debug!(
                 "consul upstream: DNS connection to {addr} closed ({reason}), asking again"
-            ));
+            );
             for q in caught {
                 self.send(a, q, true);
             }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use ngx::ffi::{ngx_shm_zone_t, socklen_t};
 
-use consul_core::key::UpstreamKey;
+use consul_core::key::{LogPrefix, UpstreamKey};
 use consul_core::method::Rng;
 use consul_core::settings::Settings;
 use consul_core::view::{PeerView, Shared, SlotRef};
@@ -58,7 +58,7 @@ impl Upstream {
 
     /// `consul upstream "redis": ` (`consul http upstream "api": `), the start
     /// of every runtime log line.
-    pub fn prefix(&self) -> String {
+    pub fn prefix(&self) -> LogPrefix<'_> {
         self.key.log_prefix()
     }
 

@@ -6,38 +6,39 @@
 //! holding it, the master frees it (as for every shared zone). Readers never
 //! lock; see `consul_core::zone` for how a killed writer leaves nothing torn.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::c_void;
 use std::mem::size_of;
 use std::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add,
-    ngx_shm_zone_t, ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_page_t,
-    ngx_slab_pool_t, ngx_slab_stat_t, ngx_str_t, ngx_stream_module, NGX_ERROR, NGX_OK,
+    ngx_conf_t, ngx_int_t, ngx_pagesize, ngx_pagesize_shift, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_page_t, ngx_slab_pool_t, ngx_slab_stat_t, ngx_stream_module,
+    NGX_ERROR, NGX_OK,
 };
 
 use std::sync::atomic::AtomicU32;
+
+use ngx::core::slab::LockedSlabPool;
+use ngx::core::SlabPool;
 
 use consul_core::key::UpstreamKey;
 use consul_core::least::nodes_for;
 use consul_core::slot::PeerSlot;
 use consul_core::zone::{bytes_for, capacity_for, Header, Record, Zone};
 
-use crate::conf::methods::NginxHandler;
-use crate::protocol::Protocol;
 use crate::{ffi, log};
 
 /// One zone as this process sees it: core's view of its memory and the slab
 /// pool whose mutex serializes writers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct SharedZone {
     zone: Zone<'static>,
-    pool: *mut ngx_slab_pool_t,
+    pool: SlabPool,
 }
 
-/// Holds the zone's write lock; released on drop.
+/// Holds the zone's write lock (ngx's locked slab pool); released on drop.
 pub struct WriteGuard {
-    zone: SharedZone,
+    _pool: LockedSlabPool,
 }
 
 impl SharedZone {
@@ -50,7 +51,9 @@ impl SharedZone {
         if shm_zone.data.is_null() {
             return None;
         }
-        let pool = shm_zone.shm.addr as *mut ngx_slab_pool_t;
+        // SAFETY: an initialized zone of this cycle (per the contract); its
+        // mapping starts with the slab pool.
+        let pool = unsafe { SlabPool::from_shm_zone(shm_zone)? };
         // SAFETY: data was set by init_zone to a laid-out zone in this mapping.
         let zone = unsafe { map(shm_zone.data as *mut Header)? };
         Some(SharedZone { zone, pool })
@@ -63,17 +66,9 @@ impl SharedZone {
     /// Takes the write lock (microseconds; its holder is the one discovery
     /// process, or the old one during a reload).
     pub fn lock(&self) -> WriteGuard {
-        // SAFETY: the slab pool heads the zone's mapping; nginx initialized its
-        // mutex when it created the zone.
-        unsafe { ngx_shmtx_lock(ptr::addr_of_mut!((*self.pool).mutex)) };
-        WriteGuard { zone: *self }
-    }
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        // SAFETY: locked by lock().
-        unsafe { ngx_shmtx_unlock(ptr::addr_of_mut!((*self.zone.pool).mutex)) };
+        WriteGuard {
+            _pool: self.pool.lock(),
+        }
     }
 }
 
@@ -176,6 +171,11 @@ fn declared(cf: &ngx_conf_t, name: &[u8]) -> Option<*mut c_void> {
     None
 }
 
+/// Whether the cycle being configured has a zone `name` of this module's.
+pub fn is_ours(cf: &ngx_conf_t, name: &[u8]) -> bool {
+    declared(cf, name).is_some_and(|t| t == tag())
+}
+
 /// Registers the zone of `upstream` with `size` bytes, named by its key
 /// (`consul_upstream:v<LAYOUT>:<stream|http>:<name>`): an http and a stream
 /// upstream of the same name get zones of their own.
@@ -202,35 +202,6 @@ pub fn register(
         (*shm_zone).data = ptr::null_mut();
     }
     Ok(shm_zone)
-}
-
-/// nginx's `zone NAME [SIZE];` in an `upstream {}` of either protocol, seen
-/// first: a name that is the zone of a `consul_upstream` upstream is refused
-/// (nginx would share that zone, or refuse it less clearly); every other goes
-/// on to nginx.
-pub unsafe extern "C" fn zone_directive<P: Protocol>(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    _conf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: nginx calls directive handlers with the configuration being parsed.
-    let cf = unsafe { &mut *cf };
-    crate::conf::directive_result(cf, |cf| {
-        let theirs = NginxHandler::find::<P>(cf, P::ZONE_MODULE, "zone")?;
-        // SAFETY: cf.args holds the directive's words (nginx checked their count).
-        let args = unsafe { (*cf.args).as_slice::<ngx_str_t>() };
-        if let Some(name) = args.get(1).map(|a| a.as_bytes()) {
-            if declared(cf, name).is_some_and(|t| t == tag()) {
-                let name = String::from_utf8_lossy(name);
-                let owner = UpstreamKey::from_zone_name(&name)
-                    .map_or_else(|| format!("upstream \"{name}\""), |k| k.to_string());
-                return Err(format!(
-                    "zone \"{name}\" is the zone of \"consul_upstream\" in {owner}: choose another name"
-                ));
-            }
-        }
-        Ok(theirs.call::<P>(cf))
-    })
 }
 
 /// The shm zone `init` callback, in the master (or the single process). `data`
@@ -278,11 +249,11 @@ pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, data: *mut c_v
     if let Some(old) = unsafe { previous_zone(zone) } {
         let now_ms = ffi::current_msec();
         if let Err(too_large) = new.copy_from(&old, ffi::unix_now(), now_ms) {
-            log::error(&format!(
+            log::error!(
                 "consul upstream zone \"{}\": the previous zone's peers do not fit the new size (max {}), starting empty",
                 String::from_utf8_lossy(zone.shm.name.as_bytes()),
                 too_large.capacity
-            ));
+            );
         }
     }
     NGX_OK as ngx_int_t

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use crate::answer::Ignored;
-use crate::key::UpstreamKey;
+use crate::key::{LogPrefix, UpstreamKey};
 use crate::lookup::{Resolved, Truncation};
 use crate::peer::{canonicalize_by, Peer};
 use crate::policy::{peers as count, Action, Decision, Level, Outcome, Tracker};
@@ -142,7 +142,6 @@ impl<'a, E: GroupEnv> Group<'a, E> {
     /// Peers of lines that are no longer configured leave the zone now, whatever
     /// DNS does.
     pub fn start(conf: GroupConf<'a>, zone: Zone<'a>, env: E) -> Group<'a, E> {
-        let p = conf.key.log_prefix();
         let pid = env.pid();
         {
             let _lock = env.lock();
@@ -170,6 +169,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
         // The previous configuration may have balanced otherwise (least_conn's
         // tree is kept up to date only under least_conn).
         z.tree().rebuild();
+        let p = g.conf.key.log_prefix();
         for (l, part) in g.conf.lines.iter().zip(&g.parts) {
             let s = l.settings;
             let resolvers: Vec<String> = s.resolvers.iter().map(|r| r.to_string()).collect();
@@ -214,7 +214,8 @@ impl<'a, E: GroupEnv> Group<'a, E> {
             if let Some(generation) = g.write(&merged) {
                 if removed > 0 {
                     g.env.log(Level::Notice, format_args!(
-                        "{p}dropping {} of removed \"consul_upstream\" lines, {} in all (generation {generation})",
+                        "{}dropping {} of removed \"consul_upstream\" lines, {} in all (generation {generation})",
+                        g.conf.key.log_prefix(),
                         count(removed),
                         count(merged.len())
                     ));
@@ -269,7 +270,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
         Some((g, empty))
     }
 
-    fn prefix(&self) -> String {
+    fn prefix(&self) -> LogPrefix<'_> {
         self.conf.key.log_prefix()
     }
 
@@ -280,7 +281,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
 
     /// The state file's parts for a fresh zone (a start, not a reload), if usable.
     fn load_state(&self, path: &str) -> Option<Saved> {
-        let p = self.prefix();
+        let p = self.conf.key.log_prefix();
         let saved = match self
             .env
             .load_state(path, &self.conf.key, self.zone.capacity())
@@ -502,7 +503,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
     /// Applies one lookup's result to line `line`; returns when to ask next (ms).
     pub fn apply(&mut self, line: usize, tracker: &mut Tracker, result: Resolved) -> u64 {
         let settings = self.conf.lines[line].settings;
-        let p = self.prefix();
+        let p = self.conf.key.log_prefix();
         let (outcome, lookup, reason) = match result {
             Resolved::Empty { nxdomain } => (
                 Outcome::Empty { nxdomain },
@@ -796,7 +797,7 @@ impl<'a, E: GroupEnv> Group<'a, E> {
             sources,
         };
         let result = self.env.save_state(path, &saved, self.pid, now_unix);
-        let p = self.prefix();
+        let p = self.conf.key.log_prefix();
         match result {
             // Another process saves this moment, or another nginx instance
             // writes the file (a binary upgrade): the next answer tries again.

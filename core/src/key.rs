@@ -88,9 +88,10 @@ impl UpstreamKey {
     }
 
     /// `consul upstream "redis": ` / `consul http upstream "api": `, the start
-    /// of every runtime log line about the upstream.
-    pub fn log_prefix(&self) -> String {
-        format!("consul {self}: ")
+    /// of every runtime log line about the upstream. Written only when the
+    /// line is: a line whose level is off allocates nothing for it.
+    pub fn log_prefix(&self) -> LogPrefix<'_> {
+        LogPrefix(self)
     }
 
     /// The status label, `stream` or `http`.
@@ -140,6 +141,16 @@ impl UpstreamKey {
             format!(" (as \"{written}\")")
         };
         format!("state file \"{file}\" is already used by {self}{spelling}")
+    }
+}
+
+/// [`UpstreamKey::log_prefix`]: displays as `consul <key>: `.
+#[derive(Clone, Copy)]
+pub struct LogPrefix<'a>(&'a UpstreamKey);
+
+impl fmt::Display for LogPrefix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "consul {}: ", self.0)
     }
 }
 
@@ -202,8 +213,14 @@ mod tests {
     fn log_prefix_and_nginx_wording() {
         let stream = UpstreamKey::stream("redis");
         let http = UpstreamKey::http("api");
-        assert_eq!(stream.log_prefix(), "consul upstream \"redis\": ");
-        assert_eq!(http.log_prefix(), "consul http upstream \"api\": ");
+        assert_eq!(
+            stream.log_prefix().to_string(),
+            "consul upstream \"redis\": "
+        );
+        assert_eq!(
+            http.log_prefix().to_string(),
+            "consul http upstream \"api\": "
+        );
         assert_eq!(stream.to_string(), "upstream \"redis\"");
         assert_eq!(http.to_string(), "http upstream \"api\"");
     }

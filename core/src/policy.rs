@@ -110,7 +110,7 @@ pub fn tail(verb: &str, current: usize) -> String {
 impl Tracker {
     pub fn new(upstream: &UpstreamKey, settings: &Settings) -> Tracker {
         Tracker {
-            prefix: upstream.log_prefix(),
+            prefix: upstream.log_prefix().to_string(),
             query: settings.query.clone(),
             interval_ms: settings.interval_ms,
             on_empty: settings.on_empty,

@@ -132,7 +132,7 @@ impl Client {
         match self.once(request, limits).await {
             Ok(r) => Ok(r),
             Err(Failure::Early(_)) if reused || limits.blocking => {
-                crate::log::debug(
+                crate::log::debug!(
                     "consul upstream: agent connection closed while idle, reconnecting",
                 );
                 self.conn = None;

@@ -76,7 +76,7 @@ pub fn configure(
     if addrs.is_empty() {
         return Err(format!("host not found in \"api={}\"", api.agent));
     }
-    log::debug(&format!("consul upstream: agent {authority} at {addrs:?}"));
+    log::debug!("consul upstream: agent {authority} at {addrs:?}");
     #[cfg(ngx_feature = "ssl")]
     let tls = match (api.agent.tls, &api.ca_file) {
         (false, _) => None,
@@ -190,10 +190,12 @@ impl Reader {
         drop(body);
         let answer = parsed.map_err(|why| format!("{name}: {why}"))?;
         let step = self.index.answered(index);
-        log::debug(&format!(
+        log::debug!(
             "{}answer: {} entries, {} critical, index {index:?} ({step:?})",
-            self.prefix, answer.entries, answer.critical
-        ));
+            self.prefix,
+            answer.entries,
+            answer.critical
+        );
         Ok(Read {
             answer,
             acl_filtered,
@@ -218,10 +220,10 @@ impl Reader {
         self.say_left(&answer.left);
         let filtered = acl_filtered;
         if filtered && !self.last_acl_filtered && !peers.is_empty() {
-            log::warn(&format!(
+            log::warn!(
                 "{}the ACL token may not read every instance of \"{}\": {name} left some out (X-Consul-Results-Filtered-By-ACLs)",
                 self.prefix, self.api.service
-            ));
+            );
         }
         self.last_acl_filtered = filtered;
         if peers.is_empty() && answer.entries == 0 && filtered {
@@ -254,16 +256,17 @@ impl Reader {
     /// Says once what the answer's instances gave no peer for (until it changes).
     fn say_left(&mut self, left: &Left) {
         if *left != self.last_left && !left.is_empty() {
-            let msg = format!(
+            let level = if left.needs_attention() {
+                ngx::ffi::NGX_LOG_WARN
+            } else {
+                ngx::ffi::NGX_LOG_INFO
+            };
+            log::at!(
+                level,
                 "{}ignored instances of the answer: {}",
                 self.prefix,
                 left.describe()
             );
-            if left.needs_attention() {
-                log::warn(&msg);
-            } else {
-                log::info(&msg);
-            }
         }
         self.last_left = left.clone();
     }
@@ -360,7 +363,7 @@ impl Watch {
             timeout_ms: self.settings.timeout_ms,
             max_body: self.max_body,
         };
-        log::debug(&format!("{}GET {target}", self.prefix));
+        log::debug!("{}GET {target}", self.prefix);
         let fetched = self.exchange(&request, limits).await;
         if !fetched.answered {
             self.reader.failed();

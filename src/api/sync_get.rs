@@ -237,11 +237,11 @@ impl Get {
     pub fn start(&mut self, now: Instant, deadline: Instant) {
         self.due = (now + self.timeout).min(deadline);
         self.limit_ms = self.due.saturating_duration_since(now).as_millis() as u64;
-        crate::log::debug(&format!(
+        crate::log::debug!(
             "{}GET {} (before the workers start)",
             self.prefix,
             self.api.target()
-        ));
+        );
         self.connect_next();
     }
 

@@ -25,7 +25,7 @@ use ngx::ffi::{
 use consul_core::method::Method;
 use consul_core::view::{Balancing, PeerView, PickContext};
 
-use crate::conf::placeholder;
+use crate::placeholder;
 use crate::protocol::{Key, Protocol};
 use crate::sockaddr::SockaddrBuf;
 use crate::upstream::{Fallback, Upstream};
@@ -84,7 +84,7 @@ pub(crate) use entry_points;
 /// Runs a callback's body; a panic becomes `failed` instead of crossing into nginx.
 fn guarded<T>(failed: T, body: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
-        log::alert("consul upstream: balancer callback failed (panic)");
+        log::alert!("consul upstream: balancer callback failed (panic)");
         failed
     })
 }
@@ -217,6 +217,8 @@ unsafe fn init_session<P: Protocol>(
         return NGX_ERROR as ngx_int_t;
     };
     let zone = up.zone();
+    // The zone's capacity bounds every generation: the tried bitmap's size.
+    let capacity = zone.as_ref().map_or(0, |z| z.zone().capacity());
     local.refresh(zone);
     let fallback = up.fallback.get();
     let discovered = local.view.tries();
@@ -240,7 +242,7 @@ unsafe fn init_session<P: Protocol>(
         upstream: up,
         // SAFETY: per the contract; the block's name lives as long as its conf.
         upstream_name: P::hooks(unsafe { &mut *us }).host,
-        capacity: zone.map_or(0, |z| z.zone().capacity()),
+        capacity,
         health,
         key_hash: key.and_then(|k| P::key_hash(session, k)),
     };

@@ -6,10 +6,10 @@
 //! The protocol's module is placed before nginx's upstream and balancer
 //! modules (`ngx_module_order` in lib.rs), so these directives reach its
 //! commands first ([`NginxHandler`] hands them on; `zone` and `keepalive` too,
-//! see `crate::zone` and [`super::chain`]). Each one records the method in the
-//! block's conf, then hands the directive on, unchanged, to nginx's own module:
-//! an upstream without `consul_upstream` works exactly as before, and nginx
-//! checks the arguments as it always does. With `consul_upstream` in the block
+//! see [`super::zone_directive`] and [`super::chain`]). Each one records the
+//! method in the block's conf, then hands the directive on, unchanged, to
+//! nginx's own module: an upstream without `consul_upstream` works exactly as
+//! before, and nginx checks the arguments as it always does. With `consul_upstream` in the block
 //! (before or after the method), the module's balancer stays in charge and
 //! applies the method to the discovered peers.
 

@@ -1,6 +1,6 @@
 //! Configuration, for both protocols: the `consul_upstream` directive, the
 //! module's conf of a block ([`Block`]), nginx's directives this module sees
-//! first ([`methods`], [`chain`], `zone` in `crate::zone`), and the checks that
+//! first ([`methods`], [`chain`], [`zone_directive`]), and the checks that
 //! need the protocol's whole block.
 
 use std::cell::{Cell, RefCell};
@@ -22,11 +22,11 @@ use crate::block::Block;
 use crate::protocol::Protocol;
 use crate::registry::Registry;
 use crate::upstream::{Fallback, Line, Local, Upstream};
-use crate::{ffi, zone};
+use crate::{ffi, placeholder, zone};
 
 pub mod chain;
 pub mod methods;
-pub mod placeholder;
+pub mod zone_directive;
 
 /// `create_srv_conf` of the protocol's module: a [`Block`] for every `server {}`
 /// and `upstream {}` block.

@@ -44,10 +44,9 @@ impl GroupEnv for Nginx {
     }
 
     fn log(&self, level: Level, msg: std::fmt::Arguments<'_>) {
-        let msg = msg.to_string();
         match level {
-            Level::Debug => log::debug(&msg),
-            level => log::log(log::level_of(level), &msg),
+            Level::Debug => log::debug!("{msg}"),
+            level => log::at!(log::level_of(level), "{msg}"),
         }
     }
 
@@ -145,7 +144,7 @@ impl Group {
     /// from what the master said about each line's answer.
     pub(crate) fn start(up: &'static Upstream) -> Option<Group> {
         let Some(zone) = up.zone() else {
-            log::alert(&format!("{}shared zone missing", up.prefix()));
+            log::alert!("{}shared zone missing", up.prefix());
             return None;
         };
         let mut lines = group::Group::start(conf_of(up), *zone.zone(), Nginx { zone });

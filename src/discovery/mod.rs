@@ -76,7 +76,7 @@ pub unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         let cycle = unsafe { &*cycle };
         let started = std::panic::catch_unwind(AssertUnwindSafe(|| start(cycle)));
         if started.is_err() {
-            log::alert("consul upstream: discovery failed to start (panic)");
+            log::alert!("consul upstream: discovery failed to start (panic)");
         }
     }
     NGX_OK as ngx_int_t
@@ -131,7 +131,7 @@ fn start(cycle: &ngx_cycle_t) {
     // SAFETY: the cycle's pool lives as long as the cycle.
     let pool = unsafe { Pool::from_ngx_pool(cycle.pool) };
     if pool.allocate(CycleGuard { cycle }).is_null() {
-        log::alert("consul upstream: no memory to tie discovery to its cycle");
+        log::alert!("consul upstream: no memory to tie discovery to its cycle");
     }
     RUNNING.with(|r| *r.borrow_mut() = Some(Running { cycle, loops, dns }));
 }
@@ -178,7 +178,7 @@ async fn line_loop(
         if stops(&group, cycle) {
             return;
         }
-        log::debug(&format!("{}resolving {}", up.prefix(), settings.query));
+        log::debug!("{}resolving {}", up.prefix(), settings.query);
         let result = AssertUnwindSafe(resolver.lookup())
             .catch_unwind()
             .await
@@ -192,19 +192,19 @@ async fn line_loop(
             group.borrow_mut().apply(line, &mut tracker, result)
         }));
         delay_ms = applied.unwrap_or_else(|_| {
-            log::alert(&format!(
+            log::alert!(
                 "{}applying the answer for {} failed (panic); next query in {}ms",
                 up.prefix(),
                 settings.query,
                 settings.interval_ms
-            ));
+            );
             settings.interval_ms
         });
-        log::debug(&format!(
+        log::debug!(
             "{}next query for {} in {delay_ms}ms",
             up.prefix(),
             settings.query
-        ));
+        );
     }
 }
 
@@ -248,7 +248,7 @@ async fn api_loop(
     let capacity = group.borrow().capacity();
     let Some(mut watch) = l.api.as_ref().and_then(|conf| {
         Watch::new(
-            up.prefix(),
+            up.prefix().to_string(),
             settings,
             conf,
             own,
@@ -308,20 +308,20 @@ async fn api_loop(
             g.apply(line, &mut tracker, fetched.result)
         }));
         let failed_ms = applied.unwrap_or_else(|_| {
-            log::alert(&format!(
+            log::alert!(
                 "{}applying the answer for {} failed (panic); next query in {}ms",
                 up.prefix(),
                 settings.query,
                 settings.interval_ms
-            ));
+            );
             settings.interval_ms
         });
         delay_ms = watch.pause_ms(answered, failed_ms, ffi::current_msec());
-        log::debug(&format!(
+        log::debug!(
             "{}next query for {} in {delay_ms}ms",
             up.prefix(),
             settings.query
-        ));
+        );
     }
 }
 

@@ -1,295 +1,26 @@
-//! hickory's runtime on nginx's event loop: tasks run on ngx-rust's executor,
-//! timers are nginx timers, sockets are nginx connections. Discovery thus adds no
-//! thread to the worker: a second thread would switch glibc (malloc, system call
-//! wrappers) and the kernel (file table) to their multi-thread paths for every
-//! connection the worker proxies.
-//!
-//! Two guarantees ngx-rust's executor does not give alone are added by [`spawn`]:
-//! - a wake never runs the woken task inside the waker's call. ngx-rust runs a task
-//!   at once when it is woken from outside, but hickory wakes while holding locks
-//!   the woken task takes (futures_util's `Mutex` wakes a waiter with its waiter
-//!   list locked): every wake is deferred to a posted event instead, queued on
-//!   `ngx_posted_next_events` like ngx-rust's own, so a task that keeps waking
-//!   itself cannot run ahead of proxied I/O;
-//! - a panic ends its task (logged) instead of crossing into nginx.
-//!
-//! Every DNS socket and every background task hickory starts is registered here,
-//! and [`shutdown`] closes and drops whatever is left (as `ngx_resolver_cleanup`
-//! does for nginx's resolver) when discovery stops with its cycle.
-//!
-//! Everything here runs on the worker's only thread. hickory's bounds ask for
-//! Send and Sync; the impls below satisfy them on that ground.
+//! [`Socket`]: a non-blocking socket registered with nginx's event loop as a
+//! connection, read and written by hickory and the API client as futures.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::ffi::c_void;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::panic::AssertUnwindSafe;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::ptr::NonNull;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
 
-use async_trait::async_trait;
 use futures_io::{AsyncRead, AsyncWrite};
-use hickory_resolver::net::runtime::{DnsTcpStream, DnsUdpSocket, RuntimeProvider, Spawn, Time};
-use ngx::async_::Task;
+use hickory_resolver::net::runtime::{DnsTcpStream, DnsUdpSocket};
 use ngx::ffi::{
-    ngx_close_connection, ngx_connection_t, ngx_delete_posted_event, ngx_event_t,
-    ngx_get_connection, ngx_handle_read_event, ngx_handle_write_event, ngx_int_t, ngx_post_event,
-    ngx_posted_next_events, NGX_OK,
+    ngx_close_connection, ngx_connection_t, ngx_event_t, ngx_get_connection, ngx_handle_read_event,
+    ngx_handle_write_event, ngx_int_t, NGX_OK,
 };
 
+use super::provider::NgxTime;
+use super::SOCKETS;
+use crate::ffi;
 use crate::sockaddr::SockaddrBuf;
-use crate::{ffi, log};
-
-/// How long a TCP connect may take when hickory gives no limit.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What `ngx_event_ident` reads through an event's `data` in nginx's debug
-/// lines: something laid out like the start of a connection (data, read, write,
-/// fd). Events here point at this.
-static EVENT_IDENT: [usize; 4] = [0, 0, 0, 0x434f_4e53]; // "CONS"
-
-fn event_ident() -> *mut c_void {
-    EVENT_IDENT.as_ptr() as *mut c_void
-}
-
-thread_local! {
-    /// hickory's background tasks (one per DNS connection), until they end.
-    static BACKGROUND: RefCell<Vec<Task<()>>> = const { RefCell::new(Vec::new()) };
-    /// Every open DNS socket.
-    static SOCKETS: RefCell<Vec<NonNull<ngx_connection_t>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Starts `future` as a task on ngx-rust's executor, with deferred wakes and
-/// panics contained (see the module's documentation).
-pub fn spawn<F: Future<Output = ()> + 'static>(future: F) -> Task<()> {
-    ngx::async_::spawn(Guarded::new(future))
-}
-
-/// Stops everything the runtime still runs: hickory's background tasks are
-/// dropped (their sockets close with them), then any socket left is closed.
-pub fn shutdown() {
-    let tasks = BACKGROUND.with(|b| std::mem::take(&mut *b.borrow_mut()));
-    drop(tasks);
-    let left = SOCKETS.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    for c in left {
-        // SAFETY: registered by Socket::open and not closed since (close
-        // unregisters); the Socket that owns it will find it gone.
-        unsafe { ngx_close_connection(c.as_ptr()) };
-    }
-}
-
-/// A future whose wakes go through a posted event and whose panic ends it.
-struct Guarded<F> {
-    future: Pin<Box<F>>,
-    wake: Arc<DeferredWake>,
-}
-
-impl<F> Guarded<F> {
-    fn new(future: F) -> Self {
-        Guarded {
-            future: Box::pin(future),
-            wake: DeferredWake::new(),
-        }
-    }
-}
-
-impl<F: Future<Output = ()>> Future for Guarded<F> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.wake.set_task(cx.waker());
-        let waker = Waker::from(self.wake.clone());
-        let mut inner = Context::from_waker(&waker);
-        let future = self.future.as_mut();
-        match std::panic::catch_unwind(AssertUnwindSafe(|| future.poll(&mut inner))) {
-            Ok(poll) => poll,
-            Err(_) => {
-                log::alert("consul upstream: a discovery task failed (panic); it was stopped");
-                Poll::Ready(())
-            }
-        }
-    }
-}
-
-/// The waker a guarded future sees: waking posts an event, whose handler wakes
-/// the task from the event loop, where no lock of hickory's is held.
-struct DeferredWake {
-    event: std::cell::UnsafeCell<ngx_event_t>,
-    task: Cell<Option<Waker>>,
-}
-
-// SAFETY: created, woken and dropped on the worker's event loop thread only; no
-// other thread exists in the process to move or share it.
-unsafe impl Send for DeferredWake {}
-// SAFETY: as above.
-unsafe impl Sync for DeferredWake {}
-
-impl DeferredWake {
-    fn new() -> Arc<DeferredWake> {
-        // SAFETY: an all-zero event is nginx's initial state for an event.
-        let mut event: ngx_event_t = unsafe { std::mem::zeroed() };
-        event.handler = Some(run_deferred);
-        event.data = event_ident();
-        Arc::new(DeferredWake {
-            event: std::cell::UnsafeCell::new(event),
-            task: Cell::new(None),
-        })
-    }
-
-    fn set_task(&self, waker: &Waker) {
-        let old = self.task.take();
-        let same = old.as_ref().is_some_and(|w| w.will_wake(waker));
-        self.task.set(if same { old } else { Some(waker.clone()) });
-    }
-}
-
-impl Wake for DeferredWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let ev = self.event.get();
-        // SAFETY: the event lives in this Arc, which stays alive while it is
-        // posted (Drop unposts it); single thread.
-        unsafe {
-            if (*ev).posted() == 0 {
-                // The cycle's log may change on a reload under master_process off.
-                (*ev).log = ffi::cycle_log();
-                ngx_post_event(ev, std::ptr::addr_of_mut!(ngx_posted_next_events));
-            }
-        }
-    }
-}
-
-impl Drop for DeferredWake {
-    fn drop(&mut self) {
-        let ev = self.event.get_mut();
-        if ev.posted() != 0 {
-            // SAFETY: posted by wake_by_ref, still in nginx's posted queue.
-            unsafe { ngx_delete_posted_event(ev) };
-        }
-    }
-}
-
-unsafe extern "C" fn run_deferred(ev: *mut ngx_event_t) {
-    // SAFETY: ev is the `event` field of a live DeferredWake (posted events are
-    // removed before it drops).
-    let wake =
-        unsafe { &*(ngx::ngx_container_of!(ev, DeferredWake, event) as *const DeferredWake) };
-    if let Some(waker) = wake.task.take() {
-        // Keep it for the next wake: the task may be woken again before it runs.
-        wake.task.set(Some(waker.clone()));
-        waker.wake();
-    }
-}
-
-#[derive(Clone, Copy, Default)]
-pub struct NgxRuntime;
-
-#[derive(Clone, Copy, Default)]
-pub struct NgxHandle;
-
-#[derive(Clone, Copy, Default)]
-pub struct NgxTime;
-
-impl Spawn for NgxHandle {
-    fn spawn_bg(&mut self, future: impl Future<Output = ()> + Send + 'static) {
-        let task = spawn(future);
-        BACKGROUND.with(|b| {
-            let mut tasks = b.borrow_mut();
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(task);
-        });
-    }
-}
-
-/// `future`, or a TimedOut error once `duration` has passed.
-pub async fn with_timeout<F: Future>(duration: Duration, future: F) -> io::Result<F::Output> {
-    let mut future = pin!(future);
-    let mut sleep = pin!(ngx::async_::sleep(duration));
-    poll_fn(|cx| {
-        if let Poll::Ready(v) = future.as_mut().poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        if sleep.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "future timed out",
-            )));
-        }
-        Poll::Pending
-    })
-    .await
-}
-
-#[async_trait]
-impl Time for NgxTime {
-    async fn delay_for(duration: Duration) {
-        ngx::async_::sleep(duration).await
-    }
-
-    async fn timeout<F: 'static + Future + Send>(
-        duration: Duration,
-        future: F,
-    ) -> Result<F::Output, io::Error> {
-        with_timeout(duration, future).await
-    }
-}
-
-impl RuntimeProvider for NgxRuntime {
-    type Handle = NgxHandle;
-    type Timer = NgxTime;
-    type Udp = Socket;
-    type Tcp = Socket;
-
-    fn create_handle(&self) -> NgxHandle {
-        NgxHandle
-    }
-
-    fn connect_tcp(
-        &self,
-        server_addr: SocketAddr,
-        bind_addr: Option<SocketAddr>,
-        timeout: Option<Duration>,
-    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Socket>>>> {
-        Box::pin(async move {
-            let socket = Socket::open(&server_addr, libc::SOCK_STREAM)?;
-            // hickory writes a message's length and its body separately: without
-            // this, Nagle holds the body until the server's delayed ACK (40 ms).
-            socket.set_nodelay()?;
-            if let Some(local) = bind_addr {
-                socket.bind(&local)?;
-            }
-            let wait = timeout.unwrap_or(CONNECT_TIMEOUT);
-            match with_timeout(wait, socket.connect(&server_addr)).await {
-                Ok(Ok(())) => Ok(socket),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "TCP connect timed out",
-                )),
-            }
-        })
-    }
-
-    fn bind_udp(
-        &self,
-        local_addr: SocketAddr,
-        _server_addr: SocketAddr,
-    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Socket>>>> {
-        Box::pin(async move {
-            let socket = Socket::open(&local_addr, libc::SOCK_DGRAM)?;
-            socket.bind(&local_addr)?;
-            Ok(socket)
-        })
-    }
-}
 
 /// The tasks waiting for a socket to become readable or writable.
 #[derive(Default)]
@@ -318,7 +49,7 @@ enum Ready {
 }
 
 impl Socket {
-    fn open(addr: &SocketAddr, kind: libc::c_int) -> io::Result<Socket> {
+    pub(super) fn open(addr: &SocketAddr, kind: libc::c_int) -> io::Result<Socket> {
         let family = if addr.is_ipv4() {
             libc::AF_INET
         } else {
@@ -362,7 +93,7 @@ impl Socket {
         Ok(Socket { c, wakers })
     }
 
-    /// The connection, unless [`shutdown`] closed it already.
+    /// The connection, unless [`super::shutdown`] closed it already.
     fn conn(&self) -> Option<&ngx_connection_t> {
         let open = SOCKETS.with(|s| s.borrow().contains(&self.c));
         if !open {
@@ -376,7 +107,7 @@ impl Socket {
         self.conn().map_or(-1, |c| c.fd)
     }
 
-    fn set_nodelay(&self) -> io::Result<()> {
+    pub(super) fn set_nodelay(&self) -> io::Result<()> {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt from a local int.
         let rc = unsafe {
@@ -394,7 +125,7 @@ impl Socket {
         Ok(())
     }
 
-    fn bind(&self, addr: &SocketAddr) -> io::Result<()> {
+    pub(super) fn bind(&self, addr: &SocketAddr) -> io::Result<()> {
         let (sa, len) = SockaddrBuf::new(addr);
         // SAFETY: a valid sockaddr of len bytes.
         if unsafe { libc::bind(self.fd(), sa.as_ptr(), len) } < 0 {
@@ -403,7 +134,7 @@ impl Socket {
         Ok(())
     }
 
-    async fn connect(&self, addr: &SocketAddr) -> io::Result<()> {
+    pub(super) async fn connect(&self, addr: &SocketAddr) -> io::Result<()> {
         let (sa, len) = SockaddrBuf::new(addr);
         // SAFETY: a valid sockaddr of len bytes.
         if unsafe { libc::connect(self.fd(), sa.as_ptr(), len) } == 0 {
@@ -500,7 +231,7 @@ impl Socket {
 
 impl Socket {
     /// The nginx connection, for TLS over it (`crate::api::tls`); `None` once
-    /// [`shutdown`] closed it.
+    /// [`super::shutdown`] closed it.
     pub fn connection(&self) -> Option<NonNull<ngx_connection_t>> {
         self.conn().map(|_| self.c)
     }
