@@ -114,35 +114,48 @@ impl Ignored {
 
     /// "2 records for other names, 1 with port 0"; empty when nothing was ignored.
     pub fn describe(&self) -> String {
-        let unusable = format!(
-            "with an address that takes no connections ({})",
-            self.unusable_example
-                .map_or(String::new(), |a| a.to_string())
-        );
-        let own = format!(
-            "pointing at nginx's own listening socket ({})",
-            self.own_example.map_or(String::new(), |a| a.to_string())
-        );
-        let unresolved = match &self.unresolved_example {
-            Some(example) => format!("with targets that have no address ({example})"),
-            None => "with targets that have no address".to_string(),
-        };
-        let parts = [
-            (self.other_owner, "for other names"),
-            (self.port_zero, "with port 0"),
-            (self.no_service, "with target \".\" (no service)"),
-            (self.over_limit, "over the limit of records"),
-            (self.unresolved, unresolved.as_str()),
-            (self.unusable, unusable.as_str()),
-            (self.own, own.as_str()),
-        ];
-        parts
-            .iter()
-            .filter(|(n, _)| *n > 0)
-            .map(|(n, why)| format!("{n} {why}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe_left_out(&[
+            (self.other_owner, "for other names", None),
+            (self.port_zero, "with port 0", None),
+            (self.no_service, "with target \".\" (no service)", None),
+            (self.over_limit, "over the limit of records", None),
+            (
+                self.unresolved,
+                "with targets that have no address",
+                example(&self.unresolved_example),
+            ),
+            (
+                self.unusable,
+                TAKES_NO_CONNECTIONS,
+                example(&self.unusable_example),
+            ),
+            (self.own, NGINX_OWN_SOCKET, example(&self.own_example)),
+        ])
     }
+}
+
+/// Why an instance with an address gives no peer: the same words whether DNS or
+/// the HTTP API reported it.
+pub const TAKES_NO_CONNECTIONS: &str = "with an address that takes no connections";
+pub const NGINX_OWN_SOCKET: &str = "pointing at nginx's own listening socket";
+
+/// The first instance met for a reason, as the log line shows it.
+pub fn example<T: std::fmt::Display>(first: &Option<T>) -> Option<String> {
+    first.as_ref().map(ToString::to_string)
+}
+
+/// "2 for other names, 1 with port 0 (db1:0)": each reason that counted any
+/// instance, with its first example in brackets; empty when none did.
+pub fn describe_left_out(reasons: &[(usize, &str, Option<String>)]) -> String {
+    reasons
+        .iter()
+        .filter(|(count, _, _)| *count > 0)
+        .map(|(count, why, first)| match first {
+            Some(first) => format!("{count} {why} ({first})"),
+            None => format!("{count} {why}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The addresses nginx listens on, so that no peer points back at nginx itself:

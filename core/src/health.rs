@@ -18,7 +18,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Deserialize;
 
-use crate::answer::{takes_connections, OwnAddresses};
+use crate::answer::{
+    describe_left_out, example, takes_connections, OwnAddresses, NGINX_OWN_SOCKET,
+    TAKES_NO_CONNECTIONS,
+};
 use crate::peer::{canonicalize, Peer};
 use crate::settings::valid_dns_name;
 
@@ -142,54 +145,31 @@ impl Left {
 
     /// "1 with port 0, 2 with a host name and no resolver= (db1.example.org)".
     pub fn describe(&self) -> String {
-        fn example<T: std::fmt::Display>(e: &Option<T>) -> String {
-            e.as_ref().map_or(String::new(), |e| format!(" ({e})"))
-        }
-        let parts = [
-            (self.port_zero, "with port 0".to_string()),
-            (self.no_address, "without an address".to_string()),
+        describe_left_out(&[
+            (self.port_zero, "with port 0", None),
+            (self.no_address, "without an address", None),
             (
                 self.bad_address,
-                format!(
-                    "with an invalid address{}",
-                    example(&self.bad_address_example)
-                ),
+                "with an invalid address",
+                example(&self.bad_address_example),
             ),
             (
                 self.host_no_resolver,
-                format!(
-                    "with a host name and no \"resolver=\" to resolve it{}",
-                    example(&self.host_no_resolver_example)
-                ),
+                "with a host name and no \"resolver=\" to resolve it",
+                example(&self.host_no_resolver_example),
             ),
             (
                 self.host_no_records,
-                format!(
-                    "with a host name that has no address{}",
-                    example(&self.host_no_records_example)
-                ),
+                "with a host name that has no address",
+                example(&self.host_no_records_example),
             ),
             (
                 self.unusable,
-                format!(
-                    "with an address that takes no connections{}",
-                    example(&self.unusable_example)
-                ),
+                TAKES_NO_CONNECTIONS,
+                example(&self.unusable_example),
             ),
-            (
-                self.own,
-                format!(
-                    "pointing at nginx's own listening socket{}",
-                    example(&self.own_example)
-                ),
-            ),
-        ];
-        parts
-            .iter()
-            .filter(|(n, _)| *n > 0)
-            .map(|(n, why)| format!("{n} {why}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+            (self.own, NGINX_OWN_SOCKET, example(&self.own_example)),
+        ])
     }
 }
 
