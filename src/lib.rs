@@ -11,20 +11,23 @@
 //! - [`upstream`]: the types every part shares (an upstream, its lines, a
 //!   worker's copy of its set);
 //! - [`conf`]: the `consul_upstream` directive, nginx's directives seen first
-//!   (methods, `server`, `keepalive`) and the checks of the protocol's block;
+//!   (methods, `server`, `keepalive`, `zone`) and the checks of the protocol's block;
+//!   [`placeholder`]: the server line nginx needs until `init_upstream` removes it;
 //! - [`zone`]: each upstream's shared-memory zone (layout in `consul_core::zone`);
 //! - [`discovery`] and [`resolve`]: worker 0's loops and lookups; [`dns_client`]:
 //!   their DNS queries, one TCP connection per resolver;
 //! - [`api`]: `api=` lines, Consul's HTTP API with blocking queries;
 //! - [`prefill`] and [`sync_resolve`]: the master fills the zones before it forks
-//!   workers (state file, one bounded lookup);
+//!   workers (state file, one bounded lookup); [`sync_socket`]: its sockets;
 //! - [`runtime`]: hickory's runtime on nginx's event loop (no thread);
 //! - [`balancer`]: the per-connection peer callbacks, for both protocols;
 //! - [`status`]: `consul_upstream_status` in an http `location` (JSON and
 //!   Prometheus text of what the balancers see);
 //! - [`tls`]: TLS sessions to discovered peers, per worker;
 //! - [`listening`], [`sockaddr`]: nginx's own addresses, socket addresses in C form;
-//! - [`ffi`]: nginx's globals, module lookup, typed stream conf access.
+//! - [`ffi`]: nginx's globals, module lookup, typed stream conf access;
+//! - [`log`]: log lines in nginx's voice, formatted only when their level is on;
+//!   [`fault`]: the test suite's fault injection (debug builds only).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -11,8 +11,12 @@
 //! - [`message`]: a DNS response message (wire bytes) to the records [`answer`] reads.
 //! - [`lookup`]: how both DNS clients (worker 0's, the master's before it forks
 //!   workers) read a resolver's answers, and one line's lookup as bytes in and out.
+//! - [`peer`]: a discovered backend (one SRV record, one address).
 //! - [`select`]: smooth weighted round robin over priority tiers, O(1) per pick.
+//! - [`method`]: nginx's other methods (`least_conn`, `hash` and `ip_hash`, `random`)
+//!   over a set; [`least`]: least connections across workers, O(log n).
 //! - [`slot`]: the per-peer atomics every worker shares in the zone.
+//! - [`zone`]: the shared-memory zone's layout and every operation on it.
 //! - [`view`]: a worker's peer view with passive health that survives set updates.
 //! - [`policy`]: what discovery does with each outcome (keep, drop, backoff, log once).
 //! - [`group`]: one upstream's lines in the writing process: their parts of the
