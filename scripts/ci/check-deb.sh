@@ -32,12 +32,11 @@ fail() { echo "not ok - $*"; fails=$((fails + 1)); }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else fail "$what"; fi; }
 
 tmp=$(mktemp -d)
-started='' web=''
+started=''
 cleanup() {
     set +e
     [ -n "$started" ] && /usr/sbin/nginx -c "$tmp/nginx.conf" -s stop 2>/dev/null
     standin_stop_all
-    [ -n "$web" ] && standin_stop_pid "$web" child
     rm -f "$http_conf"
     dpkg -P "$name" >/dev/null 2>&1
     rm -rf "$tmp"
@@ -96,9 +95,7 @@ standin_dns_setup "$tmp/bind" 8600 "$(standin_srv "$query" 1 6380)
 $(standin_srv "$http_query" 1 8082)"
 standin_dns_start
 standin_redis_start "$tmp" 6380
-mkdir "$tmp/www" && echo "from the api backend" >"$tmp/www/index.html"
-python3 -m http.server 8082 --bind 127.0.0.1 --directory "$tmp/www" >"$tmp/web.log" 2>&1 &
-web=$!
+standin_web_start "$tmp" 8082 "from the api backend"
 /usr/sbin/nginx -c "$tmp/nginx.conf"     # Debian's settings: daemon, pid /run/nginx.pid
 started=1
 for _ in $(seq 50); do
@@ -124,7 +121,6 @@ for _ in $(seq 50); do [ -e /run/nginx.pid ] || break; sleep 0.1; done
 started=''
 
 standin_stop_all
-standin_stop_pid "$web" child; web=''
 rm -f "$http_conf"
 
 # ---------------------------------------------------------------- remove, reinstall, purge

@@ -28,12 +28,11 @@ if [ "${1:-}" = --run ]; then
     query=redis.service.yunlu_office.consul
     http_query=api.service.yunlu_office.consul
     tmp=$(mktemp -d)
-    c='' ngx='' web=''
+    c='' ngx=''
     cleanup() {
         set +e
         [ -n "$c" ] && buildah run --isolation chroot "$c" -- nginx -s quit 2>/dev/null
         [ -n "$ngx" ] && { sleep 0.5; standin_stop_pid "$ngx" child; }
-        [ -n "$web" ] && standin_stop_pid "$web" child
         standin_stop_all
         [ -n "$c" ] && buildah rm "$c" >/dev/null
         rm -rf "$tmp"
@@ -66,9 +65,7 @@ $(standin_srv "$http_query" 1 8082)"
     http_conf=/usr/share/doc/ngx-consul/examples/http.conf
     say "nginx -t in the image with $http_conf:"
     buildah run --isolation chroot "$c" -- nginx -t -c "$http_conf"
-    mkdir "$tmp/www" && echo "from the api backend" >"$tmp/www/index.html"
-    python3 -m http.server 8082 --bind 127.0.0.1 --directory "$tmp/www" >"$tmp/web.log" 2>&1 &
-    web=$!
+    standin_web_start "$tmp" 8082 "from the api backend"
     buildah run --isolation chroot "$c" -- nginx -c "$http_conf" -g 'daemon off;' >"$tmp/nginx-http.log" 2>&1 &
     ngx=$!
     body=''

@@ -23,7 +23,7 @@ consul_log_empty()     { echo "${1//./\\.} has no healthy instances"; } # NXDOMA
 consul_log_started()   { echo "resolving .* every"; }                    # [info], worker 0 starts
 
 STANDIN_DNS_DIR='' STANDIN_DNS_PORT='' STANDIN_DNS_PID='' STANDIN_NAMED=''
-STANDIN_REDIS_PIDS=()
+STANDIN_REDIS_PIDS=() STANDIN_WEB_PIDS=()
 STANDIN_TARGET=7f000001.addr.yunlu_office.consul   # Consul's name for node address 127.0.0.1
 
 standin_alive() {       # PID: running (a zombie child waiting to be reaped does not count)
@@ -138,9 +138,18 @@ standin_redis_start() { # DIR PORT
     STANDIN_REDIS_PIDS+=("$(cat "$d/redis-$p.pid")")
 }
 
+standin_web_start() {   # DIR PORT BODY: an HTTP server on 127.0.0.1:PORT whose / answers BODY
+    local d=$1/www-$2
+    mkdir -p "$d" && printf '%s\n' "$3" >"$d/index.html"
+    python3 -m http.server "$2" --bind 127.0.0.1 --directory "$d" >"$1/web-$2.log" 2>&1 &
+    STANDIN_WEB_PIDS+=("$!")
+}
+
 standin_stop_all() {
     local pid
     for pid in "${STANDIN_REDIS_PIDS[@]}"; do standin_stop_pid "$pid"; done
     STANDIN_REDIS_PIDS=()
+    for pid in "${STANDIN_WEB_PIDS[@]}"; do standin_stop_pid "$pid" child; done
+    STANDIN_WEB_PIDS=()
     standin_dns_stop
 }
