@@ -238,7 +238,7 @@ for (1 .. 20) {
 is_tally($t, {8081 => 20}, 'all 20 answered by 8081');
 is($seen, '127.0.0.1:8082, 127.0.0.1:8081', '$upstream_addr shows the try on 8082, then 8081');
 --- error_log eval
-qr/connect\(\) failed \(111: Connection refused\) while connecting to upstream.*upstream: "http:\/\/127\.0\.0\.1:8082\/api\/"/
+main::killed_peer_error(8082)
 
 
 

@@ -118,9 +118,7 @@ is_deeply($seen, {'200 127.0.0.1:8081, 127.0.0.1:8082 502, 200' => 1, '200 127.0
           'priority 1 dead: tried once, then priority 2 serves (max_fails=1)')
     or diag(Test::More::explain($seen));
 --- error_log eval
-# nginx >= 1.29.7 keeps upstream connections by default: the try may be a cached
-# connection that the killed backend reset, found out on reading or on sending
-qr/connect\(\) failed \(111: Connection refused\)|(?:recv|send|writev)\(\) failed \((?:104: Connection reset by peer|32: Broken pipe)\)|upstream prematurely closed connection/
+main::killed_peer_error(8081)
 
 
 

@@ -80,8 +80,8 @@ my $t = $bg->();
 cmp_ok($t->{fail} // 0, '<=', 1, 'at most one failed request (' . tally_str($t) . ')')
     or diag($Test::Nginx::Consul::LastFailure);
 cmp_ok(backend_stats(8081)->{requests} - $after, '>', 10, '8081 took the requests after the kill');
---- error_log
-connect() failed (111: Connection refused)
+--- error_log eval
+main::killed_peer_error(8082)
 
 
 

@@ -59,6 +59,7 @@ our @EXPORT = qw(
     http_backend_hold http_backend_release
     http_get http_get_background http_connect http_send http_recv http_tally http_tally_background http_wait_for_backends
     http_config_set http_port nginx_version_num nginx_keepalive_by_default
+    killed_peer_error
 );
 
 my $Json = JSON::PP->new->canonical;
@@ -167,6 +168,16 @@ sub backend_stats {
 }
 
 sub http_backend_kill { _ctl('kill ' . _key(shift)); return 1 }
+# The error.log line of nginx's first try that fails on a killed backend at
+# PORT (for `--- error_log eval`): a new connection refused, or, with upstream
+# keepalive (on by default from nginx 1.29.7), a cached connection that the kill
+# reset, found out on reading or on sending. After the latter, max_fails=1 holds
+# the peer out for fail_timeout, so no refused connect() need follow.
+sub killed_peer_error {
+    my $port = shift;
+    return qr/(?:connect\(\) failed \(111: Connection refused\)|(?:recv|send|writev)\(\) failed \((?:104: Connection reset by peer|32: Broken pipe)\)|upstream prematurely closed connection).*upstream: "[a-z]+:\/\/127\.0\.0\.1:$port\//;
+}
+
 sub http_backend_start { _ctl('start ' . _key(shift)); return 1 }
 sub http_backend_slow { my ($ap, $ms) = @_; _ctl('slow ' . _key($ap) . ' ' . int($ms)); return 1 }
 sub http_backend_hold { _ctl('hold ' . _key(shift)); return 1 }
