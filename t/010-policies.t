@@ -334,7 +334,7 @@ upstream refused {
 }
 --- check
 like(`dig \@127.0.0.1 -p $DnsPort +tcp SRV redis.service.notserved.`, qr/status: REFUSED/, 'BIND refuses the name');
-ok(wait_for_log(qr/consul upstream "refused": resolving redis\.service\.notserved failed: 127\.0\.0\.1:\d+ answered REFUSED$/m, 4),
+ok(wait_for_log(qr/consul upstream "refused": resolving redis\.service\.notserved failed: 127\.0\.0\.1:\d+ answered REFUSED, no peers to keep$/m, 4),
    'failure logged, with the response code');
 sleep 16;
 # When each query of the failing name came: gaps of about 1, 2, 4, then 8 s

@@ -192,8 +192,8 @@ main::no_peer_config()
 --- check
 my $n = scalar @::NO_PEER;
 my @fails = map { my $u = $_; [map { (probe_backend(port => $u->{port}, timeout => 2))[1] } 1 .. 2] } @::NO_PEER;
-ok(wait_for_log(qr/\(NXDOMAIN\)$/m, 5, 14), 'NXDOMAIN answers seen');
-ok(wait_for_log(qr/\(no records\)$/m, 5, 12), 'empty answers seen');
+ok(wait_for_log(qr/\(NXDOMAIN\), no peers to keep$/m, 5, 14), 'NXDOMAIN answers seen (the line has no peers)');
+ok(wait_for_log(qr/\(no records\), no peers to keep$/m, 5, 12), 'empty answers seen (the line has no peers)');
 ok(wait_for_log(qr/2 peers from dead\.service/, 5, 12), 'the dead peers discovered');
 ok(wait_for_log(qr/resolving redis\.service\.yunlu_office\.consul failed/, 5, 12), 'Consul down seen');
 for my $i (0 .. $#::NO_PEER) {

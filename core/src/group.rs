@@ -1376,7 +1376,7 @@ mod tests {
         assert_eq!(held(&z).len(), 3);
         assert_eq!(
             env.said(Level::Notice),
-            ["consul upstream \"redis\": 5 peers do not fit in zone=256k (max 4 peers), zone=5k needed"]
+            ["consul upstream \"redis\": 5 peers do not fit in zone=256k (max 4 peers), zone=5k needed, no peers to keep"]
         );
         let r = record(&z, B);
         assert_eq!(

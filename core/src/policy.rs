@@ -98,12 +98,22 @@ pub fn peers(n: usize) -> String {
     }
 }
 
-/// ", keeping 2 peers"; nothing when there is no set to keep or drop.
-pub fn tail(verb: &str, current: usize) -> String {
-    if current == 0 {
-        String::new()
-    } else {
-        format!(", {verb} {}", peers(current))
+/// What a failure streak does with the line's published part.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verb {
+    Keep,
+    Drop,
+}
+
+/// ", keeping 2 peers", ", dropping 1 peer"; ", no peers to keep" when the line
+/// has none (a start with Consul down and no state file: the operator reads
+/// there that this line serves nothing).
+fn tail(verb: Verb, current: usize) -> String {
+    match (verb, current) {
+        (Verb::Keep, 0) => ", no peers to keep".into(),
+        (Verb::Drop, 0) => ", no peers to drop".into(),
+        (Verb::Keep, n) => format!(", keeping {}", peers(n)),
+        (Verb::Drop, n) => format!(", dropping {}", peers(n)),
     }
 }
 
@@ -341,11 +351,11 @@ impl Tracker {
         })
     }
 
-    fn apply(&self, policy: Policy, current: usize) -> (Action, &'static str) {
+    fn apply(&self, policy: Policy, current: usize) -> (Action, Verb) {
         match policy {
-            Policy::Keep => (Action::Keep, "keeping"),
-            Policy::Fail if current > 0 => (Action::Drop, "dropping"),
-            Policy::Fail => (Action::Keep, "dropping"),
+            Policy::Keep => (Action::Keep, Verb::Keep),
+            Policy::Fail if current > 0 => (Action::Drop, Verb::Drop),
+            Policy::Fail => (Action::Keep, Verb::Drop),
         }
     }
 
@@ -392,6 +402,29 @@ mod tests {
 
     fn failed() -> Outcome {
         Outcome::Failed("connection refused".into())
+    }
+
+    #[test]
+    fn a_failure_with_nothing_published_says_so() {
+        // A start with Consul down and no state file: the first line an
+        // operator sees must say that the line has no peers.
+        let mut t = tracker("");
+        let d = t.on_outcome(failed(), 0, 0, 0);
+        assert_eq!(d.action, Action::Keep);
+        assert_eq!(
+            d.log,
+            Some((
+                Level::Warn,
+                "consul upstream \"redis\": resolving redis.service.yunlu_office.consul failed: connection refused, no peers to keep".into()
+            ))
+        );
+        let mut t = tracker("");
+        let d = t.on_outcome(Outcome::Empty { nxdomain: false }, 0, 0, 0);
+        assert!(d
+            .log
+            .unwrap()
+            .1
+            .ends_with("has no healthy instances (no records), no peers to keep"));
     }
 
     #[test]
@@ -526,14 +559,14 @@ mod tests {
             .unwrap()
             .1
             .ends_with("failed: connection refused, dropping 1 peer"));
-        // Nothing left to drop: said without a count.
+        // Nothing left to drop: said so.
         let d = t.on_outcome(Outcome::Empty { nxdomain: true }, 0, 4, 0);
         assert_eq!(d.action, Action::Keep);
         assert!(d
             .log
             .unwrap()
             .1
-            .ends_with("has no healthy instances (NXDOMAIN)"));
+            .ends_with("has no healthy instances (NXDOMAIN), no peers to drop"));
     }
 
     #[test]
