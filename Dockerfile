@@ -89,9 +89,10 @@ RUN apt-get update \
 COPY --from=build /out/ /
 COPY nginx-conf/consul-agent.conf /etc/nginx/nginx.conf
 COPY nginx-conf/ /usr/share/doc/ngx-consul/examples/
-# Logs go to `docker logs`; /var/lib/nginx is writable by the workers (for state=).
-RUN mkdir -p /var/log/nginx /var/cache/nginx /var/lib/nginx \
- && chown www-data:www-data /var/lib/nginx \
+# Logs go to `docker logs`; /var/lib/nginx/consul is writable by the workers (for
+# state=), as the .deb makes it.
+RUN mkdir -p /var/log/nginx /var/cache/nginx /var/lib/nginx/consul \
+ && chown www-data:www-data /var/lib/nginx /var/lib/nginx/consul \
  && ln -sf /dev/stderr /var/log/nginx/error.log \
  && ln -sf /dev/stdout /var/log/nginx/access.log \
  && nginx -V \

@@ -9,8 +9,11 @@
 #       after 50-mod-stream.conf: the stream module must be loaded first)
 #   Depends: the nginx-abi-* package the target nginx provides, libnginx-mod-stream (when
 #   stream is a dynamic module), and the shared libraries the .so uses.
-#   Maintainer scripts: an installation enables the module, also one after a remove;
-#   remove and purge leave no file behind (Debian's own module packages keep a
+#   Maintainer scripts: an installation enables the module, also one after a remove,
+#   and makes /var/lib/nginx/consul, owned by www-data, for state= files (Debian's
+#   /var/lib/nginx is root's: workers could not write there); purge removes it with
+#   the state files, remove keeps them. Otherwise remove and purge leave no file
+#   behind (Debian's own module packages keep a
 #   "...conf.removed" link after a remove, to know on a reinstall; here preinst knows it,
 #   as dpkg tells it "install" for both). An upgrade keeps an administrator's own removal
 #   of the link.
@@ -112,6 +115,7 @@ EOF
 
 # Maintainer scripts.
 marker=/run/$name.enable
+state_dir=/var/lib/nginx/consul
 cat >"$stage/DEBIAN/preinst" <<EOF
 #!/bin/sh
 set -e
@@ -124,6 +128,14 @@ EOF
 cat >"$stage/DEBIAN/postinst" <<EOF
 #!/bin/sh
 set -e
+# Where state= files go (the examples' path): writable by the workers' user.
+# Made once: an administrator's own owner or mode stays through upgrades.
+if [ "\$1" = configure ] && [ ! -d $state_dir ]; then
+	install -d -m 0750 $state_dir
+	if getent passwd www-data >/dev/null; then
+		chown www-data:www-data $state_dir
+	fi
+fi
 if [ "\$1" = configure ] && { [ -z "\$2" ] || [ -e $marker ]; }; then
 	mkdir -p /etc/nginx/modules-enabled
 	ln -sf /usr/share/nginx/modules-available/$snippet /etc/nginx/modules-enabled/$link
@@ -146,6 +158,9 @@ cat >"$stage/DEBIAN/postrm" <<EOF
 set -e
 if [ "\$1" = remove ] || [ "\$1" = purge ]; then
 	rm -f /etc/nginx/modules-enabled/$link
+fi
+if [ "\$1" = purge ]; then
+	rm -rf $state_dir
 fi
 if [ "\$1" = remove ] && command -v dpkg-trigger >/dev/null 2>&1; then
 	dpkg-trigger --no-await nginx-reload

@@ -119,7 +119,7 @@ _EOC_
         $text =~ s{^load_module \S+;}{load_module \$TEST_NGINX_CONSUL_MODULE;}m;
         $text =~ s{/var/log/nginx/}{logs/}g;
         $text =~ s{/run/nginx\.pid}{logs/nginx.pid}g;
-        $text =~ s{/var/lib/nginx/}{logs/}g;
+        $text =~ s{/var/lib/nginx/(?:consul/)?}{logs/}g;
         if ($text =~ m{/etc/nginx/consul\.token}) {    # consul-api.conf's ACL token
             open my $tf, '>', "$TmpDir/consul.token" or die;
             print $tf "0b7d9e0c-2f2e-4d6a-9c1e-5f0d7a1b2c3d\n";

@@ -4,9 +4,10 @@
 #   /etc/nginx/nginx.conf plus a stream{} include using consul_upstream and an http
 #   upstream dropped into its conf.d/; one Redis connection and one HTTP request over
 #   upstream keepalive proxied through them (BIND standing in for Consul, redis and a
-#   Python HTTP server, on loopback);
-#   dpkg -r (module disabled, nginx -t still passes); reinstall (enabled again);
-#   dpkg -P: nothing of the package is left.
+#   Python HTTP server, on loopback); the http upstream's state= file in the package's
+#   /var/lib/nginx/consul, written by a worker (www-data);
+#   dpkg -r (module disabled, nginx -t still passes, state files kept); reinstall
+#   (enabled again); dpkg -P: nothing of the package is left, state files neither.
 # Runs itself in a private network namespace (Debian's default site listens on port 80).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -24,6 +25,8 @@ link=/etc/nginx/modules-enabled/70-mod-stream-consul-upstream.conf
 query=redis.service.yunlu_office.consul
 http_query=api.service.yunlu_office.consul
 http_conf=/etc/nginx/conf.d/zz-ngx-consul-check.conf   # Debian's http{} includes conf.d/*.conf
+state_dir=/var/lib/nginx/consul                        # the package's, for state= files
+state_file=$state_dir/zz-ngx-consul-check.state
 target=${CARGO_TARGET_DIR:-$root/target}
 
 fails=0
@@ -54,6 +57,7 @@ dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 check "installed: $so_path" test -f "$so_path"
 check "installed: $snippet" grep -qx 'load_module modules/ngx_stream_consul_upstream_module.so;' "$snippet"
 check "enabled: $link -> $snippet" test "$(readlink "$link")" = "$snippet"
+check "installed: $state_dir, owned by www-data" test "$(stat -c %U "$state_dir" 2>/dev/null)" = www-data
 order=$(cd /etc/nginx/modules-enabled && ls -1 -- *.conf | tr '\n' ' ')
 case " $order" in
     *" 50-mod-stream.conf "*"70-mod-stream-consul-upstream.conf "*) ok "loaded after the stream module: $order" ;;
@@ -76,7 +80,7 @@ stream {
 EOF
 cat >"$http_conf" <<EOF
 upstream api {
-    consul_upstream $http_query resolver=127.0.0.1:8600 interval=1s;
+    consul_upstream $http_query resolver=127.0.0.1:8600 interval=1s state=$state_file;
     keepalive 4;
 }
 server {
@@ -114,6 +118,12 @@ for _ in $(seq 50); do
 done
 check "an HTTP request through nginx's http upstream reached 127.0.0.1:8082 (got: $body)" \
     test "$body" = "from the api backend"
+for _ in $(seq 50); do grep -q 8082 "$state_file" 2>/dev/null && break; sleep 0.1; done
+check "the http upstream's state file holds its peer: $state_file" grep -q 8082 "$state_file"
+check "... written by a worker (www-data)" test "$(stat -c %U "$state_file" 2>/dev/null)" = www-data
+if grep -q 'cannot save state file' "$tmp/error.log"; then
+    fail "state file not saved:"; grep 'cannot save state file' "$tmp/error.log"
+else ok "no \"cannot save state file\" in the error log"; fi
 if ! grep -qE '\[(alert|emerg|crit)\]' "$tmp/error.log"; then ok "no alert/crit in the error log"
 else fail "alert/crit in the error log:"; grep -E '\[(alert|emerg|crit)\]' "$tmp/error.log"; fi
 /usr/sbin/nginx -c "$tmp/nginx.conf" -s quit 2>/dev/null || true
@@ -132,6 +142,7 @@ left=$(ls -d /etc/nginx/modules-enabled/*consul* /usr/share/doc/$name 2>/dev/nul
 check "removed: nothing left${left:+ (left: $left)}" test -z "$left"
 check "removed: no marker left in /run" test -z "$(ls /run/*consul* 2>/dev/null)"
 check "removed: nginx -t passes with Debian's nginx.conf" /usr/sbin/nginx -t -q
+check "removed: the state files are kept ($state_file)" test -f "$state_file"
 dpkg -i "$deb" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 check "reinstalled: enabled again" test "$(readlink "$link")" = "$snippet"
 check "reinstalled: no marker left in /run" test -z "$(ls /run/*consul* 2>/dev/null)"
@@ -143,6 +154,7 @@ dpkg -P "$name" >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; exit 1; }
 left=$(ls -d "$so_path" "$snippet" /etc/nginx/modules-enabled/*consul* /usr/share/doc/$name 2>/dev/null || true)
 check "purged: nothing left${left:+ (left: $left)}" test -z "$left"
 check "purged: dpkg does not know $name" test -z "$(dpkg-query -W -f='${Status}' "$name" 2>/dev/null)"
+check "purged: no $state_dir" test ! -e "$state_dir"
 check "purged: nginx -t passes with Debian's nginx.conf" /usr/sbin/nginx -t -q
 
 echo
