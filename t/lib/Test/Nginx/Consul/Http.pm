@@ -168,6 +168,11 @@ sub backend_stats {
 }
 
 sub http_backend_kill { _ctl('kill ' . _key(shift)); return 1 }
+sub http_backend_start { _ctl('start ' . _key(shift)); return 1 }
+sub http_backend_slow { my ($ap, $ms) = @_; _ctl('slow ' . _key($ap) . ' ' . int($ms)); return 1 }
+sub http_backend_hold { _ctl('hold ' . _key(shift)); return 1 }
+sub http_backend_release { my $ap = shift; _ctl('release' . (defined $ap ? ' ' . _key($ap) : '')); return 1 }
+
 # The error.log line of nginx's first try that fails on a killed backend at
 # PORT (for `--- error_log eval`): a new connection refused, or, with upstream
 # keepalive (on by default from nginx 1.29.7), a cached connection that the kill
@@ -177,11 +182,6 @@ sub killed_peer_error {
     my $port = shift;
     return qr/(?:connect\(\) failed \(111: Connection refused\)|(?:recv|send|writev)\(\) failed \((?:104: Connection reset by peer|32: Broken pipe)\)|upstream prematurely closed connection).*upstream: "[a-z]+:\/\/127\.0\.0\.1:$port\//;
 }
-
-sub http_backend_start { _ctl('start ' . _key(shift)); return 1 }
-sub http_backend_slow { my ($ap, $ms) = @_; _ctl('slow ' . _key($ap) . ' ' . int($ms)); return 1 }
-sub http_backend_hold { _ctl('hold ' . _key(shift)); return 1 }
-sub http_backend_release { my $ap = shift; _ctl('release' . (defined $ap ? ' ' . _key($ap) : '')); return 1 }
 
 # ---------------------------------------------------------------------------
 # HTTP client
